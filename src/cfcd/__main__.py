@@ -1,0 +1,6 @@
+"""``python -m cfcd`` (also what ``torchrun -m cfcd`` runs)."""
+import sys
+
+from cfcd.cli import main
+
+sys.exit(main())
