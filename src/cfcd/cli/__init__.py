@@ -30,7 +30,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("cfcd.cli.convert", "import an official checkpoint into safetensors + JSON config"),
     "export": ("cfcd.cli.export", "export a model to ONNX"),
     "train": ("cfcd.cli.train", "train CFCD, DOLG or a GeM baseline from a YAML recipe"),
-    "serve": ("cfcd.cli.serve", "web page and JSON API over an index"),
 }
 
 
