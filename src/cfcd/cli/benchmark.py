@@ -1,0 +1,144 @@
+"""``cfcd benchmark``: one paper row. Extract the queries (cropped) and the database, evaluate, print.
+
+Example::
+
+    cfcd benchmark --model cfcd_r50 --weights cfcd_r50.safetensors --dataset roxford5k --root data/ \\
+        [--distractors stores/r1m] [--out runs/bench/cfcd_r50-roxf]
+
+prints, in the papers' format (mAP, Medium and Hard, with and without the 1M distractors)::
+
+    | model    | ROxf-M | +1M   | ROxf-H | +1M   |
+    | cfcd_r50 | 82.37  | 73.63 | 64.93  | 51.57 |
+
+The stores go under ``--out`` (``queries/``, ``database/``) and are resumed when the command is
+rerun; the full report (metrics, per query, protocol: dataset hash, query crop rule, scales, model
+and weights hash, distractor count) is written to ``--out/benchmark.json``. The distractors are a
+store made beforehand with ``cfcd extract`` (e.g. under ``torchrun``), with the same model and
+settings: a mismatch is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cfcd.cli.extract import add_model_arguments, add_procedure_arguments, add_runtime_arguments
+
+SHORT_NAMES = {"roxford5k": "ROxf", "rparis6k": "RPar", "oxford5k": "Oxf", "paris6k": "Par"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    g = parser.add_argument_group("benchmark")
+    g.add_argument("--dataset", required=True, help="roxford5k or rparis6k (any ROOT/<name>/gnd_<name>.pkl works)")
+    g.add_argument("--root", required=True, help="data root: ROOT/<dataset>/gnd_<dataset>.pkl and ROOT/<dataset>/jpg/")
+    g.add_argument("--distractors", nargs="+", default=[], metavar="STORE", help="R1M distractor store(s) from cfcd extract")
+    g.add_argument("--out", default=None, help="directory for the stores and benchmark.json (default runs/benchmark/<model>-<dataset>)")
+    add_procedure_arguments(parser)
+    add_runtime_arguments(parser)
+
+
+def _settings_key(meta: dict) -> dict | None:
+    settings = (meta.get("extract") or {}).get("settings")
+    if not isinstance(settings, dict):
+        return None
+    model = dict(settings.get("model") or {})
+    model.pop("weights", None)  # the same weights may sit at another path
+    return {"model": model, "options": settings.get("options")}
+
+
+def _check_distractors(paths: list[str], reference_meta: dict) -> None:
+    from cfcd.errors import InputError
+    from cfcd.features import open_store
+
+    ours = _settings_key(reference_meta)
+    for path in paths:
+        store = open_store(path)
+        theirs = _settings_key(store.meta)
+        if theirs is None:
+            continue  # a plain .npy or a foreign store: nothing to compare
+        if theirs != ours:
+            diff = [k for k in ("model", "options") if theirs.get(k) != ours.get(k)]
+            detail = []
+            if "model" in diff:
+                detail.append("model or weights differ (state hash)")
+            if "options" in diff:
+                a, b = theirs.get("options") or {}, ours.get("options") or {}
+                detail += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            raise InputError(f"{path}: distractors were extracted with other settings ({'; '.join(detail[:4])})")
+
+
+def format_row(model: str, dataset: str, plain, with_distractors) -> str:
+    short = SHORT_NAMES.get(dataset, dataset)
+
+    def cell(result, setup: str) -> str:
+        if result is None or setup not in result.setups:
+            return "-"
+        return f"{result.setups[setup].mAP * 100:.2f}"
+
+    head = ["model", f"{short}-M", "+1M", f"{short}-H", "+1M"]
+    row = [model, cell(plain, "medium"), cell(with_distractors, "medium"), cell(plain, "hard"), cell(with_distractors, "hard")]
+    widths = [max(len(h), len(r)) for h, r in zip(head, row)]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", fmt(row)])
+
+
+def run(args) -> int:
+    from cfcd.cli.extract import build_options, create_model, resolve_device
+    from cfcd.data.gnd import find_gnd, load_gnd
+    from cfcd.data.lists import gnd_image_list
+    from cfcd.evaluation import evaluate_files
+    from cfcd.extract import extract_to_store
+    from cfcd.utils.io import atomic_write_json
+
+    gnd = load_gnd(find_gnd(args.dataset, args.root), args.dataset)
+    device = resolve_device(args.device)
+    options = build_options(args, device=device)
+    out = Path(args.out) if args.out else Path("runs") / "benchmark" / f"{args.model}-{gnd.dataset}"
+    model = create_model(args.model, args.weights)
+    gnd_meta = {"gnd": {"dataset": gnd.dataset, "path": str(gnd.path), "sha256": gnd.sha256}}
+
+    stores = {}
+    for part, queries in (("queries", True), ("database", False)):
+        image_list = gnd_image_list(gnd, root=args.root, queries=queries)
+        summary = extract_to_store(
+            model, image_list, out / part, options, weights=args.weights, queries=queries,
+            extra_meta={**gnd_meta, "benchmark_part": part}, overwrite=args.overwrite,
+        )
+        if summary.stopped:
+            return 3
+        if summary.failures:
+            from cfcd.errors import CfcdError
+
+            first = "; ".join(f"{f['id']}: {f['reason']}" for f in summary.failures[:3])
+            raise CfcdError(f"{out / part}: {len(summary.failures)} benchmark image(s) could not be read ({first}); fix the dataset")
+        stores[part] = summary.store
+        print(f"{part}: {len(summary.store.descriptors)} descriptors in {out / part}"
+              + (f" ({summary.count} new, {summary.images_per_second:.1f} img/s)" if summary.count else " (already complete)"))
+
+    plain, protocol = evaluate_files(gnd=gnd, queries=out / "queries", database=out / "database")
+    report = {
+        "model": args.model,
+        "weights": args.weights,
+        "dataset": gnd.dataset,
+        "without_distractors": plain.to_dict(protocol),
+    }
+    with_distractors = None
+    if args.distractors:
+        _check_distractors(args.distractors, stores["database"].meta)
+        with_distractors, protocol_1m = evaluate_files(
+            gnd=gnd, queries=out / "queries", database=out / "database", distractors=args.distractors
+        )
+        report["with_distractors"] = with_distractors.to_dict(protocol_1m)
+    row = format_row(args.model, gnd.dataset, plain, with_distractors)
+    report["row"] = row
+    atomic_write_json(out / "benchmark.json", report)
+    print()
+    print(plain.table(gnd.dataset))
+    if with_distractors is not None:
+        print()
+        print(with_distractors.table(f"{gnd.dataset}+{with_distractors.num_distractors // 1000}k distractors"))
+    print()
+    print(row)
+    print(f"\nreport: {out / 'benchmark.json'}")
+    return 0

@@ -1,0 +1,197 @@
+"""``cfcd extract``: multi-scale global descriptors of an image list into a descriptor store.
+
+Examples::
+
+    cfcd extract --model cfcd_r50 --weights cfcd_r50.safetensors --images photos/ --out stores/photos
+    cfcd extract --model cfcd_r50 --weights W --gnd data/roxford5k/gnd_roxford5k.pkl --queries \\
+        --root data/roxford5k --out stores/roxf-q            # the 70 queries, cropped, in qimlist order
+    torchrun --nproc_per_node 8 -m cfcd extract --model cfcd_r101 --weights W \\
+        --images revisitop1m.txt --root data/revisitop1m/jpg --out stores/r1m --device cuda --precision bf16
+
+A killed job rerun with the same arguments resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", required=True, help="registry name (cfcd_r50, cfcd_r101, dolg_r50, gem_r101, gem_efficientnet_lite0, ...)")
+    g.add_argument("--weights", default=None, help="weights file (safetensors, or an official .pyth/.pt checkpoint)")
+
+
+def add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that change the descriptors (shared with ``cfcd benchmark``)."""
+    g = parser.add_argument_group("multi-scale procedure")
+    g.add_argument(
+        "--scales",
+        default="cfcd",
+        help="preset (cfcd: 0.3535 0.5 0.7071 1 1.4142, mean; cirtorch: 1 0.7071 0.5; dirtorch: 1 0.7071, "
+        "power 3; single) or numbers such as '1 0.7071 0.5' (default: cfcd)",
+    )
+    g.add_argument("--power", type=float, default=None, help="combine scales with the generalised mean of this power (cirtorch msp)")
+    g.add_argument(
+        "--size-rule",
+        choices=["round", "half_up", "scale_factor"],
+        default=None,
+        help="target size of a scale: round(h*s) (cfcd), int(0.5+h*s) (dirtorch), floor via scale_factor (cirtorch)",
+    )
+    g.add_argument("--max-size", type=int, default=None, help="cap the longer side (Lanczos thumbnail) before the scales; default: none")
+    g.add_argument(
+        "--crop-rule",
+        choices=["truncate", "round"],
+        default=None,
+        help="query box to pixels: int() like the CFCD/DOLG reference (default for cfcd_/dolg_ models) "
+        "or round like PIL crop / revisitop (default for the others)",
+    )
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision (default fp32)")
+    g.add_argument("--naive", action="store_true", help="reference path: batch 1, fp32, cv2 resizing and normalisation on the CPU, one image at a time")
+    g.add_argument("--alpha", choices=["drop", "white"], default="drop", help="transparent images: drop alpha (like cv2.imread) or composite on white")
+    g.add_argument("--truncated", choices=["warn", "fail"], default="warn", help="truncated JPEGs: decode what is there (warning) or fail")
+    g.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels, before decoding (default 100M; 0: no cap)")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--batch-size", type=int, default=16, help="images per batch (same-size images are batched)")
+    g.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help=f"decoding processes (default {DEFAULT_WORKERS})")
+    g.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="descriptor dtype in the store")
+    g.add_argument("--shard-size", type=int, default=1024, help="rows per resumable shard")
+    g.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: no cuDNN autotuning (for collections where every image has its own size)")
+    g.add_argument("--overwrite", action="store_true", help="replace a complete store with other settings")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # debug: stop like a kill
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    g = parser.add_argument_group("images")
+    g.add_argument("--images", default=None, help="a text list of paths (relative to --root) or a directory scanned recursively")
+    g.add_argument("--root", default=None, help="root of the paths in --images, or of the revisitop jpgs with --gnd")
+    g.add_argument("--gnd", default=None, help="revisitop ground truth gnd_<ds>.pkl: extract its imlist (database)")
+    g.add_argument("--queries", action="store_true", help="with --gnd: extract qimlist cropped to the boxes, in order")
+    g.add_argument("--id-rule", choices=["stem", "path"], default="stem", help="ids: relative path without (stem) or with extension")
+    parser.add_argument("--out", required=True, help="output descriptor store directory")
+    add_procedure_arguments(parser)
+    add_runtime_arguments(parser)
+
+
+def default_crop_rule(model_name: str) -> str:
+    return "truncate" if model_name.startswith(("cfcd", "dolg")) else "round"
+
+
+def build_options(args, *, device: str):
+    from cfcd.data.images import DEFAULT_MAX_PIXELS
+    from cfcd.extract import ExtractOptions, parse_scales
+
+    recipe = parse_scales(args.scales, power=args.power, size_rule=args.size_rule)
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (None if args.max_pixels <= 0 else args.max_pixels)
+    return ExtractOptions(
+        scales=recipe,
+        max_size=args.max_size,
+        crop_rule=args.crop_rule or default_crop_rule(args.model),
+        alpha=args.alpha,
+        truncated=args.truncated,
+        max_pixels=max_pixels,
+        mode="naive" if args.naive else "fast",
+        device=device,
+        precision=args.precision,
+        batch_size=1 if args.naive else args.batch_size,
+        workers=args.workers,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        stop_after=args.stop_after,
+        cudnn_benchmark=not args.no_cudnn_benchmark,
+        progress=not args.no_progress,
+    )
+
+
+def resolve_device(requested: str | None) -> str:
+    import torch
+
+    from cfcd.errors import InputError
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: CUDA is not available on this machine")
+    if not (requested == "cpu" or requested.startswith("cuda")):
+        raise InputError(f"--device {requested!r}: expected cpu or cuda")
+    return requested
+
+
+def create_model(name: str, weights: str | None):
+    import cfcd.models
+    from cfcd.errors import InputError
+
+    if name not in cfcd.models.list_models():
+        raise InputError(f"unknown model {name!r}; available: {', '.join(cfcd.models.list_models())}")
+    if weights is not None and not os.path.isfile(weights):
+        raise InputError(f"{weights}: weights file not found")
+    return cfcd.models.create(name, weights=weights)
+
+
+def format_summary(summary, out) -> str:
+    lines = []
+    store = summary.store
+    if store is not None:
+        rate = f"{summary.images_per_second:.1f} img/s" if summary.count else "nothing new to extract"
+        lines.append(
+            f"{out}: {len(store.descriptors)} descriptors ({store.descriptors.shape[1]}-D {store.descriptors.dtype}); "
+            f"this run {summary.count} in {summary.seconds:.1f} s ({rate}); "
+            f"{len(summary.failures)} failed, {len(summary.warnings)} warning(s)"
+        )
+    for failure in summary.failures[:10]:
+        lines.append(f"  failed  {failure['id']}: {failure['reason']}")
+    if len(summary.failures) > 10:
+        lines.append(f"  ... and {len(summary.failures) - 10} more failures (meta.json)")
+    for warning in summary.warnings[:5]:
+        lines.append(f"  warning {warning['id']}: {warning['warning']}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from cfcd.data.lists import gnd_image_list, read_image_list
+    from cfcd.errors import InputError
+    from cfcd.extract import extract_to_store
+
+    if (args.images is None) == (args.gnd is None):
+        raise InputError("give exactly one of --images LIST_OR_DIR and --gnd FILE")
+    if args.queries and args.gnd is None:
+        raise InputError("--queries needs --gnd FILE")
+    device = resolve_device(args.device)
+    options = build_options(args, device=device)
+    if args.gnd is not None:
+        from pathlib import Path
+
+        from cfcd.data.gnd import load_gnd
+
+        gnd = load_gnd(args.gnd)
+        root = args.root if args.root is not None else Path(args.gnd).parent
+        image_list = gnd_image_list(gnd, root=root, queries=args.queries)
+        extra = {"gnd": {"dataset": gnd.dataset, "path": str(gnd.path), "sha256": gnd.sha256, "part": "queries" if args.queries else "database"}}
+    else:
+        image_list = read_image_list(args.images, root=args.root, id_rule=args.id_rule)
+        extra = None
+    model = create_model(args.model, args.weights)
+    summary = extract_to_store(
+        model,
+        image_list,
+        args.out,
+        options,
+        weights=args.weights,
+        queries=args.queries,
+        extra_meta=extra,
+        overwrite=args.overwrite,
+    )
+    if summary.stopped:
+        return 3
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary, args.out))
+    return 0

@@ -1,0 +1,66 @@
+"""``cfcd search``: top-k of query descriptors in an index (or directly in a store, exact)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", type=Path,
+                        help="index directory from 'cfcd index build', or a descriptor store (exact search)")
+    parser.add_argument("--queries", type=Path, required=True, help="query descriptor store or .npy (N x D)")
+    parser.add_argument("--k", type=int, default=100, help="results per query (100)")
+    parser.add_argument("--json", type=Path, default=None, help="write every result (ids and scores) to this JSON")
+    parser.add_argument("--nprobe", type=int, default=None, help="ivfpq: override the index's nprobe")
+    parser.add_argument("--ef-search", type=int, default=None, help="hnsw: override efSearch")
+    parser.add_argument("--rerank", type=int, default=None, metavar="R",
+                        help="ivfpq/hnsw: re-rank R candidates exactly (0 = off; default: the index's setting)")
+    parser.add_argument("--device", default="auto", help="exact search device: auto (GPU if any), cpu, cuda:0")
+    parser.add_argument("--show", type=int, default=5, metavar="N", help="print the first N queries (5)")
+    parser.add_argument("--show-k", type=int, default=5, metavar="K", help="print the top K of each (5)")
+    parser.add_argument("--force", action="store_true",
+                        help="search even when query and index provenance (model/whitening) differ")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from cfcd.errors import InputError
+    from cfcd.features import load_descriptors
+    from cfcd.search import check_compatible, open_index
+    from cfcd.utils.io import atomic_write_json
+
+    if args.k <= 0:
+        raise InputError(f"--k must be positive, got {args.k}")
+    index = open_index(args.index)
+    queries = load_descriptors(args.queries, expected_dim=None, role="query descriptors", dtype=None)
+    if queries.dim != index.dim:
+        raise InputError(f"{queries.path}: queries are {queries.dim}-D but the index {args.index} holds "
+                         f"{index.dim}-D descriptors (different model or whitening?)")
+    if not args.force:
+        check_compatible(index, queries)
+    t0 = time.perf_counter()
+    result = index.search(queries, args.k, nprobe=args.nprobe, ef_search=args.ef_search, device=args.device,
+                          rerank=args.rerank)
+    elapsed = time.perf_counter() - t0
+    nq = len(queries)
+    print(f"{nq} queries, top {result.indices.shape[1]} of {len(index)} ({index.type}) in {elapsed:.3f} s "
+          f"({1000 * elapsed / max(nq, 1):.2f} ms/query)")
+    width = 28
+    for qi in range(min(args.show, nq)):
+        qid = queries.ids[qi] if queries.ids is not None else f"#{qi}"
+        print(f"{qid}")
+        for rank, (j, s) in enumerate(zip(result.indices[qi, : args.show_k], result.scores[qi, : args.show_k]), 1):
+            if j < 0:
+                break
+            name = index.ids[j] if index.ids is not None else f"#{j}"
+            print(f"  {rank:>3}  {s:8.4f}  {name[:width] if len(name) <= width else '...' + name[-(width - 3):]}")
+    if nq > args.show:
+        print(f"... {nq - args.show} more queries" + ("" if args.json else " (use --json for all results)"))
+    if args.json:
+        payload = result.to_json()
+        payload.update(index=str(args.index), index_type=index.type, queries_path=str(queries.path))
+        atomic_write_json(args.json, payload)
+        print(f"results written to {args.json}")
+    return 0

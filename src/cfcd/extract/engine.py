@@ -1,0 +1,672 @@
+"""The extraction engine: decode in workers, group by size, describe in batches, write a store.
+
+:class:`Extractor` turns an :class:`~cfcd.data.lists.ImageList` into descriptors, batch by batch.
+:func:`extract_to_store` runs a whole job into a descriptor store (``cfcd.features``): sharded over
+``torch.distributed`` ranks when ``WORLD_SIZE > 1`` (``torchrun``), resumable (ids already in the
+store's shards are skipped; a rerun with other settings is refused), one bad image never stops it.
+
+Fast path (``mode="fast"``):
+  * DataLoader workers decode (Pillow, :func:`cfcd.data.images.load_image`) and hand over
+    ``uint8`` tensors through shared memory;
+  * the main process buckets images by exact (height, width) and runs a bucket when it holds
+    ``batch_size`` images (or when too many images wait: ``max_pending``), so all scales of a
+    batch run as one tensor; with a ``max_size`` cap most revisitop images share 2 shapes;
+  * the batch is copied from a reusable pinned buffer with ``non_blocking=True``, resized on the
+    device, descriptors stay on the device, and batch k is fetched (one ``.cpu()``) only after
+    batch k+1 was launched, so the GPU never waits for the host;
+  * CUDA: channels_last, autocast in ``bf16``/``fp16`` when asked, ``cudnn.benchmark`` when the
+    sizes repeat (``max_size`` set).
+Reference path (``mode="naive"``): the same decoding, then :func:`describe_reference` one image at a
+time (batch 1, fp32, cv2 resize): the CFCD ``evaler/infer.py`` procedure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+
+from cfcd.data.images import DEFAULT_MAX_PIXELS, ImageInfo, ImageLoadError, load_image
+from cfcd.data.lists import ImageList
+from cfcd.errors import CfcdError, InputError
+from cfcd.extract.describe import describe_batch, describe_reference, normalisation_tensors
+from cfcd.extract.scales import MultiScale, parse_scales
+
+Precision = Literal["fp32", "bf16", "fp16"]
+SETTINGS_FILE = "extract-settings.json"  # inside the store's .partial/ while a job runs
+
+
+@dataclass
+class ExtractOptions:
+    """How to extract. Everything that changes the numbers is recorded in the store's meta."""
+
+    scales: MultiScale = field(default_factory=lambda: parse_scales("cfcd"))
+    max_size: int | None = None
+    crop_rule: Literal["truncate", "round"] = "truncate"
+    alpha: Literal["drop", "white"] = "drop"
+    truncated: Literal["warn", "fail"] = "warn"
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    mode: Literal["fast", "naive"] = "fast"
+    device: str = "cpu"
+    precision: Precision = "fp32"
+    batch_size: int = 16
+    workers: int = 4
+    max_pending: int | None = None  # images waiting in size buckets before the fullest runs (default 4 x batch)
+    dtype: Literal["float32", "float16"] = "float32"
+    shard_size: int = 1024
+    cudnn_benchmark: bool = True
+    stop_after: int | None = None  # debug: stop like a kill after this many images were handed to the writer
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise InputError(f"unknown precision {self.precision!r} (expected fp32, bf16 or fp16)")
+        if self.mode not in ("fast", "naive"):
+            raise InputError(f"unknown mode {self.mode!r} (expected 'fast' or 'naive')")
+        if self.mode == "naive" and self.precision != "fp32":
+            raise InputError("the naive (reference) path runs in fp32 only")
+        if self.batch_size < 1:
+            raise InputError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.max_size is not None and self.max_size < 1:
+            raise InputError(f"--max-size must be >= 1, got {self.max_size}")
+        if self.dtype not in ("float32", "float16"):
+            raise InputError(f"unknown store dtype {self.dtype!r} (expected float32 or float16)")
+
+    def settings(self) -> dict:
+        """The options that change the descriptors (what a resumed job must share)."""
+        return {
+            "scales": self.scales.to_meta(),
+            "max_size": self.max_size,
+            "crop_rule": self.crop_rule,
+            "alpha": self.alpha,
+            "truncated": self.truncated,
+            "max_pixels": self.max_pixels,
+            "precision": self.precision,
+            "dtype": self.dtype,
+        }
+
+
+@dataclass
+class Batch:
+    """Descriptors of some images of the list, plus what went wrong with others."""
+
+    ids: list[str]
+    descriptors: np.ndarray  # len(ids) x D float32
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (id, warning)
+
+
+@dataclass
+class ExtractSummary:
+    count: int
+    failures: list[dict]
+    warnings: list[dict]
+    seconds: float
+    store: Any = None
+    stopped: bool = False
+    skipped: int = 0  # already in the store (resume)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# decoding in DataLoader workers
+
+
+class DecodeDataset:
+    """Decodes the images at ``positions`` of ``image_list``; never raises for a bad image."""
+
+    def __init__(self, image_list: ImageList, positions: list[int], load_kwargs: dict):
+        self.image_list = image_list
+        self.positions = positions
+        self.load_kwargs = load_kwargs
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, k: int):
+        import torch
+
+        pos = self.positions[k]
+        info = ImageInfo()
+        bbx = None if self.image_list.boxes is None else self.image_list.boxes[pos]
+        try:
+            array = load_image(self.image_list.paths[pos], bbx=bbx, info=info, **self.load_kwargs)
+        except ImageLoadError as exc:
+            return pos, None, exc.reason, info.warnings
+        except Exception as exc:  # noqa: BLE001 - one bad image never kills the job
+            return pos, None, f"unexpected {type(exc).__name__}: {exc}", info.warnings
+        # A tensor travels from the worker through shared memory, not through a pipe.
+        return pos, torch.from_numpy(array), None, info.warnings
+
+
+def _identity(sample):
+    return sample
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class _PinnedBuffers:
+    """Reusable pinned host buffers per batch shape, two slots each (batch k fills one slot while
+    batch k-1's copy from the other may still be in flight)."""
+
+    def __init__(self, max_shapes: int = 8):
+        self.cache: OrderedDict[tuple, list] = OrderedDict()
+        self.max_shapes = max_shapes
+        self.turn: dict[tuple, int] = {}
+
+    def get(self, shape: tuple):
+        import torch
+
+        slots = self.cache.get(shape)
+        if slots is None:
+            slots = [torch.empty(shape, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self.cache[shape] = slots
+            if len(self.cache) > self.max_shapes:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(shape)
+        turn = self.turn.get(shape, 0)
+        self.turn[shape] = 1 - turn
+        return slots[turn]
+
+
+class Extractor:
+    """Multi-scale descriptors for image lists with one model.
+
+    ``model`` follows the ``cfcd.models`` contract: ``model(x)`` gives B x D unit vectors,
+    ``model.preprocess`` has ``channel_order``, ``mean``, ``std``; ``model.embedding_dim``.
+    """
+
+    def __init__(self, model, options: ExtractOptions | None = None):
+        import torch
+
+        self.options = options or ExtractOptions()
+        opts = self.options
+        # The reference path runs its model where asked (the CFCD reference: one GPU, fp32, batch 1);
+        # its resizing and normalisation stay on the CPU.
+        self.device = torch.device(opts.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("--device cuda was asked for but CUDA is not available")
+        self.preprocess = model.preprocess
+        self.channel_order = getattr(self.preprocess, "channel_order", "RGB")
+        self.dim = int(model.embedding_dim)
+        self.model = model.eval().to(self.device)
+        self.channels_last = self.device.type == "cuda" and opts.mode == "fast"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            # revisitop images are mostly 1024x768 / 768x1024, so shapes repeat: let cuDNN pick the
+            # fastest kernels (off for collections of all-different sizes; the reference leaves it off).
+            torch.backends.cudnn.benchmark = opts.mode == "fast" and opts.cudnn_benchmark
+        self.mean, self.std = normalisation_tensors(self.preprocess, self.device)
+        self._pinned = _PinnedBuffers() if self.device.type == "cuda" else None
+
+    # ---- small API ------------------------------------------------------------------------
+
+    def load_kwargs(self) -> dict:
+        o = self.options
+        return dict(
+            channel_order=self.channel_order,
+            max_pixels=o.max_pixels,
+            crop_rule=o.crop_rule,
+            max_size=o.max_size,
+            alpha=o.alpha,
+            truncated=o.truncated,
+        )
+
+    def describe_arrays(self, images: list[np.ndarray]) -> np.ndarray:
+        """Descriptors (N x D float32) of decoded images, each H x W x 3 uint8 in the model's
+        channel order. Fast mode groups equal sizes into batches."""
+        import torch
+
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        if self.options.mode == "naive":
+            for i, image in enumerate(images):
+                out[i] = describe_reference(self.model, image, self.options.scales, self.preprocess)
+            return out
+        groups: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(image.shape, []).append(i)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.options.batch_size):
+                chunk = indices[start : start + self.options.batch_size]
+                batch = torch.from_numpy(np.stack([images[i] for i in chunk]))
+                out[chunk] = self._launch(batch).cpu().numpy()
+        return out
+
+    # ---- the batched pipeline ---------------------------------------------------------------
+
+    def _launch(self, images):
+        """Start one batch on the device; returns the (device) descriptor tensor. ``images``: a
+        B x H x W x 3 uint8 tensor or a list of H x W x 3 tensors of one size."""
+        import torch
+
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                shape = (len(images), *images[0].shape)
+                pinned = self._pinned.get(shape)
+                if isinstance(images, torch.Tensor):
+                    pinned.copy_(images)
+                else:
+                    torch.stack(images, out=pinned)  # one host copy, straight into pinned memory
+                batch = pinned.to(self.device, non_blocking=True)
+            else:
+                batch = images if isinstance(images, torch.Tensor) else torch.stack(images)
+            return describe_batch(
+                self.model,
+                batch,
+                self.options.scales,
+                mean=self.mean,
+                std=self.std,
+                precision=self.options.precision,
+                channels_last=self.channels_last,
+            )
+
+    def iter_batches(self, image_list: ImageList, positions: list[int] | None = None) -> Iterator[Batch]:
+        """Describe ``image_list`` (or the given positions of it); yields :class:`Batch` objects in
+        completion order (not list order: images are grouped by size)."""
+        import torch
+
+        opts = self.options
+        positions = list(range(len(image_list))) if positions is None else list(positions)
+        if not positions:
+            return
+        dataset = DecodeDataset(image_list, positions, self.load_kwargs())
+        workers = max(0, int(opts.workers))
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_identity,
+            prefetch_factor=(4 if workers else None),
+            persistent_workers=False,
+        )
+        ids = image_list.ids
+        failures: list[tuple[str, str]] = []
+        warnings: list[tuple[str, str]] = []
+        buckets: dict[tuple, list[tuple[int, Any]]] = {}
+        pending = 0
+        max_pending = opts.max_pending or 4 * opts.batch_size
+        in_flight: tuple[list[int], Any] | None = None
+
+        def take_notes() -> tuple[list, list]:
+            nonlocal failures, warnings
+            f, w = failures, warnings
+            failures, warnings = [], []
+            return f, w
+
+        def finish(flight) -> Batch:
+            flight_pos, result = flight
+            f, w = take_notes()
+            return Batch([ids[p] for p in flight_pos], result.cpu().numpy().astype(np.float32, copy=False), f, w)
+
+        def run_bucket(shape) -> Batch | None:
+            nonlocal pending, in_flight
+            items = buckets.pop(shape)
+            pending -= len(items)
+            result = self._launch([t for _, t in items])
+            previous, in_flight = in_flight, ([p for p, _ in items], result)
+            return finish(previous) if previous is not None else None
+
+        for pos, tensor, error, notes in loader:
+            for note in notes:
+                warnings.append((ids[pos], note))
+            if error is not None:
+                failures.append((ids[pos], error))
+                continue
+            if opts.mode == "naive":
+                desc = describe_reference(self.model, tensor.numpy(), opts.scales, self.preprocess)
+                f, w = take_notes()
+                yield Batch([ids[pos]], desc[None], f, w)
+                continue
+            shape = tuple(tensor.shape)
+            buckets.setdefault(shape, []).append((pos, tensor))
+            pending += 1
+            if len(buckets[shape]) >= opts.batch_size:
+                done = run_bucket(shape)
+            elif pending > max_pending:
+                done = run_bucket(max(buckets, key=lambda s: len(buckets[s])))
+            else:
+                done = None
+            if done is not None:
+                yield done
+        for shape in sorted(buckets, key=lambda s: -len(buckets[s])):
+            done = run_bucket(shape)
+            if done is not None:
+                yield done
+        if in_flight is not None:
+            yield finish(in_flight)
+        elif failures or warnings:
+            f, w = take_notes()
+            yield Batch([], np.zeros((0, self.dim), np.float32), f, w)
+
+    def extract(self, image_list: ImageList) -> tuple[np.ndarray, list[tuple[str, str]], list[tuple[str, str]]]:
+        """In memory: an N x D array in list order (rows of failed images are NaN), the failures and
+        the warnings."""
+        index = {image_id: i for i, image_id in enumerate(image_list.ids)}
+        out = np.full((len(image_list), self.dim), np.nan, dtype=np.float32)
+        failures: list[tuple[str, str]] = []
+        warnings: list[tuple[str, str]] = []
+        for batch in self.iter_batches(image_list):
+            if batch.ids:
+                out[[index[i] for i in batch.ids]] = batch.descriptors
+            failures += batch.failures
+            warnings += batch.warnings
+        return out, failures, warnings
+
+
+# --------------------------------------------------------------------------------------------
+# store jobs: resume, ranks, meta
+
+
+def model_fingerprint(model, weights: str | os.PathLike | None) -> dict:
+    """What identifies the model's numbers: its config, the weights file hash, and a hash of the
+    state dict itself (catches random initialisations that differ between runs)."""
+    import torch
+
+    from cfcd.utils.io import sha256_file
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    preprocess = model.preprocess
+    return {
+        "config": getattr(model, "model_config", {"name": type(model).__name__}),
+        "weights": None if weights is None else str(weights),
+        "weights_sha256": None if weights is None else sha256_file(weights),
+        "state_sha256": digest.hexdigest(),
+        "embedding_dim": int(model.embedding_dim),
+        "preprocess": {
+            "channel_order": getattr(preprocess, "channel_order", "RGB"),
+            "mean": [float(v) for v in preprocess.mean],
+            "std": [float(v) for v in preprocess.std],
+        },
+    }
+
+
+def describe_rules(options: ExtractOptions, queries: bool) -> dict:
+    """Plain-words record of the procedure, for the store's meta and the benchmark JSON."""
+    s = options.scales
+    resize = {
+        "round": "target (round(h*s), round(w*s)) with Python round (half to even)",
+        "half_up": "target (int(0.5+h*s), int(0.5+w*s))",
+        "scale_factor": "F.interpolate(scale_factor=s): floor(h*s), sampling grid of s",
+    }[s.size_rule]
+    resize += ", bilinear, align_corners=False, " + ("antialiased" if s.antialias else "no antialias (cv2 INTER_LINEAR)")
+    combination = (
+        "per-scale L2, mean, L2"
+        if not s.uses_power
+        else f"per-scale L2, sign-preserving power mean with p={s.power}, L2"
+    )
+    rules = {
+        "resize": resize,
+        "combination": combination,
+        "max_size": (
+            f"longer side capped at {options.max_size} with Image.thumbnail (Lanczos) before the scales"
+            if options.max_size
+            else "none (original resolution)"
+        ),
+    }
+    if queries:
+        rules["query_crop"] = {
+            "truncate": "int() of the bbx coordinates, before resizing (CFCD/DOLG reference)",
+            "round": "Python round of the bbx coordinates like PIL crop, before resizing (revisitop)",
+        }[options.crop_rule]
+    return rules
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.initialised_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def init_distributed(device: str) -> DistContext:
+    """Join the ``torchrun`` group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    here = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        # Ranks that finish early wait at the final barrier: allow a long job.
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=72))
+        here = True
+    return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, initialised_here=here)
+
+
+def _check_settings(out: Path, settings: dict, *, rank: int) -> None:
+    """Refuse to resume a partial store written with other settings."""
+    from cfcd.utils.io import atomic_write_json
+
+    path = out / ".partial" / SETTINGS_FILE
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CfcdError(f"{path}: unreadable settings of the partial store ({exc}); remove {out} to start again") from None
+        if previous != settings:
+            diff = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            details = "; ".join(f"{k}: partial store has {previous.get(k)!r}, this run {settings.get(k)!r}" for k in diff[:4])
+            raise CfcdError(
+                f"{out}: a partial store from a run with different settings is here ({details}). "
+                f"Rerun with the same arguments to resume, or use another --out (or --overwrite)"
+            )
+    elif rank == 0:
+        atomic_write_json(path, settings)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def extract_to_store(
+    model,
+    image_list: ImageList,
+    out: str | os.PathLike,
+    options: ExtractOptions | None = None,
+    *,
+    weights: str | os.PathLike | None = None,
+    queries: bool = False,
+    extra_meta: dict | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> ExtractSummary:
+    """Describe every image of ``image_list`` into the descriptor store ``out``.
+
+    Resumable: images already in the store's shards are skipped, so a killed job rerun with the
+    same arguments ends with the same store as an uninterrupted run. Under ``torchrun`` each
+    rank takes every ``WORLD_SIZE``-th image and writes its own part; rank 0 merges the parts in
+    list order after a barrier. Images that cannot be decoded are recorded in the store's meta
+    (``failures``) with their reason; truncated-but-decoded JPEGs in ``extract.warnings``.
+    """
+    import shutil
+
+    from cfcd.features import StoreWriter, finalize_store, open_store
+
+    options = options or ExtractOptions()
+    log = log or (lambda message: print(message, file=sys.stderr))
+    out = Path(out)
+    fingerprint = model_fingerprint(model, weights)
+    settings = {
+        "model": fingerprint,
+        "options": options.settings(),
+        "list": {"source": image_list.source, "count": len(image_list), "queries": queries},
+    }
+    settings = _jsonable(settings)
+    ctx = init_distributed(options.device)
+    try:
+        if (out / "meta.json").exists():
+            meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+            if not overwrite and meta.get("extract", {}).get("settings") == settings:
+                store = open_store(out)
+                log(f"{out}: complete store with the same settings already exists ({len(store.descriptors)} rows)")
+                return ExtractSummary(0, list(meta.get("failures", [])), [], 0.0, store, skipped=len(store.descriptors))
+            if not overwrite:
+                raise CfcdError(
+                    f"{out}: a complete descriptor store with different settings is already here; "
+                    "use another --out or --overwrite"
+                )
+        if overwrite and ctx.rank == 0:
+            for name in ("descriptors.npy", "images.txt", "meta.json", ".partial"):
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        ctx.barrier()
+        if ctx.rank == 0:
+            (out / ".partial").mkdir(parents=True, exist_ok=True)
+            _check_settings(out, settings, rank=0)
+        ctx.barrier()
+        if ctx.rank != 0:
+            _check_settings(out, settings, rank=ctx.rank)
+
+        part = f"rank{ctx.rank:03d}" if ctx.world > 1 else "main"
+        device = options.device
+        if device.startswith("cuda") and ctx.world > 1 and ":" not in device:
+            options = _replace(options, device=f"cuda:{ctx.local_rank}")
+        extractor = Extractor(model, options)
+        writer = StoreWriter(out, dim=extractor.dim, dtype=options.dtype, part=part, shard_size=options.shard_size)
+        done = writer.done_ids()
+        mine = [i for i in range(len(image_list)) if i % ctx.world == ctx.rank]
+        todo = [i for i in mine if image_list.ids[i] not in done]
+        skipped = len(mine) - len(todo)
+        if skipped:
+            log(f"{out}: resuming, {skipped} image(s) of this rank already done, {len(todo)} to go")
+        warnings_path = out / ".partial" / f"extract-warnings-{part}.jsonl"
+
+        start = time.perf_counter()
+        count = 0
+        stopped = False
+        progress = _progress(len(todo), enabled=options.progress and ctx.rank == 0, desc=f"extract {out.name}")
+        try:
+            for batch in extractor.iter_batches(image_list, todo):
+                for image_id, reason in batch.failures:
+                    writer.add_failure(image_id, reason)
+                if batch.warnings:
+                    with open(warnings_path, "a", encoding="utf-8") as handle:
+                        for image_id, note in batch.warnings:
+                            handle.write(json.dumps({"id": image_id, "warning": note}) + "\n")
+                if batch.ids:
+                    writer.append(batch.ids, batch.descriptors)  # writes a shard every shard_size rows
+                    count += len(batch.ids)
+                progress.update(len(batch.ids) + len(batch.failures))
+                if options.stop_after is not None and count >= options.stop_after:
+                    stopped = True  # like a kill: the unflushed buffer is lost
+                    break
+        finally:
+            progress.close()
+        if not stopped:
+            writer.flush()
+        seconds = time.perf_counter() - start
+        if stopped:
+            log(f"{out}: stopped after {count} image(s) (--stop-after); rerun without it to resume")
+            return ExtractSummary(count, [], [], seconds, None, stopped=True, skipped=skipped)
+
+        ctx.barrier()
+        store = None
+        summary_failures: list[dict] = []
+        warnings_all: list[dict] = []
+        if ctx.rank == 0:
+            warnings_all = _read_warnings(out / ".partial")
+            meta = {
+                "model": fingerprint["config"].get("name") if isinstance(fingerprint["config"], dict) else None,
+                "weights": fingerprint["weights"],
+                "weights_sha256": fingerprint["weights_sha256"],
+                "preprocess": fingerprint["preprocess"],
+                "extract": {
+                    "settings": settings,
+                    "scales": options.scales.to_meta(),
+                    **describe_rules(options, queries),
+                    "queries": queries,
+                    "crop_rule": options.crop_rule if queries else None,
+                    "precision": options.precision,
+                    "mode": options.mode,
+                    "device": str(extractor.device.type),
+                    "world_size": ctx.world,
+                    "list": image_list.source,
+                    "warnings": warnings_all,
+                },
+            }
+            if extra_meta:
+                meta.update(_jsonable(extra_meta))
+            store = finalize_store(out, order=list(image_list.ids), meta=meta)
+            summary_failures = list(store.meta.get("failures", []))
+        ctx.barrier()
+        return ExtractSummary(count, summary_failures, warnings_all, seconds, store, skipped=skipped)
+    finally:
+        ctx.close()
+
+
+def _replace(options: ExtractOptions, **changes) -> ExtractOptions:
+    values = asdict(options)
+    values["scales"] = options.scales
+    values.update(changes)
+    return ExtractOptions(**values)
+
+
+def _read_warnings(partial: Path) -> list[dict]:
+    seen: dict[tuple, dict] = {}
+    for path in sorted(partial.glob("extract-warnings-*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill
+                continue
+            seen[(entry.get("id"), entry.get("warning"))] = entry
+    return list(seen.values())
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, *, enabled: bool, desc: str):
+    if not enabled:
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)

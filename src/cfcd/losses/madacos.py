@@ -1,0 +1,218 @@
+"""MadaCos: the adaptive-scale, adaptive-margin cosine softmax of CFCD (ICCV 2023).
+
+Transcribes ``core/model/madacos.py`` of bassyess/CFCD (spec: cfcd_dolg.md section 3):
+
+1. ``cos = linear(L2(emb), L2(W))``; target cosines ``t_i = cos[i, y_i]``;
+2. ``med, idx = torch.median(t)`` over the GLOBAL batch (all ranks, gathered in rank order);
+   for an even count torch returns the lower median and its index in the gathered vector;
+3. ``s = ln(K (1 - alpha) / alpha) / (1 - med)``, floored at 32;
+4. ``B_med = sum_{j != y} exp(s cos_j)`` of the median sample (the reference computes B for
+   every sample, all-gathers it and takes ``B[idx]``);
+5. ``m = med - ln(B_med alpha / (1 - alpha)) / s``, set to 0 when negative or in eval mode;
+6. logits ``s (cos - m onehot)``, mean cross-entropy; s and m are constants for autograd.
+
+With this m the median sample's target-class probability after the margin is exactly alpha.
+
+Differences from the reference code, all numerical hardening that leaves the values equal
+where the reference is finite:
+
+* Only the median sample's ``B`` is computed, by the rank that holds it, and shared with one
+  scalar all_reduce instead of an all_gather of every sample's B.
+* ``B`` is kept as ``log B = logsumexp_{j != y} (s cos_j)`` in float64. The reference sums
+  ``exp(s cos)`` in fp32, which overflows once ``s cos > 88.7`` (e.g. s = 100 with a
+  non-target cosine > 0.887): ``B = inf``, ``m = -inf``, silently clamped to 0.
+* The cosine and the statistics are computed in float32/float64 whatever the autocast.
+* The reference branches on ``cfg.NUM_GPUS``; this branches on ``dist.is_initialized()``, and
+  handles local batches of unequal sizes.
+* No ``.item()`` in the forward: the floor and the clamp are tensor ops (no device sync).
+* ``1 - med`` is floored at 1e-12 so a batch whose median target cosine is exactly 1 gives a
+  huge finite scale rather than ``inf``.
+
+The scale constant: the code hard-codes ``K = 9 999 999`` (``scale_constant="code"``, the
+default, which the released weights were trained with); the paper's text writes the scale with
+the number of negative classes, ``K = num_classes - 1`` (``scale_constant="classes"``), which
+for GLDv2-clean gives ln(81312 * 49) = 15.2 instead of 20.0. A number may also be given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .cosine import CosineHead
+from .distributed import all_gather_cat, gather_sizes, rank, world_size
+
+__all__ = ["MadaCos", "MadaCosStats", "madacos_scale", "madacos_margin", "madacos_statistics", "CODE_SCALE_CONSTANT"]
+
+#: The hard-coded number of "virtual negatives" in the reference code (not num_classes - 1).
+CODE_SCALE_CONSTANT = 9_999_999
+
+
+@dataclass
+class MadaCosStats:
+    """Statistics of one MadaCos call (0-dim tensors on the logits' device)."""
+
+    scale: Tensor  # s
+    margin: Tensor  # m (0 in eval mode or when the formula is negative)
+    median_cos: Tensor  # median target cosine over the global batch
+    median_index: Tensor  # its index in the rank-ordered gathered vector
+    log_b_median: Tensor  # log B of the median sample (nan in eval mode, where it is not needed)
+    raw_margin: Tensor  # m before the clamp (nan in eval mode)
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {
+            "scale": self.scale,
+            "margin": self.margin,
+            "median_cos": self.median_cos,
+            "log_b_median": self.log_b_median,
+            "raw_margin": self.raw_margin,
+        }
+
+
+def madacos_scale(median_cos: Tensor | float, *, alpha: float, k: float = CODE_SCALE_CONSTANT,
+                  min_scale: float = 32.0) -> Tensor:
+    """``max(min_scale, ln(k (1 - alpha) / alpha) / (1 - median_cos))`` as a float64 tensor."""
+    med = torch.as_tensor(median_cos, dtype=torch.float64)
+    s = math.log(k * (1.0 - alpha) / alpha) / (1.0 - med).clamp_min(1e-12)
+    return s.clamp_min(min_scale)
+
+
+def madacos_margin(median_cos: Tensor | float, log_b_median: Tensor | float, scale: Tensor | float,
+                   *, alpha: float) -> Tensor:
+    """The unclamped margin ``med - (log B_med + ln(alpha / (1 - alpha))) / s`` (float64)."""
+    med = torch.as_tensor(median_cos, dtype=torch.float64)
+    log_b = torch.as_tensor(log_b_median, dtype=torch.float64)
+    s = torch.as_tensor(scale, dtype=torch.float64)
+    return med - (log_b + math.log(alpha / (1.0 - alpha))) / s
+
+
+@torch.no_grad()
+def madacos_statistics(
+    cos: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float,
+    k: float = CODE_SCALE_CONSTANT,
+    min_scale: float = 32.0,
+    training: bool = True,
+    sync: bool = True,
+    group: dist.ProcessGroup | None = None,
+) -> MadaCosStats:
+    """Scale and margin of one MadaCos step from the local B x C cosines (gradient-free).
+
+    With ``sync`` and an initialised process group of more than one rank, the median and
+    ``B`` come from the global batch (every rank must call this, as with the reference).
+    """
+    cos = cos.detach().float()
+    labels = labels.long()
+    target = cos.gather(1, labels[:, None]).squeeze(1)
+    distributed = sync and world_size(group) > 1
+    sizes = gather_sizes(target.shape[0], target.device, group) if distributed else None
+    target_all = all_gather_cat(target, sizes, group) if distributed else target
+    if target_all.numel() == 0:
+        raise ValueError("MadaCos: empty batch")
+    median, index = torch.median(target_all, dim=0)
+    scale = madacos_scale(median, alpha=alpha, k=k, min_scale=min_scale).to(cos.device)
+    nan = torch.full((), float("nan"), dtype=torch.float64, device=cos.device)
+    if not training:
+        zero = torch.zeros((), dtype=torch.float64, device=cos.device)
+        return MadaCosStats(scale, zero, median, index, nan, nan)
+    # Only the median sample's B is used. The rank holding it computes log B of that single row
+    # (logsumexp over the non-target classes in float64: never overflows) and an all_reduce
+    # shares it; the reference all-gathers B of every sample (same value, B x C more work).
+    # Every rank evaluates one row, so there is no host sync to find the owner.
+    n_local = target.shape[0]
+    log_b_median = torch.zeros((), dtype=torch.float64, device=cos.device)
+    if n_local > 0:  # a rank with an empty local batch only receives
+        local = index - (sum(sizes[: rank(group)]) if distributed else 0)
+        mine = (local >= 0) & (local < n_local)
+        row = local.clamp(0, n_local - 1).reshape(1)
+        z = cos.index_select(0, row).double() * scale
+        z.scatter_(1, labels.index_select(0, row)[:, None], float("-inf"))
+        log_b_median = torch.where(mine, torch.logsumexp(z, dim=1)[0], log_b_median)
+    if distributed:
+        dist.all_reduce(log_b_median, op=dist.ReduceOp.SUM, group=group)
+    raw = madacos_margin(median, log_b_median, scale, alpha=alpha)
+    margin = torch.where(raw < 0, torch.zeros_like(raw), raw)
+    return MadaCosStats(scale, margin, median, index, log_b_median, raw)
+
+
+class MadaCos(CosineHead):
+    """MadaCos loss head (CFCD): ``loss = head(embeddings, labels)``, mean CE over the local batch.
+
+    Args:
+        embedding_dim: D, the size of the (un-normalised) embeddings fed to the head.
+        num_classes: C; ``weight`` is C x D, initialised U(-1/sqrt(D), 1/sqrt(D)).
+        alpha: the target probability of the median sample after the margin (0.02 in every
+            CFCD config; the reference config default is 0.1). The paper calls it rho.
+        scale_constant: ``"code"`` (K = 9 999 999, the released code and weights),
+            ``"classes"`` (K = num_classes - 1, the paper's formula) or a positive number.
+        min_scale: the floor of the scale (32 in the code).
+        sync_stats: gather the median and B over all ranks when torch.distributed is
+            initialised (the reference). Turn it off only when ranks run different numbers of
+            steps (e.g. validation on one rank), where a collective would deadlock.
+
+    In eval mode the scale is still adaptive (computed from the current batch, as the
+    reference does for its validation loss) and the margin is 0. ``last_stats`` has
+    ``scale``, ``margin``, ``median_cos``, ``log_b_median`` and ``raw_margin``.
+    The DDP equivalence: each rank's loss is its local mean, DDP averages gradients, so
+    ``world`` ranks of batch b train exactly as one process with batch ``world * b``.
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        alpha: float = 0.02,
+        *,
+        scale_constant: str | float = "code",
+        min_scale: float = 32.0,
+        sync_stats: bool = True,
+    ) -> None:
+        if not 0.0 < float(alpha) < 1.0:
+            raise ValueError(f"MadaCos: alpha must be in (0, 1), got {alpha}")
+        super().__init__(embedding_dim, num_classes)
+        self.alpha = float(alpha)
+        if scale_constant == "code":
+            k = float(CODE_SCALE_CONSTANT)
+        elif scale_constant == "classes":
+            k = float(self.num_classes - 1)
+        elif isinstance(scale_constant, (int, float)) and not isinstance(scale_constant, bool) and scale_constant > 0:
+            k = float(scale_constant)
+        else:
+            raise ValueError(
+                f"MadaCos: scale_constant must be 'code', 'classes' or a positive number, got {scale_constant!r}"
+            )
+        self.scale_constant = scale_constant
+        self.k = k
+        self.min_scale = float(min_scale)
+        self.sync_stats = bool(sync_stats)
+
+    def statistics(self, cos: Tensor, labels: Tensor) -> MadaCosStats:
+        """Scale and margin for precomputed cosines (collective when distributed)."""
+        return madacos_statistics(
+            cos, labels, alpha=self.alpha, k=self.k, min_scale=self.min_scale,
+            training=self.training, sync=self.sync_stats,
+        )
+
+    def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """``s (cos - m onehot)`` in float32; s and m are constants for autograd."""
+        self._check(embeddings, labels)
+        labels = labels.long()
+        cos = self.cosine(embeddings)
+        stats = self.statistics(cos, labels)
+        self._stats = stats.as_dict()
+        s = stats.scale.float()
+        shift = (-stats.margin.float()).expand(labels.shape[0], 1)
+        return s * cos.scatter_add(1, labels[:, None], shift)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, alpha={self.alpha}, "
+            f"scale_constant={self.scale_constant!r} (K={self.k:.0f}), min_scale={self.min_scale}, "
+            f"sync_stats={self.sync_stats}"
+        )

@@ -1,0 +1,40 @@
+"""Checkpoint conversion: any supported source -> ``model.safetensors`` + ``config.json`` (+ ``extra.safetensors``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cfcd.models.checkpoints import LoadReport, save_weights
+from cfcd.models.registry import create
+
+
+def convert_checkpoint(source: str | Path, model_name: str, out_dir: str | Path, *, format: str = "auto",
+                       strict: bool = True, backbone_only: bool = False, **kwargs: Any) -> tuple[Any, LoadReport, Path]:
+    """Load ``source`` into ``model_name`` (strictly by default) and write it to ``out_dir``.
+
+    ``backbone_only`` converts an ImageNet backbone (pycls ``R-50-1x64d_dds_8gpu.pyth``, torchvision)
+    for training: every backbone tensor must match, the heads keep their fresh initialisation.
+    The config records the model name and kwargs, the source path, its sha256 and format, the
+    import notes and, when not strict, what was missing or unexpected.
+    """
+    from cfcd.models.checkpoints import load_backbone_weights, read_checkpoint
+    from cfcd.utils.io import sha256_file
+
+    source = Path(source)
+    if backbone_only:
+        ckpt = read_checkpoint(source, format=format)
+        model = create(model_name, pretrained=False, **kwargs)
+        report = load_backbone_weights(model, ckpt)
+        model.load_report = report
+    else:
+        model = create(model_name, weights=source, strict=strict, format=format, **kwargs)
+        report = model.load_report
+    sha = sha256_file(source / "model.safetensors" if source.is_dir() else source)
+    meta = {"source": str(source), "source_sha256": sha, "source_format": report.format, "notes": report.notes,
+            "backbone_only": backbone_only}
+    if not report.complete:
+        meta["incomplete_load"] = {"missing": report.missing, "unexpected": report.unexpected,
+                                   "mismatched": [[k, list(a), list(b)] for k, a, b in report.mismatched]}
+    out = save_weights(model, out_dir, extra=report.extra, meta=meta, only=("backbone.",) if backbone_only else None)
+    return model, report, out

@@ -1,0 +1,169 @@
+"""The model registry: one constructor, :func:`create`, used by every command.
+
+Names: ``cfcd_r50/r101/r152``, ``dolg_r50/r101/r152``, ``gem_r50/r101/r152`` (cirtorch/dirtorch GeM
+ResNets), ``gem_efficientnet_lite0/1/2`` (embedded ImageNet weights; lite2 is the package default),
+``gem_timm`` (``backbone=`` any timm name) and the pattern ``gem_<timm model name>``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cfcd.errors import CfcdError, InputError
+
+DEFAULT_MODEL = "gem_efficientnet_lite2"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    builder: Callable[..., Any]
+    family: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    embedded: Callable[[Any], None] | None = None  # loads weights shipped with an installed package
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, builder: Callable[..., Any], *, family: str, defaults: dict[str, Any] | None = None,
+                   embedded: Callable[[Any], None] | None = None, description: str = "") -> ModelEntry:
+    """Register ``name``; ``create(name, **kw)`` calls ``builder(**{**defaults, **kw})``."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    entry = ModelEntry(name, builder, family, dict(defaults or {}), embedded, description)
+    _REGISTRY[name] = entry
+    return entry
+
+
+def list_models() -> list[str]:
+    """Registered names (``gem_<timm name>`` also works for any timm model)."""
+    _ensure_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str) -> ModelEntry:
+    _ensure_builtin()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.startswith("gem_"):
+        from cfcd.models._compat import import_timm
+
+        backbone = name[len("gem_"):]
+        if import_timm().is_model(backbone):
+            base = _REGISTRY["gem_timm"]
+            return ModelEntry(name, base.builder, "gem", {**base.defaults, "backbone": backbone},
+                              description=f"GeM on timm {backbone}")
+    raise InputError(f"unknown model {name!r}; known: {', '.join(list_models())}, or gem_<timm model name>")
+
+
+def _config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in kwargs.items():
+        out[k] = v.to_dict() if hasattr(v, "to_dict") else copy.deepcopy(v)
+    return out
+
+
+def create(name: str, weights: str | Path | None = None, *, strict: bool = True, pretrained: bool | None = None,
+           format: str = "auto", **kwargs: Any):
+    """Build a registered model, in eval mode, optionally loading weights.
+
+    Args:
+        name: registry name (see :func:`list_models`).
+        weights: a checkpoint file of any supported format (official ``.pyth``/``.pth``/``.pt``,
+            torchvision/timm state dict) or a directory/``.safetensors`` written by ``cfcd convert``.
+            Architecture switches recorded in, or implied by, the checkpoint (learnable p, ASPP, BN,
+            whitening, output size, backbone depth) are applied unless overridden by ``kwargs``.
+        strict: fail on any missing/unexpected/wrongly-shaped tensor (the classifier ``desc_cls`` and
+            ImageNet heads are expected leftovers, returned in ``model.load_report.extra``).
+        pretrained: load the embedded weights when ``weights`` is None. Defaults to True for the models
+            that have them (``gem_efficientnet_lite*``); the others start randomly initialised.
+        format: force the checkpoint format instead of auto-detection.
+        kwargs: constructor options of the model class.
+
+    The returned model has ``model_config`` (``{"name", "kwargs"}``), ``preprocess``, ``embedding_dim``
+    and, when weights were given, ``load_report`` (:class:`~cfcd.models.checkpoints.LoadReport`).
+    """
+    from cfcd.models.checkpoints import load_weights, read_checkpoint
+
+    entry = get_entry(name)
+    ckpt = None
+    merged = dict(entry.defaults)
+    if weights is not None:
+        ckpt = read_checkpoint(weights, format=format)
+        if ckpt.model_name and ckpt.format == "cfcd-safetensors" and ckpt.model_name != name:
+            raise CfcdError(f"{weights}: holds a {ckpt.model_name!r} model, not {name!r}")
+        if ckpt.model_name and ckpt.format != "cfcd-safetensors":
+            implied = get_entry(ckpt.model_name)
+            if implied.family != entry.family:
+                raise CfcdError(f"{weights}: is a {ckpt.format} checkpoint ({ckpt.model_name}), not a {name} model")
+        implied_backbone = ckpt.model_kwargs.get("backbone")
+        if (implied_backbone and "backbone" in entry.defaults and implied_backbone != entry.defaults["backbone"]
+                and "backbone" not in kwargs and ckpt.format != "cfcd-safetensors"):
+            raise CfcdError(f"{weights}: is a {implied_backbone} checkpoint but {name} uses "
+                            f"{entry.defaults['backbone']}" + (f"; use {ckpt.model_name}" if ckpt.model_name else ""))
+        family_keys = _accepted_kwargs(entry)
+        merged.update({k: v for k, v in ckpt.model_kwargs.items() if family_keys is None or k in family_keys})
+    merged.update(kwargs)
+    try:
+        model = entry.builder(**merged)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"cannot build {name} with {merged}: {exc}") from None
+    model.model_config = {"name": name, "kwargs": _config_kwargs(merged)}
+    if ckpt is not None:
+        model.load_report = load_weights(model, ckpt, strict=strict)
+    elif pretrained or (pretrained is None and entry.embedded is not None):
+        if entry.embedded is None:
+            raise InputError(f"{name} has no embedded weights; pass weights=FILE (see cfcd convert)")
+        entry.embedded(model)
+    return model.eval()
+
+
+def _accepted_kwargs(entry: ModelEntry) -> set[str] | None:
+    import inspect
+
+    try:
+        params = inspect.signature(entry.builder).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+_BUILTIN_DONE = False
+
+
+def _ensure_builtin() -> None:
+    global _BUILTIN_DONE
+    if _BUILTIN_DONE:
+        return
+    _BUILTIN_DONE = True
+    from cfcd.models.cfcd_net import CFCDNet
+    from cfcd.models.dolg import DOLGNet
+    from cfcd.models.efficientnet_lite import NATIVE_SIZE, load_imagenet_efficientnet_lite
+    from cfcd.models.gem import GeMNet
+    from cfcd.models.preprocess import Preprocess
+
+    for depth in (50, 101, 152):
+        register_model(f"cfcd_r{depth}", CFCDNet, family="cfcd", defaults={"backbone": f"resnet{depth}"},
+                       description=f"CFCD: ResNet-{depth}, GeM p=3, FC 512, BN, L2 (BGR input)")
+        register_model(f"dolg_r{depth}", DOLGNet, family="dolg", defaults={"backbone": f"resnet{depth}"},
+                       description=f"DOLG: ResNet-{depth}, orthogonal fusion of s3 attention and s4 GeM, FC 512")
+        register_model(f"gem_r{depth}", GeMNet, family="gem", defaults={"backbone": f"resnet{depth}"},
+                       description=f"GeM ResNet-{depth} (cirtorch/dirtorch; whitening from the checkpoint)")
+    register_model("gem_timm", GeMNet, family="gem", defaults={"pooling": "gem", "learnable_p": True},
+                   description="GeM on any timm backbone (backbone=NAME)")
+    for variant, size in NATIVE_SIZE.items():
+        def embedded(model, variant=variant):
+            load_imagenet_efficientnet_lite(model, variant, prefix="backbone.")
+
+        register_model(
+            f"gem_efficientnet_lite{variant}", GeMNet, family="gem", embedded=embedded,
+            defaults={"backbone": f"tf_efficientnet_lite{variant}", "pooling": "gem", "p": 3.0, "learnable_p": False,
+                      "preprocess": Preprocess("RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), input_size=size)},
+            description=f"GeM p=3 on EfficientNet-Lite{variant} ImageNet (embedded weights, 1280-d, RGB, mean=std=0.5)")

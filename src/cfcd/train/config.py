@@ -1,0 +1,232 @@
+"""Training recipes: versioned YAML files merged over defaults, with ``key=value`` overrides.
+
+A recipe is a nested mapping (see :data:`DEFAULTS` for every key and its meaning). Files in
+``cfcd/configs/`` are found by name (``--config cfcd_r50_s1``), anything else is a path.
+Unknown keys are errors (a typo must not silently train the default), and the resolved
+config is written next to the checkpoints so a run documents itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cfcd.errors import InputError
+
+#: Bump when the meaning of a key changes; recipes declare the version they were written for.
+CONFIG_VERSION = 1
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+DEFAULTS: dict[str, Any] = {
+    "version": CONFIG_VERSION,
+    "name": "unnamed",
+    "stage": 1,                 # 1: global (classification or listwise); 2: + local triplets on tuples
+    "model": {
+        "name": "cfcd_r50",     # cfcd.models registry name
+        "kwargs": {},           # extra arguments for cfcd.models.create
+        "weights": None,        # initial weights for cfcd.models.create (e.g. ImageNet backbone)
+        "init": None,           # checkpoint to start from: ours (dir/.pt) or the official .pyth,
+                                # incl. the classifier weight (desc_cls.weight) -> loss head
+        "strict": False,        # strict key matching when loading `init`
+    },
+    "loss": {
+        "global": "madacos",    # madacos | arcface | cosface | curricularface | ap | none
+        "global_kwargs": {"alpha": 0.02},
+        "num_classes": 81313,
+        "madacos_stats": "exact",  # exact: median over the global batch even with accumulation
+                                   # (extra no-grad forward); micro: per micro-batch (cheaper)
+        "local": None,          # local_triplet for CFCD stage 2
+        "local_kwargs": {"margin": 0.1, "ratio": 0.9, "top_fraction": 0.5},
+        "local_weight": 1.0,    # the code's effective lambda (the yaml's LAMDA 0.05 is ignored)
+    },
+    "data": {
+        "root": None,           # image root; list paths are relative to it
+        "train_list": "train_list.txt",
+        "val_list": None,
+        "confusions": None,     # landmark_scores.txt for hard negatives (stage 2)
+        "im_size": 512,
+        "test_size": 512,
+        "area_frac": 0.08,
+        "flip": 0.5,
+        "lighting": 0.1,
+        "workers": 4,
+        "tuple_size": 8,
+        "sampler": "shuffle",   # shuffle | tuple | class_balanced
+        "images_per_class": 4,  # class_balanced only
+        "val_max_images": None,
+    },
+    "optim": {
+        "name": "sgd",
+        "lr": 0.005,            # base LR for the global batch
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 1.0e-4,  # on all parameters, as the reference
+        "epochs": 50,
+        "warmup_epochs": 5,
+        "warmup_factor": 0.1,
+        "policy": "cos",        # cos | steps | exp | constant
+        "steps": [],            # epochs where the LR is multiplied by lr_mult (policy steps)
+        "lr_mult": 0.1,
+        "gamma": 0.99,          # policy exp: lr = base * gamma**epoch
+        "per": "epoch",         # epoch: constant within an epoch (reference); step: per step
+        "clip_grad": None,
+    },
+    "train": {
+        "global_batch": 128,
+        "micro_batch": 16,      # per forward/backward on one process
+        "seed": 1,
+        "amp": "bf16",          # bf16 | fp16 | none (CUDA only; CPU runs fp32)
+        "channels_last": True,
+        "compile": False,
+        "freeze_bn": False,     # cirtorch: BN layers in eval mode
+        "out_dir": "runs/{name}",
+        "keep_every": 5,        # keep every 5th epoch checkpoint (plus the last)
+        "checkpoint_steps": 0,  # also save <out>/checkpoints/last.pt every N steps (0: epoch ends only)
+        "log_every": 20,
+        "eval_period": 1,       # val every N epochs (0: never)
+        "max_steps_per_epoch": None,
+        "tensorboard": True,
+        "progress": True,
+        "find_unused_parameters": False,
+        "deterministic": False,
+        "cudnn_benchmark": True,
+    },
+    "benchmark": {              # optional revisitop evaluation hook
+        "datasets": [],         # e.g. [roxford5k, rparis6k]
+        "root": None,
+        "every": 0,             # epochs; 0: never
+        "scales": [0.7071, 1.0, 1.4142],
+        "max_size": 1024,
+    },
+}
+
+
+def deep_merge(base: dict, update: dict, *, path: str = "", source: str = "config") -> dict:
+    """Merge ``update`` into a copy of ``base``; keys absent from ``base`` are errors,
+    except under free-form mappings (``*kwargs``)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        full = f"{path}{key}"
+        if key not in out:
+            if path.rstrip(".").endswith("kwargs"):
+                out[key] = copy.deepcopy(value)
+                continue
+            raise InputError(f"{source}: unknown key {full!r}")
+        if isinstance(out[key], dict) and not full.endswith("kwargs"):
+            if not isinstance(value, dict):
+                raise InputError(f"{source}: {full!r} must be a mapping, got {value!r}")
+            out[key] = deep_merge(out[key], value, path=f"{full}.", source=source)
+        elif isinstance(out[key], dict):
+            if value is not None and not isinstance(value, dict):
+                raise InputError(f"{source}: {full!r} must be a mapping, got {value!r}")
+            # a recipe replaces a kwargs mapping (a new head has other arguments);
+            # a command-line override edits single entries of it
+            value = copy.deepcopy(value or {})
+            out[key] = {**out[key], **value} if source == "override" else value
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def find_config(name_or_path: str | os.PathLike) -> Path:
+    """A recipe path, or the name of a packaged recipe (``cfcd_r50_s1`` or ``cfcd_r50_s1.yaml``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for candidate in (CONFIGS_DIR / p.name, CONFIGS_DIR / f"{p.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(q.stem for q in CONFIGS_DIR.glob("*.yaml")))
+    raise InputError(f"{name_or_path}: no such recipe file or packaged recipe (packaged: {known})")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["optim.lr=0.01", "data.root=/x"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"override {item!r}: expected key=value (e.g. optim.lr=0.01)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise InputError(f"override {item!r}: cannot parse the value ({exc})") from None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(name_or_path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> dict:
+    """Defaults <- recipe file (``_base_`` chains allowed) <- overrides; validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if name_or_path is not None:
+        path = find_config(name_or_path)
+        cfg = deep_merge(cfg, _read_recipe(path, set()), source=str(path))
+    if overrides:
+        ov = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        cfg = deep_merge(cfg, ov, source="override")
+    validate(cfg)
+    return cfg
+
+
+def _read_recipe(path: Path, seen: set) -> dict:
+    if path.resolve() in seen:
+        raise InputError(f"{path}: _base_ cycle")
+    seen.add(path.resolve())
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: invalid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a recipe must be a mapping")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    if not base_path.is_file():
+        base_path = find_config(base)
+    merged = deep_merge(DEFAULTS, _read_recipe(base_path, seen), source=str(base_path))
+    return deep_merge(merged, data, source=str(path))
+
+
+def validate(cfg: dict) -> None:
+    """Checks that catch a wrong recipe before hours of data loading."""
+    if int(cfg["version"]) > CONFIG_VERSION:
+        raise InputError(f"recipe version {cfg['version']} is newer than this cfcd ({CONFIG_VERSION})")
+    if cfg["stage"] not in (1, 2):
+        raise InputError(f"stage must be 1 or 2, got {cfg['stage']!r}")
+    t, d, o, lo = cfg["train"], cfg["data"], cfg["optim"], cfg["loss"]
+    for key in ("global_batch", "micro_batch"):
+        if not isinstance(t[key], int) or t[key] < 1:
+            raise InputError(f"train.{key} must be a positive integer, got {t[key]!r}")
+    if d["sampler"] not in ("shuffle", "tuple", "class_balanced"):
+        raise InputError(f"data.sampler must be shuffle, tuple or class_balanced, got {d['sampler']!r}")
+    if cfg["stage"] == 2 and d["sampler"] != "tuple":
+        raise InputError("stage 2 trains on tuples: set data.sampler: tuple")
+    if cfg["stage"] == 2 and not lo["local"]:
+        raise InputError("stage 2 needs loss.local (e.g. local_triplet)")
+    if d["sampler"] == "tuple" and t["micro_batch"] % d["tuple_size"]:
+        raise InputError(f"train.micro_batch {t['micro_batch']} must be a multiple of data.tuple_size "
+                         f"{d['tuple_size']} (tuples are never split)")
+    if o["policy"] not in ("cos", "steps", "exp", "constant"):
+        raise InputError(f"optim.policy must be cos, steps, exp or constant, got {o['policy']!r}")
+    if o["per"] not in ("epoch", "step"):
+        raise InputError(f"optim.per must be epoch or step, got {o['per']!r}")
+    if lo["madacos_stats"] not in ("exact", "micro"):
+        raise InputError(f"loss.madacos_stats must be exact or micro, got {lo['madacos_stats']!r}")
+    if t["amp"] not in ("bf16", "fp16", "none", None, False):
+        raise InputError(f"train.amp must be bf16, fp16 or none, got {t['amp']!r}")
+    if o["epochs"] < 1:
+        raise InputError("optim.epochs must be >= 1")
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

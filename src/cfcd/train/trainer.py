@@ -1,0 +1,696 @@
+"""The trainer: CFCD stage 1/2, DOLG and the GeM baselines, one process to many (DDP via torchrun).
+
+What one optimizer step does (``global_batch`` G samples, W processes, A accumulation steps
+of ``micro_batch`` samples each, ``G = W * A * micro_batch``):
+
+1. Every rank takes its contiguous slice of global batch ``t`` (:mod:`cfcd.data.samplers`), so
+   the step sees the same images whatever W and A are.
+2. MadaCos statistics (``loss.madacos_stats: exact``): the scale and margin come from the
+   median target cosine over the **whole global batch**, as the reference's all_gather over
+   8 x 16 images. With ``A == 1`` they are computed in the training forward (gathered over
+   ranks). With ``A > 1`` a first no-grad forward over the accumulation window (train-mode BN,
+   running statistics restored afterwards) gathers the target cosines and ``log B`` of all G
+   samples, and the training forwards then use these fixed s and m. ``micro`` computes them per
+   micro-batch instead (cheaper, not the reference when ``W * micro_batch < 128``).
+3. Loss per micro-batch: CE (mean over the micro-batch) ``+ local_weight *
+   (reference_batch / micro_batch) * sum_tuples triplet`` divided by A; DDP averages over ranks.
+   With 16-image micro-batches this is exactly the reference's per-GPU loss; the rescaling keeps
+   the objective the same for other micro-batch sizes.
+4. SGD (nesterov) step; the LR follows :mod:`cfcd.train.schedule` (per epoch by default).
+
+Checkpoints (:mod:`cfcd.train.checkpoint`) hold the model with its head, optimizer, sampler and
+RNG state; a restarted run continues from the newest one and reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cfcd.errors import CfcdError, InputError
+from cfcd.train import checkpoint as ckpt_mod
+from cfcd.train.config import dump_config
+from cfcd.train.distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
+from cfcd.train.logging import TrainLogger
+from cfcd.train.schedule import lr_at, set_lr
+from cfcd.utils.io import atomic_write_text
+
+logger = logging.getLogger("cfcd.train")
+
+#: The reference's per-GPU batch (8 GPUs x 16): the local triplet sum is taken over 2 tuples.
+REFERENCE_MICRO_BATCH = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: dict) -> nn.Module:
+    """``cfcd.models.create`` + optional initial weights (ImageNet backbone, non-strict)."""
+    import cfcd.models as models
+
+    m = cfg["model"]
+    model = models.create(m["name"], **(m["kwargs"] or {}))
+    if m["weights"]:
+        report = models.load_weights(model, m["weights"], strict=False)
+        if report.loaded == 0:
+            raise InputError(f"{m['weights']}: no tensor matches {m['name']} ({report.summary()})")
+        logger.info("initial weights: %s", report.summary())
+    return model
+
+
+def build_head(cfg: dict, embedding_dim: int) -> nn.Module | None:
+    import cfcd.losses as losses
+
+    lo = cfg["loss"]
+    name = lo["global"]
+    if not name or name == "none":
+        return None
+    kwargs = dict(lo["global_kwargs"] or {})
+    if name.lower() in ("madacos", "arcface", "cosface", "curricularface", "dolg_arcface"):
+        kwargs.update(embedding_dim=embedding_dim, num_classes=int(lo["num_classes"]))
+    return losses.create(name, **kwargs)
+
+
+def build_local_loss(cfg: dict) -> nn.Module | None:
+    import cfcd.losses as losses
+
+    lo = cfg["loss"]
+    if not lo["local"]:
+        return None
+    return losses.create(lo["local"], **(lo["local_kwargs"] or {}))
+
+
+def init_from_checkpoint(model: nn.Module, head: nn.Module | None, path: str, *, strict: bool) -> Any:
+    """Start from a stage-1 checkpoint (ours or the official ``.pyth``): model weights, and the
+    classifier ``desc_cls.*`` into the loss head (MadaCos weight included)."""
+    import cfcd.models as models
+
+    report = models.load_weights(model, path, strict=strict)
+    if report.loaded == 0:
+        raise InputError(f"{path}: no tensor matches the model ({report.summary()})")
+    head_state = {k[len(ckpt_mod.HEAD_PREFIX):]: v for k, v in report.extra.items()
+                  if k.startswith(ckpt_mod.HEAD_PREFIX)}
+    if head is not None and head_state:
+        _load_head(head, head_state, source=str(path))
+    elif head is not None and hasattr(head, "weight"):
+        logger.warning("%s: no classifier weights (desc_cls.*): the loss head starts from scratch", path)
+    logger.info("init from %s: %s", path, report.summary())
+    return report
+
+
+def _load_head(head: nn.Module, state: dict, *, source: str) -> None:
+    own = head.state_dict()
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise InputError(f"{source}: classifier tensors do not fit the loss head {bad} "
+                         "(check loss.num_classes and the embedding size)")
+    missing = [k for k in own if k not in state]
+    if missing:
+        logger.warning("%s: classifier state lacks %s (kept from initialisation)", source, missing)
+    head.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}})
+
+
+class TrainModule(nn.Module):
+    """Model + loss head + local loss in one module, so DDP averages every gradient.
+
+    ``forward(images, labels, stats=None)`` returns ``(loss, aux)``; ``stats`` is an optional
+    precomputed MadaCos ``(scale, margin)`` pair (the exact global-batch statistics).
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module | None, local_loss: nn.Module | None, *,
+                 global_loss: str, tuple_size: int, local_weight: float, micro_batch: int):
+        super().__init__()
+        self.model, self.head, self.local_loss = model, head, local_loss
+        self.global_loss = (global_loss or "none").lower()
+        self.tuple_size, self.micro_batch = tuple_size, micro_batch
+        self.local_scale = float(local_weight) * REFERENCE_MICRO_BATCH / micro_batch
+        self.is_madacos = type(head).__name__ == "MadaCos"
+
+    def embeddings(self, images: torch.Tensor) -> dict:
+        return self.model.forward_features(images)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, stats: tuple | None = None):
+        feats = self.model.forward_features(images)
+        emb = feats["global"]
+        aux: dict[str, torch.Tensor] = {}
+        loss = emb.new_zeros((), dtype=torch.float32)
+        if self.head is not None and hasattr(self.head, "weight"):  # classification head
+            if self.is_madacos:
+                cos = self.head.cosine(emb)
+                if stats is None:
+                    st = self.head.statistics(cos, labels)
+                    s, m = st.scale.float(), st.margin.float()
+                    aux.update(scale=st.scale, margin=st.margin, median_cos=st.median_cos)
+                else:
+                    s, m = stats
+                logits = s * cos.scatter_add(1, labels[:, None], (-m).expand(labels.shape[0], 1))
+            else:
+                logits = self.head.logits(emb, labels)
+                aux.update({k: torch.as_tensor(v) for k, v in getattr(self.head, "_stats", {}).items()})
+            ce = F.cross_entropy(logits, labels)
+            aux["loss_ce"] = ce.detach()
+            aux["correct"] = (logits.detach().argmax(1) == labels).sum()
+            loss = loss + ce
+        elif self.global_loss in ("ap", "tap"):
+            d = F.normalize(emb.float(), dim=1)
+            scores = d @ d.t()
+            same = (labels[:, None] == labels[None, :]).float()
+            eye = torch.eye(len(labels), device=d.device, dtype=torch.bool)
+            # each image queries the rest of the batch: drop the diagonal
+            scores = scores[~eye].view(len(labels), -1)
+            same = same[~eye].view(len(labels), -1)
+            ap_loss = self.head(scores, same)
+            aux["loss_ap"] = ap_loss.detach()
+            loss = loss + ap_loss
+        elif self.global_loss in ("contrastive", "triplet"):
+            d = F.normalize(emb.float(), dim=1)
+            tl = self.head(d, self.tuple_size)
+            aux["loss_tuple"] = tl.detach()
+            loss = loss + tl
+        if self.local_loss is not None:
+            local = feats.get("local")
+            if local is None:
+                raise CfcdError("the local loss needs a model whose forward_features gives 'local' features")
+            ll = self.local_loss(local.float(), tuple_size=self.tuple_size) * self.local_scale
+            aux["loss_local"] = ll.detach()
+            loss = loss + ll
+        aux["loss"] = loss.detach()
+        return loss, aux
+
+
+@contextlib.contextmanager
+def frozen_bn_buffers(module: nn.Module):
+    """Run forwards in train mode without changing BN running statistics (the exact pre-pass)."""
+    saved = [(b, b.detach().clone()) for n, b in module.named_buffers()
+             if n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+def set_bn_eval(module: nn.Module) -> None:
+    """cirtorch: BN layers in eval mode (running stats frozen; affine parameters still learn)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0            # completed epochs
+    step_in_epoch: int = 0    # completed global steps in the current epoch
+    global_step: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# trainer
+# ----------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Train from a resolved config (:func:`cfcd.train.config.load_config`).
+
+    Args:
+        cfg: the config dict.
+        device: ``"cuda"``, ``"cpu"`` or None (auto; under torchrun the local GPU).
+        resume: continue from the newest checkpoint in ``out_dir`` if there is one.
+        stop_after_steps: stop (after checkpointing) once this many global steps are done in
+            this process -- used to test resuming; None: train to the end.
+    """
+
+    def __init__(self, cfg: dict, *, device: str | None = None, resume: bool = True,
+                 stop_after_steps: int | None = None):
+        self.cfg = cfg
+        self.dist: DistInfo = init_distributed(device)
+        self.device = self.dist.device
+        self.resume = resume
+        self.stop_after_steps = stop_after_steps
+        t = cfg["train"]
+        self.out_dir = Path(str(t["out_dir"]).format(name=cfg["name"]))
+        self.state = TrainState()
+        self._built = False
+
+    # -- setup -----------------------------------------------------------------------------------
+    def build(self) -> None:
+        from cfcd.data.samplers import ClassBalancedBatchSampler, ShuffleBatchSampler, TupleBatchSampler
+        from cfcd.data.training import TrainingDataset, TrainTransform, read_confusions, read_labelled_list
+
+        cfg, t, d, lo = self.cfg, self.cfg["train"], self.cfg["data"], self.cfg["loss"]
+        torch.manual_seed(int(t["seed"]))  # identical initialisation on every rank
+        np.random.seed(int(t["seed"]) % 2**32)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = bool(t["cudnn_benchmark"]) and not t["deterministic"]
+        if t["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        if self.device.type == "cpu":
+            # zero-initialised residual BN gammas make denormal activations, 3x slower on x86 CPUs
+            torch.set_flush_denormal(True)
+
+        self.model = build_model(cfg)
+        self.head = build_head(cfg, int(self.model.embedding_dim))
+        self.local_loss = build_local_loss(cfg)
+        if cfg["model"]["init"]:
+            init_from_checkpoint(self.model, self.head, cfg["model"]["init"], strict=bool(cfg["model"]["strict"]))
+
+        root = d["root"]
+        self.train_list = read_labelled_list(_resolve(d["train_list"], root), root,
+                                             num_classes=int(lo["num_classes"]) if self.head is not None
+                                             and hasattr(self.head, "weight") else None)
+        transform = TrainTransform(d["im_size"], self.model.preprocess, area_frac=d["area_frac"],
+                                   flip=d["flip"], lighting=d["lighting"])
+        self.dataset = TrainingDataset(self.train_list, transform, seed=int(t["seed"]))
+        common = dict(global_batch=int(t["global_batch"]), micro_batch=int(t["micro_batch"]),
+                      rank=self.dist.rank, world_size=self.dist.world_size, seed=int(t["seed"]))
+        if d["sampler"] == "tuple":
+            gt_pred = read_confusions(_resolve(d["confusions"], root), self.train_list) if d["confusions"] else None
+            self.sampler = TupleBatchSampler(self.train_list.labels, tuple_size=int(d["tuple_size"]),
+                                             gt_pred=gt_pred, **common)
+        elif d["sampler"] == "class_balanced":
+            self.sampler = ClassBalancedBatchSampler(self.train_list.labels,
+                                                     images_per_class=int(d["images_per_class"]), **common)
+        else:
+            self.sampler = ShuffleBatchSampler(len(self.train_list), **common)
+        self.accumulation = self.sampler.accumulation
+
+        self.model.to(self.device)
+        if self.head is not None:
+            self.head.to(self.device)
+        if self.device.type == "cuda" and t["channels_last"]:
+            self.model.to(memory_format=torch.channels_last)
+        self.module = TrainModule(self.model, self.head, self.local_loss, global_loss=lo["global"],
+                                  tuple_size=int(d["tuple_size"]), local_weight=float(lo["local_weight"]),
+                                  micro_batch=int(t["micro_batch"]))
+        if self.local_loss is not None:
+            self.local_loss.to(self.device)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        o = cfg["optim"]
+        if o["name"] == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=float(o["lr"]), momentum=float(o["momentum"]),
+                                             nesterov=bool(o["nesterov"]), weight_decay=float(o["weight_decay"]))
+        elif o["name"] == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=float(o["lr"]), weight_decay=float(o["weight_decay"]))
+        elif o["name"] == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=float(o["lr"]), weight_decay=float(o["weight_decay"]))
+        else:
+            raise InputError(f"optim.name must be sgd, adam or adamw, got {o['name']!r}")
+
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           find_unused_parameters=bool(t["find_unused_parameters"]))
+        else:
+            self.ddp = self.module
+        if t["compile"]:
+            self.model.forward_features = torch.compile(self.model.forward_features)
+
+        amp = t["amp"] if self.device.type == "cuda" else "none"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(amp))
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+
+        self.logger = TrainLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=bool(t["tensorboard"]))
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
+        self._built = True
+        if self.resume:
+            self._maybe_resume()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def model_state(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if self.head is not None:
+            state.update({ckpt_mod.HEAD_PREFIX + k: v.detach().cpu() for k, v in self.head.state_dict().items()})
+        return state
+
+    def save(self, path: Path) -> None:
+        if not self.dist.is_main:
+            return
+        payload = {
+            "epoch": self.state.epoch,
+            "step_in_epoch": self.state.step_in_epoch,
+            "global_step": self.state.global_step,
+            "model_state": self.model_state(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "scaler_state": self.scaler.state_dict() if self.scaler is not None else {},
+            "sampler_state": {"epoch": self.state.epoch, "start_step": self.state.step_in_epoch,
+                              "seed": self.sampler.seed, "global_batch": self.sampler.global_batch},
+            "rng_state": ckpt_mod.rng_state(),
+            "model_config": _plain(getattr(self.model, "model_config", {})),
+            "config_yaml": dump_config(self.cfg),
+            "metrics": {k: float(v) for k, v in self.state.metrics.items()},
+            "world_size": self.dist.world_size,
+        }
+        ckpt_mod.save_checkpoint(path, payload)
+
+    def _maybe_resume(self) -> None:
+        path = ckpt_mod.latest_checkpoint(self.out_dir) if self.dist.is_main else None
+        from cfcd.train.distributed import broadcast_object
+
+        path = broadcast_object(str(path) if path else None)
+        if not path:
+            return
+        ck = ckpt_mod.load_checkpoint(path)
+        model_state, head_state = ckpt_mod.split_head_state(ck["model_state"])
+        self.model.load_state_dict(model_state)
+        if self.head is not None:
+            self.head.load_state_dict(head_state)
+        self.optimizer.load_state_dict(ck["optimizer_state"])
+        if self.scaler is not None and ck.get("scaler_state"):
+            self.scaler.load_state_dict(ck["scaler_state"])
+        self.sampler.load_state_dict(ck["sampler_state"])
+        ckpt_mod.set_rng_state(ck["rng_state"])
+        self.state = TrainState(int(ck["epoch"]), int(ck["step_in_epoch"]), int(ck["global_step"]),
+                                dict(ck.get("metrics", {})))
+        logger.info("resumed from %s (epoch %d, step %d)", path, self.state.epoch, self.state.global_step)
+
+    # -- training ----------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, images, labels):
+        nb = self.device.type == "cuda"
+        images = images.to(self.device, non_blocking=nb)
+        if self.device.type == "cuda" and self.cfg["train"]["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=nb)
+
+    @torch.no_grad()
+    def exact_madacos_stats(self, window: list[tuple[torch.Tensor, torch.Tensor]]):
+        """Scale and margin over the whole global batch, from a no-grad train-mode pre-pass."""
+        cos, labels = [], []
+        with frozen_bn_buffers(self.model), self._autocast():
+            for images, y in window:
+                emb = self.model.forward_features(images)["global"]
+                cos.append(self.head.cosine(emb).float())
+                labels.append(y)
+        st = self.head.statistics(torch.cat(cos), torch.cat(labels))
+        return (st.scale.float(), st.margin.float()), st
+
+    def train_step(self, window: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches of a global batch."""
+        set_lr(self.optimizer, lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        window = [self._to_device(x, y) for x, y in window]
+        stats, st = None, None
+        if (self.module.is_madacos and self.cfg["loss"]["madacos_stats"] == "exact" and len(window) > 1):
+            stats, st = self.exact_madacos_stats(window)
+        sums: dict[str, float] = {}
+        n_images = 0
+        for k, (images, labels) in enumerate(window):
+            sync = k == len(window) - 1
+            ctx = self.ddp.no_sync() if (self.dist.distributed and not sync) else contextlib.nullcontext()
+            with ctx:
+                with self._autocast():
+                    loss, aux = self.ddp(images, labels, stats)
+                scaled = loss / len(window)
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            for key, v in aux.items():
+                sums[key] = sums.get(key, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
+            n_images += len(labels)
+        clip = self.cfg["optim"]["clip_grad"]
+        if clip:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), float(clip))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        out = {}
+        for key, v in sums.items():
+            if key == "correct":
+                continue
+            out[key] = v / len(window)
+        if "correct" in sums:
+            out["top1"] = sums["correct"] / n_images
+        if st is not None:
+            out.update(scale=st.scale, margin=st.margin, median_cos=st.median_cos)
+        return out
+
+    def _loader(self, sampler, dataset):
+        from torch.utils.data import DataLoader
+
+        from cfcd.data.training import collate
+
+        workers = int(self.cfg["data"]["workers"])
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                          pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
+                          persistent_workers=False)
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``optim.epochs`` (or ``stop_after_steps``); returns the last metrics."""
+        if not self._built:
+            self.build()
+        cfg, t = self.cfg, self.cfg["train"]
+        epochs = int(cfg["optim"]["epochs"])
+        steps_per_epoch = self.sampler.steps_per_epoch()
+        if t["max_steps_per_epoch"]:
+            steps_per_epoch = min(steps_per_epoch, int(t["max_steps_per_epoch"]))
+        done_here = 0
+        try:
+            while self.state.epoch < epochs:
+                epoch = self.state.epoch
+                self.sampler.set_epoch(epoch, self.state.step_in_epoch)
+                self.module.train()
+                if t["freeze_bn"]:
+                    set_bn_eval(self.module)
+                loader = iter(self._loader(self.sampler, self.dataset))
+                bar = _progress(total=steps_per_epoch, initial=self.state.step_in_epoch,
+                                enabled=self.dist.is_main and bool(t["progress"]), desc=f"epoch {epoch + 1}/{epochs}")
+                meter: dict[str, Any] = {}
+                t0, images_seen, first_step = time.perf_counter(), 0, self.state.step_in_epoch
+                while self.state.step_in_epoch < steps_per_epoch:
+                    window = [next(loader)[:2] for _ in range(self.accumulation)]
+                    lr = lr_at(cfg["optim"], epoch, self.state.step_in_epoch, steps_per_epoch)
+                    out = self.train_step(window, lr)
+                    self.state.step_in_epoch += 1
+                    self.state.global_step += 1
+                    done_here += 1
+                    images_seen += self.sampler.global_batch
+                    for k, v in out.items():  # device tensors: no sync until a log line is written
+                        meter[k] = meter.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else float(v))
+                    bar.update(1)
+                    if self.state.global_step % int(t["log_every"]) == 0 or self.state.step_in_epoch == steps_per_epoch:
+                        row = {k: float(v) for k, v in out.items()}
+                        row.update(lr=lr, epoch=epoch, images_per_s=images_seen / max(1e-9, time.perf_counter() - t0))
+                        self.logger.log("train", self.state.global_step, row)
+                        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}")
+                    if self.stop_after_steps is not None and done_here >= self.stop_after_steps:
+                        self._checkpoint_mid_epoch()
+                        return {k: float(v) / max(1, self.state.step_in_epoch - first_step) for k, v in meter.items()}
+                    if t.get("checkpoint_steps") and self.state.global_step % int(t["checkpoint_steps"]) == 0:
+                        self._checkpoint_mid_epoch()
+                bar.close()
+                del loader
+                steps = max(1, steps_per_epoch - first_step)
+                metrics = {f"train_{k}": float(v) / steps for k, v in meter.items()}
+                metrics["epoch_time_s"] = time.perf_counter() - t0
+                metrics["images_per_s"] = images_seen / max(1e-9, metrics["epoch_time_s"])
+                self.state.epoch += 1
+                self.state.step_in_epoch = 0
+                if self._due(t["eval_period"]) and cfg["data"]["val_list"]:
+                    metrics.update(self.validate())
+                if self._due(cfg["benchmark"]["every"]) and cfg["benchmark"]["datasets"]:
+                    metrics.update(self.benchmark())
+                self.state.metrics = metrics
+                self.logger.log("epoch", self.state.global_step, {"epoch": self.state.epoch, **metrics})
+                self.save(ckpt_mod.epoch_path(self.out_dir, self.state.epoch))
+                if self.dist.is_main:
+                    ckpt_mod.prune_checkpoints(self.out_dir, int(t["keep_every"]))
+                    (self.out_dir / "checkpoints" / "last.pt").unlink(missing_ok=True)
+                barrier()
+            if self.dist.is_main:
+                self.export(self.out_dir / "final")
+            barrier()
+            return dict(self.state.metrics)
+        finally:
+            self.logger.close()
+
+    def _checkpoint_mid_epoch(self) -> None:
+        self.save(self.out_dir / "checkpoints" / "last.pt")
+        barrier()
+
+    def _due(self, every) -> bool:
+        every = int(every or 0)
+        return every > 0 and (self.state.epoch % every == 0 or self.state.epoch == int(self.cfg["optim"]["epochs"]))
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Top-1 (argmax cosine) and CE of the classification head on the val list (no augmentation).
+
+        The list is split over ranks by stride; MadaCos runs in eval mode (m = 0, batch-dependent
+        s as in the reference) without cross-rank statistics. Stage-2 val tuples are not built:
+        the reference's val triplet loss is not comparable across settings anyway (spec §9.14).
+        """
+        from torch.utils.data import DataLoader
+
+        from cfcd.data.training import TrainingDataset, ValTransform, collate, read_labelled_list
+
+        if self.head is None or not hasattr(self.head, "weight"):
+            return {}
+        d = self.cfg["data"]
+        val = read_labelled_list(_resolve(d["val_list"], d["root"]), d["root"],
+                                 num_classes=int(self.cfg["loss"]["num_classes"]))
+        n = len(val) if not d["val_max_images"] else min(len(val), int(d["val_max_images"]))
+        ds = TrainingDataset(val, ValTransform(d["im_size"], d["test_size"], self.model.preprocess))
+        mine = list(range(self.dist.rank, n, self.dist.world_size))
+        batches = [mine[i:i + int(self.cfg["train"]["micro_batch"])]
+                   for i in range(0, len(mine), int(self.cfg["train"]["micro_batch"]))]
+        loader = DataLoader(ds, batch_sampler=batches, num_workers=int(d["workers"]), collate_fn=collate)
+        self.module.eval()
+        sync = getattr(self.head, "sync_stats", None)
+        if sync is not None:
+            self.head.sync_stats = False
+        totals = torch.zeros(3, dtype=torch.float64)
+        try:
+            for images, labels, _ in loader:
+                images, labels = self._to_device(images, labels)
+                with self._autocast():
+                    emb = self.model.forward_features(images)["global"]
+                logits = self.head.logits(emb, labels).float()
+                totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+                totals[1] += (logits.argmax(1) == labels).sum().item()
+                totals[2] += len(labels)
+        finally:
+            if sync is not None:
+                self.head.sync_stats = sync
+            self.module.train()
+        if self.dist.distributed:
+            totals = all_reduce_sum(totals.to(self.device)).cpu()
+        count = max(1.0, float(totals[2]))
+        return {"val_loss": float(totals[0]) / count, "val_top1": float(totals[1]) / count, "val_images": count}
+
+    def benchmark(self) -> dict[str, float]:
+        """Optional revisitop evaluation hook: extract queries and database with the current
+        model (every rank takes its share, :func:`cfcd.extract.extract_to_store`), evaluate on
+        rank 0 (:func:`cfcd.evaluation.evaluate_files`), log mAP per setup. A failure is logged,
+        never fatal to training."""
+        from cfcd.train.distributed import broadcast_object
+
+        b = self.cfg["benchmark"]
+        out: dict[str, float] = {}
+        self.model.eval()
+        try:
+            from cfcd.data.gnd import find_gnd, load_gnd
+            from cfcd.data.lists import gnd_image_list
+            from cfcd.evaluation import evaluate_files
+            from cfcd.extract import ExtractOptions, extract_to_store, parse_scales
+
+            precision = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+            options = ExtractOptions(scales=parse_scales(b["scales"]), max_size=b["max_size"],
+                                     device=str(self.device), precision=precision,
+                                     workers=int(self.cfg["data"]["workers"]), progress=False)
+            for ds in b["datasets"]:
+                gnd = load_gnd(find_gnd(ds, b["root"]), ds)
+                base = self.out_dir / "benchmark" / f"epoch_{self.state.epoch:04d}" / ds
+                for part, queries in (("queries", True), ("database", False)):
+                    extract_to_store(self.model, gnd_image_list(gnd, root=b["root"], queries=queries), base / part,
+                                     options, queries=queries, overwrite=True, log=logger.info)
+                if self.dist.is_main:
+                    result, _ = evaluate_files(gnd=gnd, queries=base / "queries", database=base / "database")
+                    for setup, values in result.metrics(percent=True).items():
+                        if values.get("mAP") is not None:
+                            out[f"{ds}_{setup}_mAP"] = float(values["mAP"])
+        except Exception as exc:  # noqa: BLE001 - an evaluation failure must not kill training
+            logger.warning("benchmark hook failed: %s", exc)
+        finally:
+            self.model.train()
+            if self.cfg["train"]["freeze_bn"]:
+                set_bn_eval(self.model)
+        barrier()
+        return broadcast_object(out)
+
+    def export(self, out_dir: Path) -> None:
+        """Deployable model: ``model.safetensors`` + ``config.json`` (+ the head as extra tensors)."""
+        import cfcd.models as models
+
+        extra = None
+        if self.head is not None and len(self.head.state_dict()):
+            extra = {ckpt_mod.HEAD_PREFIX + k: v for k, v in self.head.state_dict().items()}
+        models.save_weights(self.model, out_dir, extra=extra,
+                            meta={"trained_with": self.cfg["name"], "epochs": self.state.epoch,
+                                  "global_step": self.state.global_step})
+
+    def close(self) -> None:
+        destroy(self.dist)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve(path: str | None, root: str | None) -> str:
+    if path is None:
+        raise InputError("a data list is required")
+    p = Path(path)
+    if p.is_file() or p.is_absolute() or root is None:
+        return str(p)
+    return str(Path(root) / p) if (Path(root) / p).is_file() else str(p)
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
+        except ImportError:
+            pass
+    return _NoBar()
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _plain(obj):
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def train(cfg: dict, *, device: str | None = None, resume: bool = True,
+          stop_after_steps: int | None = None) -> dict[str, float]:
+    """Build a :class:`Trainer` from ``cfg``, train, clean up; returns the last epoch's metrics."""
+    trainer = Trainer(cfg, device=device, resume=resume, stop_after_steps=stop_after_steps)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

@@ -1,0 +1,133 @@
+"""``cfcd extract`` and ``cfcd benchmark`` end to end on generated data with the real lite0 model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _extract_helpers import write_photo_dir, write_revisitop  # noqa: E402
+
+from cfcd.cli import main  # noqa: E402
+from cfcd.features import open_store  # noqa: E402
+
+MODEL = ["--model", "gem_efficientnet_lite0"]
+FAST = ["--workers", "0", "--no-progress", "--scales", "1 0.7071"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def test_extract_directory_resume_and_errors(tmp_path, capsys):
+    images = tmp_path / "photos"
+    write_photo_dir(images, count=7, long_side=64)
+    (images / "a" / "broken.jpg").write_bytes(b"")
+    clean = tmp_path / "clean"
+    assert main(["extract", *MODEL, "--images", str(images), "--out", str(clean), *FAST, "--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "7 descriptors" in printed and "1 failed" in printed and "a/broken: empty file" in printed
+    store = open_store(clean)
+    assert len(store.ids) == 7 and store.descriptors.shape[1] == 1280
+    meta = store.meta
+    assert meta["model"] == "gem_efficientnet_lite0" and meta["extract"]["scales"]["scales"] == [1.0, 0.7071]
+    assert meta["preprocess"]["channel_order"] == "RGB" and meta["failures"][0]["id"] == "a/broken"
+    assert meta["extract"]["precision"] == "fp32" and meta["extract"]["max_size"].startswith("none")
+
+    # killed after 3 images (in a real subprocess), rerun: the same store as the clean run
+    out = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "cfcd", "extract", *MODEL, "--images", str(images), "--out", str(out), *FAST,
+           "--batch-size", "2", "--shard-size", "2"]
+    first = subprocess.run([*cmd, "--stop-after", "3"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 3, first.stderr
+    assert not (out / "meta.json").exists() and list((out / ".partial").glob("*/shard-*.npy"))
+    assert main(cmd[3:]) == 0  # the rerun, in this process
+    assert "resuming" in capsys.readouterr().err
+    resumed = open_store(out)
+    assert resumed.ids == store.ids
+    assert np.abs(np.asarray(resumed.descriptors) - np.asarray(store.descriptors)).max() < 1e-5
+
+    # other scales on that complete store: exit 2 with a message naming the store
+    code = main(["extract", *MODEL, "--images", str(images), "--out", str(out), *FAST[:-2], "--scales", "single"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "different settings" in err
+    # bad arguments: clear errors, no traceback
+    assert main(["extract", *MODEL, "--out", str(tmp_path / "x")]) == 2
+    assert main(["extract", "--model", "no_such_model", "--images", str(images), "--out", str(tmp_path / "y")]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["extract", *MODEL, "--images", str(images), "--out", str(tmp_path / "z"), "--scales", "big"]) == 2
+
+
+def test_benchmark_end_to_end(tmp_path, capsys):
+    FAST = ["--workers", "0", "--no-progress", "--scales", "single"]  # noqa: N806
+    root = tmp_path / "data"
+    write_revisitop(root, "toyoxf", n_db=8, n_q=3, long_side=72)
+    distractor_dir = tmp_path / "r1m"
+    write_photo_dir(distractor_dir, count=5, long_side=72)
+    dis = tmp_path / "dis"
+    assert main(["extract", *MODEL, "--images", str(distractor_dir), "--out", str(dis), *FAST]) == 0
+    out = tmp_path / "bench"
+    code = main(["benchmark", *MODEL, "--dataset", "toyoxf", "--root", str(root), "--out", str(out),
+                 "--distractors", str(dis), *FAST])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "| model" in printed and "toyoxf-M | +1M" in printed
+    report = json.loads((out / "benchmark.json").read_text())
+    row = printed.strip().splitlines()[-3]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "gem_efficientnet_lite0" and all(c != "-" for c in cells[1:])
+    medium = report["without_distractors"]["medium"]["mAP"]
+    assert cells[1] == f"{medium:.2f}" and 0 <= medium <= 100
+    assert report["with_distractors"]["protocol"]["num_distractors"] == 5
+    queries = open_store(out / "queries")
+    assert queries.ids == ["query_00", "query_01", "query_02"]
+    # lite0 is not a cfcd model: revisitop's rounding crop by default, recorded in the protocol
+    assert queries.meta["extract"]["crop_rule"] == "round"
+    assert "round" in report["without_distractors"]["protocol"]["query_crop"]
+    # cfcd extract --gnd --queries: the same crops, here with the CFCD truncation rule
+    gnd_file = root / "toyoxf" / "gnd_toyoxf.pkl"
+    assert main(["extract", *MODEL, "--gnd", str(gnd_file), "--queries", "--crop-rule", "truncate",
+                 "--out", str(tmp_path / "q"), *FAST]) == 0
+    q = open_store(tmp_path / "q")
+    assert q.ids == queries.ids and q.meta["extract"]["crop_rule"] == "truncate"
+    assert q.meta["gnd"]["dataset"] == "toyoxf" and len(q.meta["gnd"]["sha256"]) == 64
+    assert main(["extract", *MODEL, "--queries", "--images", str(root), "--out", str(tmp_path / "bad")]) == 2
+    capsys.readouterr()
+    # a second run resumes from the complete stores and prints the same row
+    assert main(["benchmark", *MODEL, "--dataset", "toyoxf", "--root", str(root), "--out", str(out),
+                 "--distractors", str(dis), *FAST]) == 0
+    again = capsys.readouterr().out
+    assert "already complete" in again and again.strip().splitlines()[-3] == row
+    # distractors extracted with other settings are refused
+    other = tmp_path / "dis2"
+    assert main(["extract", *MODEL, "--images", str(distractor_dir), "--out", str(other), *FAST, "--max-size", "64"]) == 0
+    assert main(["benchmark", *MODEL, "--dataset", "toyoxf", "--root", str(root), "--out", str(out),
+                 "--distractors", str(other), *FAST]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_torchrun_two_ranks(tmp_path):
+    images = tmp_path / "photos"
+    write_photo_dir(images, count=5, long_side=48)
+    single, ranks = tmp_path / "single", tmp_path / "ranks"
+    args = [*MODEL, "--images", str(images), *FAST, "--device", "cpu"]
+    assert main(["extract", *args, "--out", str(single)]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cfcd", "extract", *args, "--out", str(ranks)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = open_store(single), open_store(ranks)
+    assert a.ids == b.ids
+    assert np.abs(np.asarray(a.descriptors) - np.asarray(b.descriptors)).max() < 1e-5
+    assert b.meta["extract"]["world_size"] == 2
