@@ -51,13 +51,13 @@ def loader_for(lst, size, preprocess, batch, workers, pin, seed=0):
     from torch.utils.data import DataLoader
 
     from cfcd.data.samplers import ShuffleBatchSampler
-    from cfcd.data.training import TrainingDataset, TrainTransform, collate
+    from cfcd.data.training import TrainingDataset, TrainTransform, collate, worker_init
 
     ds = TrainingDataset(lst, TrainTransform(size, preprocess), seed=seed)
     sampler = ShuffleBatchSampler(len(lst), global_batch=batch, micro_batch=batch, seed=seed)
     return sampler, DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                                pin_memory=pin, prefetch_factor=4 if workers else None,
-                               persistent_workers=workers > 0)
+                               persistent_workers=workers > 0, worker_init_fn=worker_init if workers else None)
 
 
 def run_trainer(args) -> dict:

@@ -183,6 +183,32 @@ def test_argument_errors(bench, capsys, tmp_path):
     assert code == 2 and "--qe" in err
 
 
+def test_revisitop_mat_features(bench, capsys, tmp_path):
+    """revisitop's example features are .mat files with Q (D x nq) and X (D x n); CFCD's R1M shards
+    hold X as a list of (1, D) rows (N x 1 x D)."""
+    scipy_io = pytest.importorskip("scipy.io")
+    r = bench["root"]
+    feats = tmp_path / "roxford5k_resnet_rsfm120k_gem.mat"
+    scipy_io.savemat(feats, {"Q": bench["q"].T, "X": bench["x"].T})
+    shard = tmp_path / "r1m_1.mat"
+    scipy_io.savemat(shard, {"X": [row[None, :] for row in bench["d"]]})
+    out_mat, out_npy = tmp_path / "mat.json", tmp_path / "npy.json"
+    code, _, err = run_cli(capsys, "evaluate", "--gnd", bench["gnd"], "-q", feats, "-x", feats,
+                           "--distractors", shard, "--json", out_mat)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "evaluate", "--gnd", bench["gnd"], "-q", r / "q.npy", "-x", r / "x.npy",
+                           "--distractors", r / "d.npy", "--json", out_npy)
+    assert code == 0, err
+    a, b = json.loads(out_mat.read_text()), json.loads(out_npy.read_text())
+    assert a["per_query"] == b["per_query"] and a["medium"] == b["medium"]
+    assert a["protocol"]["inputs"]["queries"]["kind"] == "mat"
+    # too few columns: one clear error naming the file
+    short = tmp_path / "short.mat"
+    scipy_io.savemat(short, {"Q": bench["q"].T, "X": bench["x"][:-3].T})
+    code, _, err = run_cli(capsys, "evaluate", "--gnd", bench["gnd"], "-q", short, "-x", short)
+    assert code == 2 and str(short) in err and "4990 descriptors (columns of 'X') but 4993" in err
+
+
 def test_tiny_gnd_end_to_end(tmp_path, capsys):
     gnd = tiny_gnd(tmp_path)
     rng = np.random.default_rng(3)

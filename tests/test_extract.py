@@ -277,3 +277,25 @@ def test_two_ranks_gloo_equal_one_process(tmp_path):
     assert np.abs(np.asarray(ranks.descriptors) - np.asarray(single.descriptors)).max() < 1e-6
     assert ranks.meta["extract"]["world_size"] == 2
     assert json.loads(json.dumps(ranks.meta))  # meta is plain JSON
+
+
+class _FailsOnLargeInputs(TinyNet):
+    """Raises like a CUDA out-of-memory error when an input is larger than a limit."""
+
+    def forward(self, x):
+        if x.shape[-1] * x.shape[-2] > 100 * 100:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().forward(x)
+
+
+def test_a_model_error_fails_only_that_image(tmp_path):
+    write_photo_dir(tmp_path / "img", count=6, long_side=64)
+    from PIL import Image
+
+    Image.fromarray(resize_rgb(real_photos()["coffee"], 120, 90)).save(tmp_path / "img" / "big.jpg")
+    image_list = read_image_list(tmp_path / "img")
+    model = _FailsOnLargeInputs()
+    rows, failures, _ = Extractor(model, ExtractOptions(workers=0, batch_size=8, scales=parse_scales("1 0.5"))).extract(image_list)
+    assert [f[0] for f in failures] == ["big"] and "model failed on the 120x90 image" in failures[0][1]
+    good = [i for i, image_id in enumerate(image_list.ids) if image_id != "big"]
+    assert np.isfinite(rows[good]).all() and np.isnan(rows[image_list.ids.index("big")]).all()

@@ -18,6 +18,7 @@ from cfcd.features import (
     merge_stores,
     open_store,
     store_summary,
+    transform_store,
     write_store,
 )
 
@@ -184,6 +185,23 @@ def test_add_shards_to_a_finalised_store(tmp_path):
     result = finalize_store(store, order=ids)
     np.testing.assert_array_equal(np.asarray(result.descriptors), x)
     assert result.meta["model"] == "gem_r50"
+
+
+def test_old_failures_survive_and_are_retried(tmp_path):
+    ids, x = _data(6)
+    store = tmp_path / "db"
+    with StoreWriter(store, dim=8) as w:
+        w.append(ids[:4], x[:4])
+        w.add_failure(ids[4], "decode error")
+        w.add_failure(ids[5], "decode error")
+    first = finalize_store(store, order=ids)
+    assert [f["id"] for f in first.meta["failures"]] == ids[4:]
+    with StoreWriter(store, dim=8) as w:  # a later run fixes one of the two images
+        assert w.done_ids() == set(ids[:4])
+        w.append(ids[4:5], x[4:5])
+    result = finalize_store(store, order=ids)
+    assert result.ids == ids[:5]
+    assert result.meta["failures"] == [{"id": ids[5], "reason": "decode error"}]
 
 
 def test_write_store_and_plain_npy(tmp_path):
@@ -367,3 +385,21 @@ def test_store_cli(tmp_path, capsys):
     assert info["count"] == 8 and info["failures"] == 1 and info["failures_list"][0]["id"] == "bad.jpg"
     assert cli(["store", "info", str(tmp_path / "nowhere")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_transform_store_streams_blocks(tmp_path):
+    ids, x = _data(3000, 8)
+    src = write_store(tmp_path / "a", ids, x.astype(np.float16), meta={"model": "m"})
+    proj = np.random.default_rng(2).standard_normal((8, 3)).astype(np.float32)
+    calls = []
+
+    def fn(block):
+        calls.append(len(block))
+        return block @ proj
+
+    out = transform_store(src, tmp_path / "b", fn, out_dim=3, dtype="float32", meta={"model": "m", "note": 1})
+    assert out.ids == ids and out.descriptors.dtype == np.float32 and out.meta["dim"] == 3
+    np.testing.assert_allclose(out.descriptors, x.astype(np.float16).astype(np.float32) @ proj, atol=1e-5)
+    assert sum(calls) == 3000 and out.meta["note"] == 1
+    with pytest.raises(CfcdError, match="must differ"):
+        transform_store(src, tmp_path / "a", fn, out_dim=3)

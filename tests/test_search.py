@@ -198,7 +198,31 @@ def test_cli_index_search_store_whiten(tmp_path, data, capsys):
     pairs.write_text("".join(f"{ids[i]} {ids[i + 1]}\n" for i in range(0, 400, 2)))
     assert cli(["whiten", "--store", str(tmp_path / "db"), "--out", str(tmp_path / "lw"), "--kind", "lw",
                 "--pairs", str(pairs)]) == 0
+    # cirtorch's <set>-whiten.pkl (cids/qidxs/pidxs), read with the restricted unpickler
+    import pickle
+
+    with open(tmp_path / "whiten.pkl", "wb") as f:
+        pickle.dump({"cids": ids[:400], "qidxs": list(range(0, 400, 2)), "pidxs": list(range(1, 400, 2))}, f)
+    assert cli(["whiten", "--store", str(tmp_path / "db"), "--out", str(tmp_path / "lwp"), "--kind", "lw",
+                "--pairs", str(tmp_path / "whiten.pkl")]) == 0
+    from cfcd.postprocess import load_whitening
+
+    a, b = load_whitening(tmp_path / "lw"), load_whitening(tmp_path / "lwp")
+    np.testing.assert_allclose(a.transform(db[:50]), b.transform(db[:50]), atol=1e-5)
     pairs.write_text("nope db/00001.jpg\n")
     assert cli(["whiten", "--store", str(tmp_path / "db"), "--out", str(tmp_path / "lw2"), "--kind", "lw",
                 "--pairs", str(pairs)]) == 2
     assert "not in the store: 'nope'" in capsys.readouterr().err
+
+
+def test_exact_index_on_gpu_matches_cpu(data):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    db, q, ids = data
+    index = build_index(db.astype(np.float16), "exact", ids=ids)
+    cpu = index.search(q, 20, device="cpu")
+    gpu = index.search(q, 20, device="cuda")
+    assert index._device_cache is not None and index._device_cache.dtype == torch.float16
+    np.testing.assert_allclose(gpu.scores, cpu.scores, atol=1e-4)
+    assert recall_at_k(gpu.indices, cpu.indices) > 0.99

@@ -319,3 +319,11 @@ def test_cli_train_with_overrides_and_resume(data, tmp_path, capsys):
     assert len(read_log(tmp_path / "run/log.jsonl", "train")) == 2
     assert cli_main(["train", "--config", str(recipe), "optim.nesterov_typo=1"]) == 2
     assert "unknown key 'optim.nesterov_typo'" in capsys.readouterr().err
+
+
+def test_resume_with_a_different_recipe_is_a_clear_error(stage1, data):
+    other = H.tiny_config(data, stage1["out"], model={"kwargs": {"dim": 16}})
+    before = (stage1["out"] / "config.yaml").read_text()
+    with pytest.raises(InputError, match="cannot resume this run with the current recipe"):
+        Trainer(other).build()
+    assert (stage1["out"] / "config.yaml").read_text() == before  # the run directory is untouched

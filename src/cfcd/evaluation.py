@@ -53,9 +53,11 @@ rparis6k   92.12 / 77.20 / 56.32    100.00 97.14 96.14   100.00 98.86 98.14   94
 
 (E mP@1 97.06 = 66/68: roxford5k queries 11 and 66 have no easy positives.) To reproduce::
 
-    python -c "import numpy as np, scipy.io as s; m = s.loadmat('roxford5k_resnet_rsfm120k_gem.mat'); \
-np.save('q.npy', m['Q'].T.astype('float32')); np.save('x.npy', m['X'].T.astype('float32'))"
-    cfcd evaluate --dataset roxford5k --root DATA -q q.npy -x x.npy
+    cfcd evaluate --dataset roxford5k --root DATA \
+        -q roxford5k_resnet_rsfm120k_gem.mat -x roxford5k_resnet_rsfm120k_gem.mat
+
+(``.mat`` inputs: ``Q`` is read for the queries and ``X`` for the database, both D x N; see
+:func:`load_mat_descriptors`.)
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ __all__ = [
     "evaluate_positions",
     "format_table",
     "evaluate_files",
+    "load_mat_descriptors",
 ]
 
 # setup -> (keys joined into the positives, keys joined into the junk), in revisitop's order
@@ -858,7 +861,7 @@ def _store_summary(store: Any, role: str) -> dict[str, Any]:
     """Provenance of one descriptor input for the report (its meta, minus the long lists)."""
     meta = dict(getattr(store, "meta", {}) or {})
     path = Path(store.path)
-    out: dict[str, Any] = {"path": str(path.resolve()), "kind": "store" if path.is_dir() else "npy",
+    out: dict[str, Any] = {"path": str(path.resolve()), "kind": "store" if path.is_dir() else path.suffix.lstrip(".").lower() or "npy",
                            "rows": int(store.descriptors.shape[0]), "dim": int(store.descriptors.shape[1]),
                            "dtype": store.descriptors.dtype.name}
     if "failures" in meta:
@@ -894,12 +897,70 @@ def _extraction_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def load_mat_descriptors(
+    path: str | os.PathLike,
+    *,
+    role: str,
+    expected_rows: int | None = None,
+    expected_dim: int | None = None,
+    variable: str | None = None,
+):
+    """Descriptors from a MATLAB ``.mat`` file, as a :class:`cfcd.features.DescriptorStore` (no ids).
+
+    revisitop's example features (``<ds>_resnet_rsfm120k_gem.mat``) hold ``Q`` (D x nq) and ``X``
+    (D x n), the MATLAB/cirtorch column layout: 2-D matrices are read as D x N and transposed.
+    CFCD's R1M shards (``savemat(..., {'X': [(1, D) arrays]})``) load as N x 1 x D and are squeezed.
+    ``variable`` defaults to ``Q`` for queries (else ``X``). Needs scipy.
+    """
+    from cfcd.features import DescriptorStore
+
+    path = Path(path)
+    where = f"{path} ({role})"
+    if not path.is_file():
+        raise InputError(f"{where}: file not found")
+    try:
+        from scipy.io import loadmat
+    except ImportError:  # pragma: no cover - scipy is in the dev extra
+        raise InputError(f"{where}: reading .mat files needs scipy (pip install scipy)") from None
+    variable = variable or ("Q" if role == "queries" else "X")
+    try:
+        mat = loadmat(str(path), variable_names=[variable])
+    except Exception as exc:  # truncated, not a .mat, MATLAB v7.3 (HDF5)...
+        raise InputError(f"{where}: not a readable MATLAB .mat file: {type(exc).__name__}: {exc}") from None
+    if variable not in mat:
+        raise InputError(f"{where}: no variable {variable!r} in this .mat file")
+    x = np.asarray(mat[variable])
+    if x.ndim == 3 and x.shape[1] == 1:
+        x = x[:, 0, :]  # CFCD R1M shard: N x 1 x D
+    elif x.ndim == 2:
+        x = x.T  # MATLAB / cirtorch layout: one descriptor per column
+    else:
+        raise InputError(f"{where}: {variable!r} has shape {x.shape}; expected D x N (or N x 1 x D)")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"{where}: {variable!r} must be floating point, got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[0] == 0:
+        raise InputError(f"{where}: contains no descriptors (0 columns)")
+    if expected_dim is not None and x.shape[1] != expected_dim:
+        raise InputError(f"{where}: descriptors are {x.shape[1]}-D but {expected_dim}-D are expected")
+    if expected_rows is not None and x.shape[0] != expected_rows:
+        raise InputError(f"{where}: {x.shape[0]} descriptors (columns of {variable!r}) but {expected_rows} "
+                         "images are expected")
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+        raise InputError(f"{where}: {bad.size} descriptors contain NaN or inf, first: {bad[:5].tolist()}")
+    zero = np.flatnonzero(~np.any(x != 0, axis=1))
+    if zero.size:
+        raise InputError(f"{where}: {zero.size} descriptors are all zero, first: {zero[:5].tolist()}")
+    return DescriptorStore(path=path, descriptors=x, ids=None, meta={"source": f".mat variable {variable!r}"})
+
+
 def evaluate_files(
     *,
     gnd: Any,
     queries: str | os.PathLike,
     database: str | os.PathLike,
-    distractors: Sequence[str | os.PathLike] = (),
+    distractors: Sequence[str | os.PathLike] | str | os.PathLike = (),
     whiten: str | os.PathLike | None = None,
     qe: tuple[int, float] | None = None,
     dba: tuple[int, float] | None = None,
@@ -910,7 +971,8 @@ def evaluate_files(
     """Load, validate and evaluate descriptor files; returns the result and its ``protocol`` block.
 
     ``gnd`` is a :class:`cfcd.data.gnd.GroundTruth`. ``queries``/``database`` are descriptor
-    stores (matched to ``qimlist``/``imlist`` by id) or plain ``.npy`` matrices in that order;
+    stores (matched to ``qimlist``/``imlist`` by id), plain ``.npy`` matrices in that order, or
+    MATLAB ``.mat`` files (:func:`load_mat_descriptors`: revisitop's example features);
     ``distractors`` are stores or matrices of the same dimension, streamed from their memory
     maps. Order of post-processing (dirtorch): whitening, then DBA, then alpha-QE (on the
     augmented database; both over the database *and* the distractors). Every bad input raises
@@ -921,12 +983,23 @@ def evaluate_files(
     from cfcd.utils.io import sha256_file
 
     t_load = time.perf_counter()
-    qstore = load_descriptors(queries, expected_ids=gnd.qimlist, role="queries")
+
+    def load(path, ids, dim, role):
+        if Path(path).suffix.lower() == ".mat":
+            return load_mat_descriptors(path, role=role, expected_rows=len(ids), expected_dim=dim)
+        return load_descriptors(path, expected_ids=ids, expected_dim=dim, role=role)
+
+    if isinstance(distractors, (str, os.PathLike)):
+        distractors = [distractors]
+    qstore = load(queries, gnd.qimlist, None, "queries")
     dim = qstore.descriptors.shape[1]
-    xstore = load_descriptors(database, expected_ids=gnd.imlist, expected_dim=dim, role="database")
+    xstore = load(database, gnd.imlist, dim, "database")
     dstores = []
     for path in distractors:
-        store = open_store(path, mmap=True)
+        if Path(path).suffix.lower() == ".mat":
+            store = load_mat_descriptors(path, role="distractors", expected_dim=dim)
+        else:
+            store = open_store(path, mmap=True)
         where = f"{store.path} (distractors)"
         x = store.descriptors
         if x.shape[0] == 0:
@@ -952,6 +1025,8 @@ def evaluate_files(
             post["whitening"].setdefault("sha256", sha256_file(whiten))
         q = w.transform(q)
         transform = w.transform  # database and distractors: whitened chunk by chunk while scoring
+    dba = dba if dba and int(dba[0]) > 0 else None  # k = 0 is a no-op, as in dirtorch
+    qe = qe if qe and int(qe[0]) > 0 else None
     if dba or qe:
         from cfcd.postprocess import alpha_query_expansion, database_augmentation
 
@@ -959,10 +1034,10 @@ def evaluate_files(
         x = parts[0]
         full = np.concatenate(parts) if len(parts) > 1 else x
         transform = None
-        if dba and int(dba[0]) > 0:
+        if dba:
             full = database_augmentation(full, int(dba[0]), float(dba[1]))
             post["database_augmentation"] = {"method": "alpha-DBA (dirtorch)", "k": int(dba[0]), "alpha": float(dba[1])}
-        if qe and int(qe[0]) > 0:
+        if qe:
             q = alpha_query_expansion(q, full, int(qe[0]), float(qe[1]))
             post["query_expansion"] = {"method": "alpha-QE (dirtorch)", "k": int(qe[0]), "alpha": float(qe[1])}
         x = full[: x.shape[0]]

@@ -61,6 +61,8 @@ __all__ = [
     "merge_stores",
     "is_store",
     "store_summary",
+    "iter_blocks",
+    "transform_store",
 ]
 
 logger = logging.getLogger(__name__)
@@ -625,7 +627,9 @@ def finalize_store(
     if duplicates:
         logger.warning("%s: %d duplicate ids across shards; the last written row of each was kept", path, duplicates)
 
-    failures_all = _read_failures(partial)
+    # failures of a previously finalised store first, so that newer records of an id win
+    failures_all = [f for f in old_meta.get("failures", []) if isinstance(f, dict) and "id" in f]
+    failures_all += _read_failures(partial)
     failed_reason: dict[str, str] = {}
     for record in failures_all:
         failed_reason[record["id"]] = record["reason"]
@@ -645,7 +649,10 @@ def finalize_store(
             )
         extra = [i for i in source if i not in order_set]
         if extra:
-            raise InputError(f"{path}: {len(extra)} ids in the shards are not in the image list: {_few(extra)}")
+            raise InputError(
+                f"{path}: {len(extra)} ids in the shards are not in the image list: {_few(extra)} "
+                "(did the image list change since the job started? use another output directory)"
+            )
         final_ids = [i for i in order if i in source]
         failures = [f for f in failures if f["id"] in order_set]
     else:
@@ -699,9 +706,6 @@ def finalize_store(
     _write_ids(path / IDS_FILE, final_ids)
 
     new_meta = {**old_meta, **(meta or {})}
-    old_failures = [f for f in old_meta.get("failures", []) if f.get("id") not in row_of]
-    seen_failed = {f["id"] for f in failures}
-    failures = [f for f in old_failures if f.get("id") not in seen_failed] + failures
     new_meta.update(
         {
             "format": STORE_FORMAT,
@@ -771,6 +775,66 @@ def write_store(
     )
     atomic_write_json(path / META_FILE, new_meta)
     return open_store(path)
+
+
+def transform_store(
+    source: DescriptorStore,
+    out: str | os.PathLike,
+    fn,
+    *,
+    out_dim: int,
+    dtype: str | None = None,
+    meta: dict | None = None,
+) -> DescriptorStore:
+    """Write ``fn(rows)`` of every block of ``source`` into a new store (e.g. a whitened copy).
+
+    Streams block by block into a memory-mapped ``descriptors.npy`` under a temporary name, so a
+    1M x 2048 store is transformed with one block in memory; ids are kept, ``meta`` replaces the
+    meta (the format keys are recomputed). ``fn`` maps an n x D float32 block to n x ``out_dim``.
+    """
+    out = Path(out)
+    if source.ids is None:
+        raise InputError(f"{source.path}: a plain .npy matrix has no ids; write a store first")
+    if out.resolve() == Path(source.path).resolve():
+        raise InputError(f"{out}: the output must differ from the input store")
+    dtype = _normalise_dtype(dtype or source.descriptors.dtype.name)
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (out / META_FILE).unlink()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{DESCRIPTORS_FILE}.", suffix=".tmp", dir=out)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    n = len(source)
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, int(out_dim)))
+        for start, block in iter_blocks(source.descriptors, _block_rows(max(source.dim, int(out_dim)))):
+            y = np.asarray(fn(block))
+            if y.shape != (block.shape[0], int(out_dim)):
+                raise CfcdError(f"transform returned shape {y.shape}, expected {(block.shape[0], int(out_dim))}")
+            mm[start : start + block.shape[0]] = y
+        mm.flush()
+        del mm
+        os.replace(tmp, out / DESCRIPTORS_FILE)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _write_ids(out / IDS_FILE, source.ids)
+    new_meta = dict(meta or {})
+    new_meta.setdefault("failures", [])
+    new_meta.update(
+        {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "count": n,
+            "dim": int(out_dim),
+            "dtype": dtype,
+            "cfcd_version": __version__,
+            "created": _now(),
+        }
+    )
+    atomic_write_json(out / META_FILE, new_meta)
+    return open_store(out)
 
 
 # Provenance keys that must agree for descriptors to be comparable (merging them otherwise is

@@ -152,7 +152,7 @@ class Whitening:
 
     def describe(self) -> dict:
         """The provenance recorded in a whitened store's ``meta["whitening"]``."""
-        keys = ("kind", "whitenp", "dim", "input_dim", "fitted_on", "file", "sha256")
+        keys = ("kind", "whitenp", "dim", "input_dim", "fitted_on", "sha256")  # not the path: copies are equal
         out = {k: self.info[k] for k in keys if k in self.info}
         out.update(kind=self.kind, dim=int(self.dim))
         return out

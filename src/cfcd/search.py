@@ -55,6 +55,8 @@ __all__ = [
     "build_index",
     "open_index",
     "recall_at_k",
+    "check_compatible",
+    "faiss_threads",
 ]
 
 logger = logging.getLogger(__name__)
@@ -162,8 +164,10 @@ def exact_search(
     """Exact inner-product top-k of every query row in ``database`` (N x D, memmap welcome).
 
     Database rows are read ``db_chunk`` at a time (default: 128 MB of float32, i.e. 65536 rows
-    at 512-D), cast to float32 on the device, and queries ``query_chunk`` at a time; a running top-k is merged with ``torch.topk``, so memory is
-    ``O(query_chunk * db_chunk + nq * k)`` regardless of N. ``k`` is clamped to N.
+    at 512-D) and cast to float32 on the device; queries go ``query_chunk`` at a time. A running
+    top-k is merged with ``torch.topk``, so memory is ``O(query_chunk * db_chunk + nq * k)``
+    regardless of N. ``database`` may also be a torch tensor (e.g. cached on the GPU by
+    :class:`ExactIndex`). ``k`` is clamped to N.
     ``exclude_self`` drops the diagonal (query i == database row i), for database-side queries.
     Scores are float32; equal scores may come in any order.
     """

@@ -44,7 +44,9 @@ def _settings_key(meta: dict) -> dict | None:
         return None
     model = dict(settings.get("model") or {})
     model.pop("weights", None)  # the same weights may sit at another path
-    return {"model": model, "options": settings.get("options")}
+    options = dict(settings.get("options") or {})
+    options.pop("dtype", None)  # float16 distractors next to a float32 database are fine
+    return {"model": model, "options": options}
 
 
 def _check_distractors(paths: list[str], reference_meta: dict) -> None:

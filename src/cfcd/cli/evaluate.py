@@ -49,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--gnd", type=Path, help="ground-truth pickle gnd_<dataset>.pkl")
     src.add_argument("--root", type=Path, help="data root holding <dataset>/gnd_<dataset>.pkl")
     d = parser.add_argument_group("descriptors (stores or .npy, one row per image)")
-    d.add_argument("--queries", "-q", type=Path, required=True, help="query descriptors (qimlist order or by id)")
-    d.add_argument("--database", "-x", type=Path, required=True, help="database descriptors (imlist order or by id)")
+    d.add_argument("--queries", "-q", type=Path, required=True,
+                   help="query descriptors (store matched by id, .npy in qimlist order, or .mat: variable Q, D x nq)")
+    d.add_argument("--database", "-x", type=Path, required=True,
+                   help="database descriptors (store matched by id, .npy in imlist order, or .mat: variable X, D x n)")
     d.add_argument("--distractors", type=Path, nargs="+", default=[], metavar="PATH",
                    help="distractor descriptors (e.g. R1M; several shards allowed), appended as negatives")
     p = parser.add_argument_group("post-processing")

@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"selfcheck FAILED: {p}")
         return 1
-    print(f"selfcheck OK ({seconds:.1f} s): fast evaluation == revisitop compute_map (per query, E/M/H, "
+    print(f"selfcheck OK ({seconds:.2f} s): fast evaluation == revisitop compute_map (per query, E/M/H, "
           f"mAP and mP@1/5/10; {args.distractors} distractors; {ties} labelled images in exact score ties); "
           "unsafe pickle refused")
     return 0

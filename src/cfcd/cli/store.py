@@ -54,30 +54,30 @@ def _info(args) -> int:
         summary["failures_list"] = failures[: args.failures]
         print(json.dumps(summary, indent=2, default=str))
         return 0
-    print(f"store:    {summary['path']}")
+    print(f"store:          {summary['path']}")
     if not summary.get("complete"):
-        print("status:   INCOMPLETE (job running or killed; rerun it to resume)")
-        print(f"written:  {summary['rows_written']} rows in {summary['shards']} shards, parts: "
+        print("status:         INCOMPLETE (job running or killed; rerun it to resume)")
+        print(f"written:        {summary['rows_written']} rows in {summary['shards']} shards, parts: "
               f"{', '.join(summary['parts']) or '-'}")
-        print(f"failures: {summary['failures']}")
+        print(f"failures:       {summary['failures']}")
         return 0
-    print(f"rows:     {summary['count']} x {summary['dim']} {summary['dtype']} ({_fmt_bytes(summary['bytes'])})")
+    print(f"rows:           {summary['count']} x {summary['dim']} {summary['dtype']} ({_fmt_bytes(summary['bytes'])})")
     meta = summary.get("meta", {})
     for key in ("model", "weights_sha256", "preprocess", "scales", "query_crop", "whitening",
                 "created", "cfcd_version", "merged_from"):
         if key in meta:
             value = meta[key]
             text = value if isinstance(value, str) else json.dumps(value)
-            print(f"{key + ':':<10}{text}")
+            print(f"{key + ':':<16}{text}")
     if summary.get("first_ids"):
-        print(f"ids:      {', '.join(summary['first_ids'])}{', ...' if summary['count'] > 3 else ''}")
-    print(f"failures: {summary['failures']}")
+        print(f"ids:            {', '.join(summary['first_ids'])}{', ...' if summary['count'] > 3 else ''}")
+    print(f"failures:       {summary['failures']}")
     for f in failures[: args.failures]:
         print(f"  {f.get('id')}: {f.get('reason')}")
     if summary.get("pending_shards"):
-        print(f"pending:  {summary['pending_shards']} shards not yet merged (rerun the job or 'cfcd store finalize')")
+        print(f"pending:        {summary['pending_shards']} shards not yet merged (rerun the job or 'cfcd store finalize')")
     if args.validate:
-        print("validate: OK (all rows finite and non-zero)")
+        print("validate:       OK (all rows finite and non-zero)")
     return 0
 
 

@@ -111,7 +111,7 @@ def _learn(args) -> int:
 
 def _apply(args) -> int:
     from cfcd.errors import InputError
-    from cfcd.features import load_descriptors, write_store
+    from cfcd.features import load_descriptors, transform_store
     from cfcd.postprocess import load_whitening
 
     w = load_whitening(args.apply)
@@ -120,11 +120,10 @@ def _apply(args) -> int:
         raise InputError(f"{store.path}: a plain .npy has no ids; whitening writes a store (use a store input)")
     if "whitening" in store.meta:
         raise InputError(f"{store.path}: already whitened ({store.meta['whitening']}); refusing to whiten twice")
-    y = w.transform(store.descriptors)
     meta = {k: v for k, v in store.meta.items() if k not in ("count", "dim", "dtype", "created")}
     meta["whitening"] = w.describe()
     meta["whitened_from"] = str(store.path)
-    dtype = store.descriptors.dtype
-    out = write_store(args.out, store.ids, y.astype(dtype), meta=meta)
+    # streamed block by block: a 1M x 2048 store never has to fit in memory
+    out = transform_store(store, args.out, w.transform, out_dim=w.dim, meta=meta)
     print(f"whitened {len(out)} descriptors ({w.kind}, {w.input_dim} -> {out.dim}) -> {out.path}")
     return 0

@@ -369,8 +369,20 @@ class _Normalise:
         self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
 
     def __call__(self, chw_bgr01: np.ndarray) -> np.ndarray:
-        x = chw_bgr01 if self.order == "BGR" else chw_bgr01[::-1]
-        return np.ascontiguousarray((x - self.mean) / self.std, dtype=np.float32)
+        """In place on a contiguous float32 CHW array (same arithmetic as ``(x - mean) / std``)."""
+        x = chw_bgr01 if self.order == "BGR" else np.ascontiguousarray(chw_bgr01[::-1])
+        x -= self.mean
+        x /= self.std
+        return x
+
+
+def _to_chw01(im: np.ndarray) -> np.ndarray:
+    """HWC -> contiguous float32 CHW divided by 255 (one copy, then in place)."""
+    x = np.empty((im.shape[2], im.shape[0], im.shape[1]), dtype=np.float32)
+    for c in range(im.shape[2]):
+        x[c] = im[:, :, c]
+    x /= 255.0
+    return x
 
 
 class TrainTransform:
@@ -392,7 +404,7 @@ class TrainTransform:
                                max_iter=self.max_iter)
         if rng.uniform() < self.flip:
             im = im[:, ::-1]
-        x = np.ascontiguousarray(im.transpose(2, 0, 1), dtype=np.float32) / 255.0
+        x = _to_chw01(im)
         x = pca_lighting(x, rng, self.lighting)
         return self.normalise(x)
 
@@ -409,8 +421,7 @@ class ValTransform:
 
     def __call__(self, im: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         im = center_crop(scale_short_side(im.astype(np.float32), self.test_size), self.size)
-        x = np.ascontiguousarray(im.transpose(2, 0, 1), dtype=np.float32) / 255.0
-        return self.normalise(x)
+        return self.normalise(_to_chw01(im))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,3 +526,12 @@ def collate(batch):
     labels = torch.tensor([b[1] for b in batch], dtype=torch.long)
     index = torch.tensor([b[2] for b in batch], dtype=torch.long)
     return images, labels, index
+
+
+def worker_init(_worker_id: int) -> None:
+    """DataLoader workers: one thread each for cv2 and torch (the workers are the parallelism)."""
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)

@@ -30,7 +30,6 @@ differs only by float rounding.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Sequence
 
 import numpy as np
 
@@ -178,10 +177,3 @@ def describe_reference(model, image: np.ndarray, recipe: MultiScale, preprocess)
         acc = _sympow_np(acc, 1.0 / recipe.power)
     return (acc / np.linalg.norm(acc)).astype(np.float32)
 
-
-def group_by_size(shapes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
-    """Indices of equal (height, width), first-seen order: the batches of the fast path."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, shape in enumerate(shapes):
-        groups.setdefault(tuple(shape), []).append(index)
-    return groups

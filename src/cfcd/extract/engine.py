@@ -14,8 +14,10 @@ Fast path (``mode="fast"``):
   * the batch is copied from a reusable pinned buffer with ``non_blocking=True``, resized on the
     device, descriptors stay on the device, and batch k is fetched (one ``.cpu()``) only after
     batch k+1 was launched, so the GPU never waits for the host;
-  * CUDA: channels_last, autocast in ``bf16``/``fp16`` when asked, ``cudnn.benchmark`` when the
-    sizes repeat (``max_size`` set).
+  * CUDA: channels_last, autocast in ``bf16``/``fp16`` when asked, ``cudnn.benchmark`` (revisitop
+    sizes repeat; ``cudnn_benchmark=False`` for collections where every image has its own size);
+  * a batch that fails in the model (out of memory on a huge image) is retried image by image,
+    and an image that still fails is recorded as a failure.
 Reference path (``mode="naive"``): the same decoding, then :func:`describe_reference` one image at a
 time (batch 1, fp32, cv2 resize): the CFCD ``evaler/infer.py`` procedure.
 """
@@ -58,7 +60,7 @@ class ExtractOptions:
     device: str = "cpu"
     precision: Precision = "fp32"
     batch_size: int = 16
-    workers: int = 4
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     max_pending: int | None = None  # images waiting in size buckets before the fullest runs (default 4 x batch)
     dtype: Literal["float32", "float16"] = "float32"
     shard_size: int = 1024
@@ -312,13 +314,18 @@ class Extractor:
             f, w = take_notes()
             return Batch([ids[p] for p in flight_pos], result.cpu().numpy().astype(np.float32, copy=False), f, w)
 
-        def run_bucket(shape) -> Batch | None:
+        def run_bucket(shape) -> list[Batch]:
             nonlocal pending, in_flight
             items = buckets.pop(shape)
             pending -= len(items)
-            result = self._launch([t for _, t in items])
+            try:
+                result = self._launch([t for _, t in items])
+            except (RuntimeError, ValueError):  # e.g. out of memory on a huge image: go one by one
+                done = [finish(in_flight)] if in_flight is not None else []
+                in_flight = None
+                return done + self._one_by_one(items, ids, failures, take_notes)
             previous, in_flight = in_flight, ([p for p, _ in items], result)
-            return finish(previous) if previous is not None else None
+            return [finish(previous)] if previous is not None else []
 
         for pos, tensor, error, notes in loader:
             for note in notes:
@@ -335,22 +342,36 @@ class Extractor:
             buckets.setdefault(shape, []).append((pos, tensor))
             pending += 1
             if len(buckets[shape]) >= opts.batch_size:
-                done = run_bucket(shape)
+                yield from run_bucket(shape)
             elif pending > max_pending:
-                done = run_bucket(max(buckets, key=lambda s: len(buckets[s])))
-            else:
-                done = None
-            if done is not None:
-                yield done
+                yield from run_bucket(max(buckets, key=lambda s: len(buckets[s])))
         for shape in sorted(buckets, key=lambda s: -len(buckets[s])):
-            done = run_bucket(shape)
-            if done is not None:
-                yield done
+            yield from run_bucket(shape)
         if in_flight is not None:
             yield finish(in_flight)
         elif failures or warnings:
             f, w = take_notes()
             yield Batch([], np.zeros((0, self.dim), np.float32), f, w)
+
+    def _one_by_one(self, items, ids, failures, take_notes) -> list[Batch]:
+        """A batch failed in the model: describe its images one at a time; the ones that fail
+        again are recorded as failures instead of stopping the job."""
+        import torch
+
+        good, rows = [], []
+        for pos, tensor in items:
+            try:
+                rows.append(self._launch([tensor]).cpu())
+                good.append(pos)
+            except (RuntimeError, ValueError) as exc:
+                height, width = tensor.shape[:2]
+                failures.append((ids[pos], f"model failed on the {width}x{height} image ({type(exc).__name__}: {str(exc)[:200]})"))
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        f, w = take_notes()
+        if good:
+            return [Batch([ids[p] for p in good], torch.cat(rows).numpy().astype(np.float32, copy=False), f, w)]
+        return [Batch([], np.zeros((0, self.dim), np.float32), f, w)] if (f or w) else []
 
     def extract(self, image_list: ImageList) -> tuple[np.ndarray, list[tuple[str, str]], list[tuple[str, str]]]:
         """In memory: an N x D array in list order (rows of failed images are NaN), the failures and
@@ -407,7 +428,10 @@ def describe_rules(options: ExtractOptions, queries: bool) -> dict:
         "half_up": "target (int(0.5+h*s), int(0.5+w*s))",
         "scale_factor": "F.interpolate(scale_factor=s): floor(h*s), sampling grid of s",
     }[s.size_rule]
-    resize += ", bilinear, align_corners=False, " + ("antialiased" if s.antialias else "no antialias (cv2 INTER_LINEAR)")
+    if s.antialias:
+        resize += ", bilinear, align_corners=False, antialiased (Pillow BILINEAR)"
+    else:
+        resize += ", bilinear, align_corners=False, no antialias" + (" (cv2 INTER_LINEAR)" if s.size_rule != "scale_factor" else "")
     combination = (
         "per-scale L2, mean, L2"
         if not s.uses_power

@@ -15,7 +15,7 @@ from torch import nn
 from cfcd.models.backbones import create_backbone, is_resnet, stage_channels
 from cfcd.models.base import RetrievalModel
 from cfcd.models.pooling import GeM
-from cfcd.models.preprocess import BGR_IMAGENET, Preprocess
+from cfcd.models.preprocess import BGR_IMAGENET
 
 
 class CFCDNet(RetrievalModel):

@@ -323,13 +323,13 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(amp))
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
 
+        if self.resume:
+            self._maybe_resume()  # before writing anything into out_dir: a mismatch leaves it untouched
         self.logger = TrainLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=bool(t["tensorboard"]))
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
         self._built = True
-        if self.resume:
-            self._maybe_resume()
 
     # -- checkpoints -----------------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
@@ -367,10 +367,14 @@ class Trainer:
             return
         ck = ckpt_mod.load_checkpoint(path)
         model_state, head_state = ckpt_mod.split_head_state(ck["model_state"])
-        self.model.load_state_dict(model_state)
-        if self.head is not None:
-            self.head.load_state_dict(head_state)
-        self.optimizer.load_state_dict(ck["optimizer_state"])
+        try:
+            self.model.load_state_dict(model_state)
+            if self.head is not None:
+                self.head.load_state_dict(head_state)
+            self.optimizer.load_state_dict(ck["optimizer_state"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise InputError(f"{path}: cannot resume this run with the current recipe ({str(exc).splitlines()[0]}); "
+                             "use another train.out_dir or --no-resume") from None
         if self.scaler is not None and ck.get("scaler_state"):
             self.scaler.load_state_dict(ck["scaler_state"])
         self.sampler.load_state_dict(ck["sampler_state"])
@@ -452,12 +456,12 @@ class Trainer:
     def _loader(self, sampler, dataset):
         from torch.utils.data import DataLoader
 
-        from cfcd.data.training import collate
+        from cfcd.data.training import collate, worker_init
 
         workers = int(self.cfg["data"]["workers"])
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                           pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
-                          persistent_workers=False)
+                          persistent_workers=False, worker_init_fn=worker_init if workers else None)
 
     def fit(self) -> dict[str, float]:
         """Train to ``optim.epochs`` (or ``stop_after_steps``); returns the last metrics."""
