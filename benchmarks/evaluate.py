@@ -36,14 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GND = REPO.parent / "shared" / "data" / "revisitop" / "gnd_roxford5k.pkl"
 
 REFERENCE_SCRIPT = r'''
-import json, pickle, sys, time
+import json, sys, time
 import numpy as np
+from cfcd.data.gnd import safe_load_pickle  # the revisitop script unpickles; same cost, no code execution
 from cfcd.evaluation import reference_compute_map  # revisitop's compute_map, verbatim
 
 t0 = time.perf_counter()
 gnd_path, q_path, x_path, d_path = sys.argv[1:5]
-with open(gnd_path, "rb") as f:
-    cfg = pickle.load(f)
+cfg = safe_load_pickle(gnd_path)
 Q = np.load(q_path)
 X = np.vstack([np.load(x_path), np.load(d_path)])  # database, then the distractors
 sim = np.dot(X, Q.T)
