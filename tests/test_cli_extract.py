@@ -131,3 +131,28 @@ def test_torchrun_two_ranks(tmp_path):
     assert a.ids == b.ids
     assert np.abs(np.asarray(a.descriptors) - np.asarray(b.descriptors)).max() < 1e-5
     assert b.meta["extract"]["world_size"] == 2
+
+
+def test_extract_with_converted_weights_dir_and_timm_name(tmp_path, capsys):
+    """`cfcd convert` output (a directory) and `gem_<timm name>` models work in `cfcd extract`,
+    and the store records the sha256 of the converted weights."""
+    import torch
+
+    import cfcd.models
+    from cfcd.utils.io import sha256_file
+
+    photos = tmp_path / "photos"
+    write_photo_dir(photos, count=4, long_side=64)
+    model = cfcd.models.create("gem_resnet18")
+    src = tmp_path / "resnet18_gem.pth"
+    torch.save(model.state_dict(), src)
+    converted = tmp_path / "converted"
+    assert main(["convert", str(src), "--model", "gem_resnet18", "--out", str(converted)]) == 0
+    out = tmp_path / "store"
+    rc = main(["extract", "--model", "gem_resnet18", "--weights", str(converted), "--images", str(photos),
+               "--out", str(out), "--scales", "single", "--workers", "0", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    store = open_store(out)
+    assert store.meta["weights_sha256"] == sha256_file(converted / "model.safetensors")
+    assert main(["extract", "--model", "gem_no_such_net", "--images", str(photos), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown model 'gem_no_such_net'" in capsys.readouterr().err

@@ -161,6 +161,7 @@ def run_benchmark_demo(
     max_size: int | None = None,
     show: int = 3,
     k: int = 5,
+    keep: bool = True,
     out=sys.stdout,
 ) -> DemoResult:
     """The default demo: build the benchmark, extract, evaluate, index and search; print as it goes."""
@@ -210,7 +211,8 @@ def run_benchmark_demo(
                           for rid, s in zip(row, hits.scores[qi].tolist()))
         print(f"      {qid}: {shown}", file=out)
     seconds = time.perf_counter() - start
-    print(f"done in {seconds:.1f} s; stores, index and benchmark are in {workdir}", file=out)
+    where = f"in {workdir}" if keep else "in a temporary directory (pass --workdir DIR to keep them)"
+    print(f"done in {seconds:.1f} s; the benchmark, stores and index are {where}", file=out)
     return DemoResult(table=table, metrics=result.metrics(percent=True), seconds=seconds)
 
 

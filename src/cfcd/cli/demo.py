@@ -27,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
         if args.images:
             run_own_photos_demo(args.images, args.query, workdir, model_name=args.model, scales=args.scales, k=args.k)
         else:
-            run_benchmark_demo(workdir, model_name=args.model, scales=args.scales, k=args.k)
+            run_benchmark_demo(workdir, model_name=args.model, scales=args.scales, k=args.k, keep=bool(args.workdir))
     return 0

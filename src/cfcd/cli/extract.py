@@ -130,10 +130,9 @@ def create_model(name: str, weights: str | None):
     import cfcd.models
     from cfcd.errors import InputError
 
-    if name not in cfcd.models.list_models():
-        raise InputError(f"unknown model {name!r}; available: {', '.join(cfcd.models.list_models())}")
-    if weights is not None and not os.path.isfile(weights):
-        raise InputError(f"{weights}: weights file not found")
+    cfcd.models.get_entry(name)  # unknown names fail here, before any weights are read; gem_<timm name> works
+    if weights is not None and not os.path.exists(weights):
+        raise InputError(f"{weights}: weights file or converted weights directory not found")
     return cfcd.models.create(name, weights=weights)
 
 

@@ -397,7 +397,7 @@ def model_fingerprint(model, weights: str | os.PathLike | None) -> dict:
     state dict itself (catches random initialisations that differ between runs)."""
     import torch
 
-    from cfcd.utils.io import sha256_file
+    from cfcd.models.checkpoints import weights_sha256
 
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -409,7 +409,7 @@ def model_fingerprint(model, weights: str | os.PathLike | None) -> dict:
     return {
         "config": getattr(model, "model_config", {"name": type(model).__name__}),
         "weights": None if weights is None else str(weights),
-        "weights_sha256": None if weights is None else sha256_file(weights),
+        "weights_sha256": None if weights is None else weights_sha256(weights),
         "state_sha256": digest.hexdigest(),
         "embedding_dim": int(model.embedding_dim),
         "preprocess": {

@@ -77,6 +77,14 @@ def _safe_globals() -> list:
     return allowed
 
 
+def weights_sha256(path: str | Path) -> str:
+    """The sha256 that identifies a weights source: the file, or a converted dir's ``model.safetensors``."""
+    from cfcd.utils.io import sha256_file
+
+    path = Path(path)
+    return sha256_file(path / WEIGHTS_FILE if path.is_dir() else path)
+
+
 def safe_torch_load(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)`` allowing numpy arrays and sklearn PCA attribute bags only."""
     path = Path(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cfcd.models.checkpoints import LoadReport, save_weights
+from cfcd.models.checkpoints import LoadReport, save_weights, weights_sha256
 from cfcd.models.registry import create
 
 
@@ -19,7 +19,6 @@ def convert_checkpoint(source: str | Path, model_name: str, out_dir: str | Path,
     import notes and, when not strict, what was missing or unexpected.
     """
     from cfcd.models.checkpoints import load_backbone_weights, read_checkpoint
-    from cfcd.utils.io import sha256_file
 
     source = Path(source)
     if backbone_only:
@@ -30,7 +29,7 @@ def convert_checkpoint(source: str | Path, model_name: str, out_dir: str | Path,
     else:
         model = create(model_name, weights=source, strict=strict, format=format, **kwargs)
         report = model.load_report
-    sha = sha256_file(source / "model.safetensors" if source.is_dir() else source)
+    sha = weights_sha256(source)
     meta = {"source": str(source), "source_sha256": sha, "source_format": report.format, "notes": report.notes,
             "backbone_only": backbone_only}
     if not report.complete:
