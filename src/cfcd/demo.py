@@ -182,7 +182,7 @@ def run_benchmark_demo(
 
     print(f"[2/5] loading {model_name} (embedded ImageNet weights, no network)", file=out)
     model = cfcd.models.create(model_name)
-    options = ExtractOptions(scales=parse_scales(scales), max_size=max_size, workers=0, batch_size=8,
+    options = ExtractOptions(scales=parse_scales(scales), max_size=max_size, workers=0,
                              crop_rule="round", progress=False)
     print(f"[3/5] extracting descriptors at scales {list(options.scales.scales)}", file=out)
     quiet = lambda message: None  # noqa: E731 - the demo prints its own summary

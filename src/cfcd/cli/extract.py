@@ -59,7 +59,8 @@ def add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--batch-size", type=int, default=16, help="images per batch (same-size images are batched)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (same-size images are batched); default 16 on CUDA, 1 on the CPU")
     g.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help=f"decoding processes (default {DEFAULT_WORKERS})")
     g.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="descriptor dtype in the store")
     g.add_argument("--shard-size", type=int, default=1024, help="rows per resumable shard")

@@ -59,7 +59,7 @@ class ExtractOptions:
     mode: Literal["fast", "naive"] = "fast"
     device: str = "cpu"
     precision: Precision = "fp32"
-    batch_size: int = 16
+    batch_size: int | None = None  # None: 16 on CUDA; 1 on the CPU, where batching large images only costs memory traffic
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     max_pending: int | None = None  # images waiting in size buckets before the fullest runs (default 4 x batch)
     dtype: Literal["float32", "float16"] = "float32"
@@ -75,6 +75,8 @@ class ExtractOptions:
             raise InputError(f"unknown mode {self.mode!r} (expected 'fast' or 'naive')")
         if self.mode == "naive" and self.precision != "fp32":
             raise InputError("the naive (reference) path runs in fp32 only")
+        if self.batch_size is None:
+            self.batch_size = 16 if str(self.device).startswith("cuda") else 1
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
         if self.max_size is not None and self.max_size < 1:
