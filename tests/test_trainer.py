@@ -331,3 +331,30 @@ def test_resume_with_a_different_recipe_is_a_clear_error(stage1, data):
     with pytest.raises(InputError, match="cannot resume this run with the current recipe"):
         Trainer(other).build()
     assert (stage1["out"] / "config.yaml").read_text() == before  # the run directory is untouched
+
+
+def test_stage2_init_from_an_official_stage1_pyth(tmp_path):
+    """An official CFCD stage-1 `.pyth` (pycls names under `globalmodel.`, `fc`, `bn`, `desc_cls`)
+    initialises the model and the MadaCos head, as stage 2 does from `model.init`."""
+    import _models_helpers as MH
+
+    import cfcd.losses as losses
+    import cfcd.models as models
+    from cfcd.train.trainer import init_from_checkpoint
+
+    source = models.create("cfcd_r50")
+    official = MH.official_cfcd(source, num_classes=7)
+    path = tmp_path / "model_s1_0050.pyth"
+    torch.save(official, path)
+
+    model = models.create("cfcd_r50")
+    head = losses.create("madacos", embedding_dim=512, num_classes=7)
+    init_from_checkpoint(model, head, str(path), strict=True)
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(head.weight.detach(), official["model_state"]["desc_cls.weight"], rtol=0, atol=0)
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(model.eval()(x), source.eval()(x))
+    with pytest.raises(InputError):  # a head of the wrong class count is a clear error
+        init_from_checkpoint(models.create("cfcd_r50"), losses.create("madacos", embedding_dim=512, num_classes=9),
+                             str(path), strict=True)
