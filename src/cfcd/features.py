@@ -560,6 +560,27 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _descriptor_memmap(directory: Path, dtype, shape: tuple[int, int]) -> Iterator[np.ndarray]:
+    """A memory-mapped ``descriptors.npy`` written under a temporary name in ``directory``;
+    flushed, fsynced and renamed into place when the block exits without an error."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{DESCRIPTORS_FILE}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield mm
+        mm.flush()
+        del mm
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, directory / DESCRIPTORS_FILE)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
 def finalize_store(
     path: str | os.PathLike,
     *,
@@ -673,11 +694,7 @@ def finalize_store(
 
     # Stream the rows into a memory-mapped temporary file, one shard at a time.
     row_of = {image_id: r for r, image_id in enumerate(final_ids)}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{DESCRIPTORS_FILE}.", suffix=".tmp", dir=path)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(final_ids), dim))
+    with _descriptor_memmap(path, dtype, (len(final_ids), dim)) as out:
         for s, shard in enumerate(shards):
             data = np.load(shard.npy, mmap_mode="r", allow_pickle=False)
             if data.ndim != 2 or data.shape[1] != dim:
@@ -694,15 +711,6 @@ def finalize_store(
             step = _block_rows(dim)
             for start in range(0, len(src), step):
                 out[dst[start : start + step]] = np.asarray(data[src[start : start + step]], dtype=dtype)
-        out.flush()
-        del out
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path / DESCRIPTORS_FILE)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     _write_ids(path / IDS_FILE, final_ids)
 
     new_meta = {**old_meta, **(meta or {})}
@@ -801,24 +809,12 @@ def transform_store(
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (out / META_FILE).unlink()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{DESCRIPTORS_FILE}.", suffix=".tmp", dir=out)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    n = len(source)
-    try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, int(out_dim)))
+    with _descriptor_memmap(out, dtype, (len(source), int(out_dim))) as mm:
         for start, block in iter_blocks(source.descriptors, _block_rows(max(source.dim, int(out_dim)))):
             y = np.asarray(fn(block))
             if y.shape != (block.shape[0], int(out_dim)):
                 raise CfcdError(f"transform returned shape {y.shape}, expected {(block.shape[0], int(out_dim))}")
             mm[start : start + block.shape[0]] = y
-        mm.flush()
-        del mm
-        os.replace(tmp, out / DESCRIPTORS_FILE)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     _write_ids(out / IDS_FILE, source.ids)
     new_meta = dict(meta or {})
     new_meta.setdefault("failures", [])
@@ -826,7 +822,7 @@ def transform_store(
         {
             "format": STORE_FORMAT,
             "version": STORE_VERSION,
-            "count": n,
+            "count": len(source),
             "dim": int(out_dim),
             "dtype": dtype,
             "cfcd_version": __version__,
@@ -895,11 +891,7 @@ def merge_stores(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (out / META_FILE).unlink()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{DESCRIPTORS_FILE}.", suffix=".tmp", dir=out)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total, dim))
+    with _descriptor_memmap(out, dtype, (total, dim)) as mm:
         offset = 0
         for s in stores:
             step = _block_rows(dim)
@@ -907,13 +899,6 @@ def merge_stores(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
                 block = np.asarray(s.descriptors[start : start + step], dtype=dtype)
                 mm[offset + start : offset + start + block.shape[0]] = block
             offset += len(s)
-        mm.flush()
-        del mm
-        os.replace(tmp, out / DESCRIPTORS_FILE)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     all_ids = [i for s in stores for i in s.ids]
     _write_ids(out / IDS_FILE, all_ids)
     meta = {k: v for k, v in stores[0].meta.items() if k not in ("failures", "merged_from", "duplicates_resolved")}
