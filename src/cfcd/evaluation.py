@@ -748,8 +748,14 @@ def evaluate(
     if distractors is not None:
         mats = [distractors] if isinstance(distractors, np.ndarray) else list(distractors)
         n_dis = sum(int(m.shape[0]) for m in mats)
+    return _timed_metrics(lab, pos, gnd, timings, setups=setups, kappas=kappas, num_database=n_db,
+                          num_distractors=n_dis)
+
+
+def _timed_metrics(lab, pos, gnd, timings: dict[str, float], **kwargs) -> EvaluationResult:
+    """:func:`evaluate_positions`, with its wall and CPU time added to ``timings``."""
     t0, c0 = time.perf_counter(), time.process_time()
-    result = evaluate_positions(lab, pos, gnd, setups=setups, kappas=kappas, num_database=n_db, num_distractors=n_dis)
+    result = evaluate_positions(lab, pos, gnd, **kwargs)
     timings["metrics"] = time.perf_counter() - t0
     timings["metrics_cpu"] = time.process_time() - c0
     result.timings = timings
@@ -791,13 +797,8 @@ def evaluate_scores(
         [block], lab, nq=len(entries), chunk_rows=_auto_chunk_rows(len(entries), chunk_rows),
         num_threads=num_threads or _default_threads(), check=False, timings=timings, dtype=dtype,
     )
-    t0 = time.perf_counter()
-    result = evaluate_positions(
-        lab, pos, gnd, setups=setups, kappas=kappas, num_database=n_db, num_distractors=scores.shape[0] - n_db
-    )
-    timings["metrics"] = time.perf_counter() - t0
-    result.timings = timings
-    return result
+    return _timed_metrics(lab, pos, gnd, timings, setups=setups, kappas=kappas, num_database=n_db,
+                          num_distractors=scores.shape[0] - n_db)
 
 
 def evaluate_ranking(

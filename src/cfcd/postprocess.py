@@ -376,6 +376,13 @@ def _expand(
     return l2_normalize(agg)  # dirtorch divides by the norm without eps
 
 
+def _expansion_params(k, alpha, what: str) -> tuple[int, float]:
+    k, alpha = int(k), float(alpha)
+    if k < 0 or alpha < 0:
+        raise InputError(f"{what}: k and alpha must be non-negative (k={k}, alpha={alpha})")
+    return k, alpha
+
+
 def alpha_query_expansion(
     queries: np.ndarray,
     database: np.ndarray,
@@ -393,9 +400,7 @@ def alpha_query_expansion(
     """
     q = _as_rows(queries, "queries")
     x = _as_rows(database, "database")
-    k, alpha = int(k), float(alpha)
-    if k < 0 or alpha < 0:
-        raise InputError(f"query expansion: k and alpha must be non-negative (k={k}, alpha={alpha})")
+    k, alpha = _expansion_params(k, alpha, "query expansion")
     if k == 0:
         return np.asarray(q, dtype=np.float32)
     if q.shape[1] != x.shape[1]:
@@ -427,9 +432,7 @@ def database_augmentation(
     ties) without an N x N matrix.
     """
     x = _as_rows(database, "database")
-    k, alpha = int(k), float(alpha)
-    if k < 0 or alpha < 0:
-        raise InputError(f"database augmentation: k and alpha must be non-negative (k={k}, alpha={alpha})")
+    k, alpha = _expansion_params(k, alpha, "database augmentation")
     if k == 0:
         return np.asarray(x, dtype=np.float32)
     n = x.shape[0]

@@ -85,9 +85,13 @@ def scan_directory(directory: str | os.PathLike, *, id_rule: IdRule = "stem") ->
     relative.sort()
     if not relative:
         raise InputError(f"{directory}: no image files found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return _image_list(relative, directory, id_rule, str(directory))
+
+
+def _image_list(relative: list[str], base: Path, id_rule: IdRule, source: str) -> ImageList:
     ids = [_make_id(r, id_rule) for r in relative]
-    _check_unique(ids, str(directory))
-    return ImageList(ids=ids, paths=[directory / r for r in relative], source=str(directory))
+    _check_unique(ids, source)
+    return ImageList(ids=ids, paths=[base / r for r in relative], source=source)
 
 
 def read_list_file(
@@ -114,9 +118,7 @@ def read_list_file(
         relative.append(entry)
     if not relative:
         raise InputError(f"{list_file}: the image list is empty")
-    ids = [_make_id(r, id_rule) for r in relative]
-    _check_unique(ids, str(list_file))
-    return ImageList(ids=ids, paths=[base / r for r in relative], source=str(list_file))
+    return _image_list(relative, base, id_rule, str(list_file))
 
 
 def read_image_list(
