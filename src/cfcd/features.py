@@ -833,9 +833,9 @@ def transform_store(
     return open_store(out)
 
 
-# Provenance keys that must agree for descriptors to be comparable (merging them otherwise is
+# Provenance keys that must agree for descriptors to be comparable (combining them otherwise is
 # a silent accuracy bug: the rows would live in different embedding spaces).
-_PROVENANCE_KEYS = ("model", "weights_sha256", "preprocess", "scales", "extract.scales", "whitening")
+PROVENANCE_KEYS = ("model", "weights_sha256", "preprocess", "scales", "extract.scales", "whitening")
 
 
 def _meta_get(meta: dict, dotted: str):
@@ -845,6 +845,36 @@ def _meta_get(meta: dict, dotted: str):
             return None
         value = value[key]
     return value
+
+
+def _provenance_of(item) -> tuple[str, dict]:
+    if isinstance(item, DescriptorStore):
+        return str(item.path), item.meta or {}
+    if isinstance(item, tuple) and len(item) == 2:
+        return str(item[0]), dict(item[1] or {})
+    raise TypeError(f"expected a DescriptorStore or a (name, meta) pair, got {type(item).__name__}")
+
+
+def check_compatible(a, b) -> None:
+    """Raise :class:`InputError` unless ``a`` and ``b`` hold descriptors of one embedding space.
+
+    ``a`` and ``b`` are stores or ``(name, meta)`` pairs. Every command that combines two stores
+    (evaluate, benchmark, search, merge, whiten --apply, index add) calls this one function, so the
+    refusal reads the same everywhere. Keys missing on either side (a plain ``.npy`` has no meta)
+    are not compared; whitened against unwhitened is refused when both have a meta.
+    """
+    name_a, meta_a = _provenance_of(a)
+    name_b, meta_b = _provenance_of(b)
+    for key in PROVENANCE_KEYS:
+        va, vb = _meta_get(meta_a, key), _meta_get(meta_b, key)
+        if key == "whitening" and meta_a and meta_b and (va is None) != (vb is None):
+            va, vb = (va or "none"), (vb or "none")
+        if va is not None and vb is not None and va != vb:
+            raise InputError(
+                f"{name_b}: meta {key!r} = {vb!r} differs from {name_a} ({va!r}); descriptors from different "
+                "models or settings live in different embedding spaces and cannot be compared or searched "
+                "together (extract both with the same model, weights, preprocessing and whitening)"
+            )
 
 
 def merge_stores(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> DescriptorStore:
@@ -868,13 +898,7 @@ def merge_stores(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     for s in stores[1:]:
         if s.dim != dim:
             raise InputError(f"{s.path}: {s.dim}-D descriptors cannot be merged with {dim}-D ones from {stores[0].path}")
-        for key in _PROVENANCE_KEYS:
-            a, b = _meta_get(stores[0].meta, key), _meta_get(s.meta, key)
-            if a is not None and b is not None and a != b:
-                raise InputError(
-                    f"{s.path}: meta {key!r} = {b!r} differs from {stores[0].path} ({a!r}); "
-                    "descriptors from different models or settings cannot be searched together"
-                )
+        check_compatible(stores[0], s)
     seen: dict[str, Path] = {}
     dups: list[str] = []
     for s in stores:

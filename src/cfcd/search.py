@@ -30,6 +30,7 @@ import numpy as np
 
 from cfcd import __version__
 from cfcd.errors import CfcdError, InputError
+from cfcd.features import check_compatible as _check_compatible
 from cfcd.features import (
     DESCRIPTORS_FILE,
     IDS_FILE,
@@ -709,24 +710,7 @@ def open_index(path: str | os.PathLike, *, mmap: bool = True) -> Index:
     return index
 
 
-_PROVENANCE = ("model", "weights_sha256", "whitening")
-
-
 def check_compatible(index: Index, queries: DescriptorStore) -> None:
-    """Raise when the query store and the index's source store come from different models/whitening.
-
-    Only keys present in both metas are compared (plain .npy queries have no meta).
-    """
+    """Raise when the query store and the index's source store live in different embedding spaces."""
     src = index.source.get("meta", {}) if index.source else {}
-    for key in _PROVENANCE:
-        a, b = src.get(key), queries.meta.get(key)
-        if key == "whitening" and (a is None) != (b is None) and queries.meta:
-            raise InputError(
-                f"{queries.path}: the index was built from {'whitened' if a else 'unwhitened'} descriptors "
-                f"but the queries are {'whitened' if b else 'not whitened'}; apply the same whitening to both"
-            )
-        if a is not None and b is not None and a != b:
-            raise InputError(
-                f"{queries.path}: meta {key!r} of the queries ({b!r}) differs from the index's source ({a!r}); "
-                "queries and database must come from the same model and post-processing"
-            )
+    _check_compatible((f"index {index.path}" if index.path else "the index", src), queries)
