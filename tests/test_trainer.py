@@ -108,10 +108,22 @@ def test_stage2_from_stage1_with_confusions(stage1, data, tmp_path, capsys):
     rows = read_log(out / "log.jsonl", "train")
     assert len(rows) == 4 * 9 and all(np.isfinite(r["loss_local"]) and np.isfinite(r["loss"]) for r in rows)
     assert sum(r["loss_local"] > 0 for r in rows) > 9
-    # the local triplet term falls over stage 2 (the MadaCos term need not: its scale and margin
-    # grow with the median target cosine, by design)
-    local = np.array([r["loss_local"] for r in rows])
-    assert local[-9:].mean() < 0.8 * local[:9].mean(), local
+    # The local triplet term is what stage 2 adds, so measure its effect in a paired run: the same
+    # init, seed and tuples, with the local weight set to 0. The first-vs-last trend of the logged
+    # term is not a robust signal (on a CPU with other kernels, e.g. AVX2 only, the same run went
+    # 0.25 -> 0.22 instead of 0.36 -> 0.12); the paired gap was 0.55-0.72 under AVX-512, AVX2 and
+    # baseline kernels (ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY).
+    ctrl_cfg = H.tiny_config(data, tmp_path / "s2_ctrl", stage=2, model={"init": str(stage1["out"] / "final")},
+                             loss={"local": "local_triplet", "local_weight": 0.0},
+                             data={"sampler": "tuple", "confusions": str(scores), "im_size": 96, "test_size": 104},
+                             optim={"epochs": 4, "lr": 0.01})
+    control = Trainer(ctrl_cfg, resume=False)
+    control.build()
+    control.fit()
+    control.close()
+    with_local = H.fixed_tuples_local_loss(trainer.model, data, batch_statistics=True)
+    without_local = H.fixed_tuples_local_loss(control.model, data, batch_statistics=True)
+    assert with_local < 0.85 * without_local, (with_local, without_local)
     # every micro-batch the trainer loaded was made of whole tuples, with hard negatives in them
     labels = trainer.train_list.labels
     gt, pred = trainer.sampler.gt_pred
