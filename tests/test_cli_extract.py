@@ -67,6 +67,21 @@ def test_extract_directory_resume_and_errors(tmp_path, capsys):
     assert main(["extract", "--model", "no_such_model", "--images", str(images), "--out", str(tmp_path / "y")]) == 2
     assert "unknown model" in capsys.readouterr().err
     assert main(["extract", *MODEL, "--images", str(images), "--out", str(tmp_path / "z"), "--scales", "big"]) == 2
+    capsys.readouterr()
+
+
+def test_extract_refuses_silent_random_weights(tmp_path, capsys):
+    images = tmp_path / "photos"
+    write_photo_dir(images, count=2, long_side=48)
+    out = tmp_path / "s"
+    assert main(["extract", "--model", "gem_resnet18", "--images", str(images), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "no embedded weights" in err and "--weights random" in err and not out.exists()
+    assert main(["extract", "--model", "gem_resnet18", "--weights", "random", "--images", str(images),
+                 "--out", str(out), *FAST]) == 0
+    assert "RANDOM weights" in capsys.readouterr().err
+    meta = open_store(out).meta
+    assert meta["weights"] == "random" and meta["weights_sha256"] is None
 
 
 def test_benchmark_end_to_end(tmp_path, capsys):
@@ -143,7 +158,7 @@ def test_extract_with_converted_weights_dir_and_timm_name(tmp_path, capsys):
 
     photos = tmp_path / "photos"
     write_photo_dir(photos, count=4, long_side=64)
-    model = cfcd.models.create("gem_resnet18")
+    model = cfcd.models.create("gem_resnet18", weights="random")
     src = tmp_path / "resnet18_gem.pth"
     torch.save(model.state_dict(), src)
     converted = tmp_path / "converted"

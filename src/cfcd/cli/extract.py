@@ -21,8 +21,12 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", required=True, help="registry name (cfcd_r50, cfcd_r101, dolg_r50, gem_r101, gem_efficientnet_lite0, ...)")
-    g.add_argument("--weights", default=None, help="weights file (safetensors, or an official .pyth/.pt checkpoint)")
+    g.add_argument("--model", required=True,
+                   help="registry name (cfcd_r50, cfcd_r101, dolg_r50, gem_r101, ...; 'cfcd models' lists them); "
+                   "gem_efficientnet_lite0/1/2 have embedded ImageNet weights (the package default is gem_efficientnet_lite2)")
+    g.add_argument("--weights", default=None,
+                   help="weights file or 'cfcd convert' directory (safetensors, or an official .pyth/.pt checkpoint); "
+                   "required unless the model has embedded weights; 'random' for a random initialisation")
 
 
 def add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,7 +136,12 @@ def create_model(name: str, weights: str | None):
     from cfcd.errors import InputError
 
     cfcd.models.get_entry(name)  # unknown names fail here, before any weights are read; gem_<timm name> works
-    if weights is not None and not os.path.exists(weights):
+    if weights == cfcd.models.RANDOM_WEIGHTS:
+        import sys
+
+        print(f"warning: {name} with RANDOM weights (--weights random): the descriptors are not meaningful "
+              "for retrieval", file=sys.stderr)
+    elif weights is not None and not os.path.exists(weights):
         raise InputError(f"{weights}: weights file or converted weights directory not found")
     return cfcd.models.create(name, weights=weights)
 

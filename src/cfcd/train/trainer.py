@@ -60,7 +60,10 @@ def build_model(cfg: dict) -> nn.Module:
     import cfcd.models as models
 
     m = cfg["model"]
-    model = models.create(m["name"], **(m["kwargs"] or {}))
+    # a training run starts from the embedded weights where the model has them, else from a random
+    # init that model.weights (ImageNet backbone) or model.init may overwrite
+    initial = None if models.has_embedded_weights(m["name"]) else models.RANDOM_WEIGHTS
+    model = models.create(m["name"], weights=initial, **(m["kwargs"] or {}))
     if m["weights"]:
         report = models.load_weights(model, m["weights"], strict=False)
         if report.loaded == 0:
