@@ -980,7 +980,7 @@ def evaluate_files(
     :class:`~cfcd.errors.InputError` naming the file.
     """
     from cfcd import __version__
-    from cfcd.features import load_descriptors, open_store
+    from cfcd.features import check_compatible, load_descriptors, open_store
     from cfcd.utils.io import sha256_file
 
     t_load = time.perf_counter()
@@ -1010,6 +1010,8 @@ def evaluate_files(
         if x.shape[1] != dim:
             raise InputError(f"{where}: descriptors are {x.shape[1]}-D but the queries are {dim}-D")
         dstores.append(store)
+    for other in (qstore, *dstores):  # one embedding space, or a clear refusal (not a silent mAP)
+        check_compatible(xstore, other)
     q = np.asarray(qstore.descriptors, dtype=np.float32)
     x = np.asarray(xstore.descriptors, dtype=np.float32)
     dmats: list[np.ndarray] = [s.descriptors for s in dstores]

@@ -835,7 +835,8 @@ def transform_store(
 
 # Provenance keys that must agree for descriptors to be comparable (combining them otherwise is
 # a silent accuracy bug: the rows would live in different embedding spaces).
-PROVENANCE_KEYS = ("model", "weights_sha256", "preprocess", "scales", "extract.scales", "whitening")
+PROVENANCE_KEYS = ("model", "weights_sha256", "extract.settings.model.state_sha256", "preprocess", "scales",
+                   "extract.scales", "whitening")
 
 
 def _meta_get(meta: dict, dotted: str):

@@ -49,25 +49,11 @@ def _settings_key(meta: dict) -> dict | None:
     return {"model": model, "options": options}
 
 
-def _check_distractors(paths: list[str], reference_meta: dict) -> None:
-    from cfcd.errors import InputError
-    from cfcd.features import open_store
+def _check_distractors(paths: list[str], database) -> None:
+    from cfcd.features import check_compatible, open_store
 
-    ours = _settings_key(reference_meta)
     for path in paths:
-        store = open_store(path)
-        theirs = _settings_key(store.meta)
-        if theirs is None:
-            continue  # a plain .npy or a foreign store: nothing to compare
-        if theirs != ours:
-            diff = [k for k in ("model", "options") if theirs.get(k) != ours.get(k)]
-            detail = []
-            if "model" in diff:
-                detail.append("model or weights differ (state hash)")
-            if "options" in diff:
-                a, b = theirs.get("options") or {}, ours.get("options") or {}
-                detail += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            raise InputError(f"{path}: distractors were extracted with other settings ({'; '.join(detail[:4])})")
+        check_compatible(database, open_store(path))
 
 
 def format_row(model: str, dataset: str, plain, with_distractors) -> str:
@@ -127,7 +113,7 @@ def run(args) -> int:
     }
     with_distractors = None
     if args.distractors:
-        _check_distractors(args.distractors, stores["database"].meta)
+        _check_distractors(args.distractors, stores["database"])
         with_distractors, protocol_1m = evaluate_files(
             gnd=gnd, queries=out / "queries", database=out / "database", distractors=args.distractors
         )
