@@ -67,7 +67,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                    help="images per batch (same-size images are batched); default 16 on CUDA, 1 on the CPU")
     g.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help=f"decoding processes (default {DEFAULT_WORKERS})")
     g.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="descriptor dtype in the store")
-    g.add_argument("--shard-size", type=int, default=1024, help="rows per resumable shard")
+    g.add_argument("--shard-size", type=int, default=1024, help="rows per resumable shard (default 1024)")
+    g.add_argument("--flush-seconds", type=float, default=30.0,
+                   help="also write a shard at least this often, so a killed job loses at most this much "
+                   "work (default 30; 0: after every batch)")
     g.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: no cuDNN autotuning (for collections where every image has its own size)")
     g.add_argument("--overwrite", action="store_true", help="replace a complete store with other settings")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -111,6 +114,7 @@ def build_options(args, *, device: str):
         workers=args.workers,
         dtype=args.dtype,
         shard_size=args.shard_size,
+        flush_seconds=args.flush_seconds,
         stop_after=args.stop_after,
         cudnn_benchmark=not args.no_cudnn_benchmark,
         progress=not args.no_progress,
