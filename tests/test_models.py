@@ -226,3 +226,21 @@ def test_gem_descriptor_matches_flipped_resized_copy_better_than_other_photo():
     same, different = float(a @ b.T), float(a @ c.T)
     assert same > different + 0.1, (same, different)
     assert abs(float(a.norm()) - 1) < 1e-5
+
+
+def test_cfcd_models_lists_every_model(capsys):
+    import json
+
+    from cfcd.cli import main
+
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(M.list_models()) <= set(rows)
+    assert rows["cfcd_r50"]["dim"] == 512 and rows["cfcd_r50"]["channel_order"] == "BGR"
+    assert not rows["cfcd_r50"]["embedded_weights"]
+    lite = rows["gem_efficientnet_lite2"]
+    assert lite["embedded_weights"] and lite["dim"] == 1280 and lite["mean"] == [0.5] * 3 and lite["input_size"] == 260
+    assert all(r["description"] for r in rows.values())
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "gem_efficientnet_lite2 (default)" in out and "embedded" in out and "--weights random" in out

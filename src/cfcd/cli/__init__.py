@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("cfcd.cli.search", "top-k search of query descriptors in an index"),
     "whiten": ("cfcd.cli.whiten", "learn PCA whitening (whitenp) or supervised Lw on a descriptor store"),
     "store": ("cfcd.cli.store", "inspect and merge descriptor stores"),
+    "models": ("cfcd.cli.models", "list the registered models: family, output dimension, input, embedded weights"),
     "convert": ("cfcd.cli.convert", "import an official checkpoint into safetensors + JSON config"),
     "export": ("cfcd.cli.export", "export a model to ONNX"),
     "train": ("cfcd.cli.train", "train CFCD, DOLG or a GeM baseline from a YAML recipe"),

@@ -190,3 +190,27 @@ def _ensure_builtin() -> None:
             defaults={"backbone": f"tf_efficientnet_lite{variant}", "pooling": "gem", "p": 3.0, "learnable_p": False,
                       "preprocess": Preprocess("RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), input_size=size)},
             description=f"GeM p=3 on EfficientNet-Lite{variant} ImageNet (embedded weights, 1280-d, RGB, mean=std=0.5)")
+
+
+def describe_models() -> list[dict[str, Any]]:
+    """One row per registered model: family, output dimension, input convention, embedded weights.
+
+    The models are built on PyTorch's meta device, so no memory is allocated and nothing is loaded.
+    """
+    import torch
+
+    rows = []
+    for name in list_models():
+        entry = _REGISTRY[name]
+        row: dict[str, Any] = {"name": name, "family": entry.family, "embedded_weights": entry.embedded is not None,
+                               "description": entry.description}
+        try:
+            with torch.device("meta"):
+                model = entry.builder(**entry.defaults)
+            pre = model.preprocess
+            row.update(dim=int(model.embedding_dim), channel_order=pre.channel_order,
+                       mean=list(pre.mean), std=list(pre.std), input_size=pre.input_size)
+        except Exception as exc:  # a third-party registration that cannot be built without arguments
+            row.update(dim=None, error=f"{type(exc).__name__}: {exc}")
+        rows.append(row)
+    return rows
