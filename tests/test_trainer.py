@@ -5,6 +5,7 @@ a killed run resumes to the same weights, checkpoints/recipes/CLI behave."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -326,7 +327,24 @@ def test_cli_train_with_overrides_and_resume(data, tmp_path, capsys):
     recipe.write_text(yaml.safe_dump(cfg))
     args = ["train", "--config", str(recipe), "optim.epochs=1", "train.max_steps_per_epoch=2", "data.val_list=null"]
     assert cli_main(args) == 0
-    assert json.loads(capsys.readouterr().out)["train_loss"] > 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["train_loss"] > 0
+    # one summary line per epoch, and where the weights went
+    assert re.search(r"^epoch 1/1  loss \d+\.\d{4}  top-1 [\d.]+%  s [\d.]+ m [\d.]+  .* img/s\)$", err, re.M), err
+    assert f"final weights: {tmp_path / 'run' / 'final'}" in err
+    # the tiny list has 12 classes; a 20-row classifier is reported with both numbers
+    assert cli_main(["train", "--config", str(recipe), "optim.epochs=1", "train.max_steps_per_epoch=1",
+                     "data.val_list=null", "loss.num_classes=20", f"train.out_dir={tmp_path / 'run20'}"]) == 0
+    assert "has 12 classes but loss.num_classes is 20" in capsys.readouterr().err
+    # a training checkpoint names its model: convert needs no --model
+    assert cli_main(["convert", str(tmp_path / "run/checkpoints/epoch_0001.pt"), "--out", str(tmp_path / "conv")]) == 0
+    assert f"model   {H.TINY_MODEL}" in capsys.readouterr().out
+    # wrong value types: the override parser's message, for training and print-config alike
+    for action in ([], ["print-config"]):
+        assert cli_main(["train", *action, "--config", str(recipe), "optim.lr=abc"]) == 2
+        assert "optim.lr must be a number (like the default 0.005), got 'abc' (a string)" in capsys.readouterr().err
+    assert cli_main(["train", "print-config", "--config", str(recipe), "optim.epochs=2.5"]) == 2
+    assert "optim.epochs must be an integer" in capsys.readouterr().err
     assert (tmp_path / "run/checkpoints/epoch_0001.pt").is_file() and (tmp_path / "run/final/config.json").is_file()
     saved = load_config(tmp_path / "run/config.yaml")  # the resolved config documents the run
     assert saved["optim"]["epochs"] == 1 and saved["train"]["max_steps_per_epoch"] == 2
@@ -370,3 +388,11 @@ def test_stage2_init_from_an_official_stage1_pyth(tmp_path):
     with pytest.raises(InputError):  # a head of the wrong class count is a clear error
         init_from_checkpoint(models.create("cfcd_r50"), losses.create("madacos", embedding_dim=512, num_classes=9),
                              str(path), strict=True)
+
+
+def test_recipes_print_whole_first_sentences(capsys):
+    assert cli_main(["train", "recipes"]) == 0
+    out = capsys.readouterr().out
+    joined = " ".join(line.strip() for line in out.splitlines())
+    assert "(bassyess/CFCD configs/resnet50_cfcd_s2_8gpu.yaml)." in joined  # spans two recipe lines
+    assert "minutes on a CPU with a few hundred images, used by the tests and the demo." in joined
