@@ -851,8 +851,18 @@ def format_table(result: EvaluationResult, dataset: str = "") -> str:
     return "\n".join([title, *lines, "", *revisitop])
 
 
+MISSING = "n/a"  # the one placeholder for a value that cannot be computed (e.g. no query has positives)
+
+
+def format_percent(x: float | None, width: int = 8) -> str:
+    """A fraction as a percentage with 2 decimals, or :data:`MISSING`, right-aligned in ``width``."""
+    if x is None or math.isnan(x):
+        return f"{MISSING:>{width}}"
+    return f"{x * 100:>{width}.2f}"
+
+
 def _cell(x: float) -> str:
-    return f"{'n/a':>8}" if math.isnan(x) else f"{x * 100:>8.2f}"
+    return format_percent(x)
 
 
 # --------------------------------------------------------------------------- files: what `cfcd evaluate` runs

@@ -57,12 +57,14 @@ def _check_distractors(paths: list[str], database) -> None:
 
 
 def format_row(model: str, dataset: str, plain, with_distractors) -> str:
+    from cfcd.evaluation import format_percent
+
     short = SHORT_NAMES.get(dataset, dataset)
 
     def cell(result, setup: str) -> str:
-        if result is None or setup not in result.setups:
-            return "-"
-        return f"{result.setups[setup].mAP * 100:.2f}"
+        # the evaluation table's placeholder for a missing value, here too
+        value = result.setups[setup].mAP if result is not None and setup in result.setups else float("nan")
+        return format_percent(value).strip()
 
     head = ["model", f"{short}-M", "+1M", f"{short}-H", "+1M"]
     row = [model, cell(plain, "medium"), cell(with_distractors, "medium"), cell(plain, "hard"), cell(with_distractors, "hard")]
