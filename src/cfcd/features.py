@@ -855,14 +855,17 @@ def transform_store(
 # Provenance keys that must agree for descriptors to be comparable (combining them otherwise is
 # a silent accuracy bug: the rows would live in different embedding spaces).
 PROVENANCE_KEYS = ("model", "weights_sha256", "extract.settings.model.state_sha256", "preprocess", "scales",
-                   "extract.scales", "whitening")
+                   "extract.scales", "extract.settings.options.max_size", "whitening")
 
 
-def _meta_get(meta: dict, dotted: str):
+_ABSENT = object()
+
+
+def _meta_get(meta: dict, dotted: str, default=None):
     value = meta
     for key in dotted.split("."):
         if not isinstance(value, dict) or key not in value:
-            return None
+            return default
         value = value[key]
     return value
 
@@ -885,11 +888,16 @@ def check_compatible(a, b) -> None:
     """
     name_a, meta_a = _provenance_of(a)
     name_b, meta_b = _provenance_of(b)
+    state = "extract.settings.model.state_sha256"
+    same_state = _meta_get(meta_a, state) is not None and _meta_get(meta_a, state) == _meta_get(meta_b, state)
     for key in PROVENANCE_KEYS:
-        va, vb = _meta_get(meta_a, key), _meta_get(meta_b, key)
-        if key == "whitening" and meta_a and meta_b and (va is None) != (vb is None):
-            va, vb = (va or "none"), (vb or "none")
-        if va is not None and vb is not None and va != vb:
+        if key == "weights_sha256" and same_state:
+            continue  # the same tensors, whatever file they were read from
+        va, vb = _meta_get(meta_a, key, _ABSENT), _meta_get(meta_b, key, _ABSENT)
+        if key == "whitening" and meta_a and meta_b:
+            va, vb = (va or "none"), (vb or "none")  # absent and None both mean unwhitened
+        # a key missing on one side is not compared; a recorded None (e.g. no --max-size) is a value
+        if va is not _ABSENT and vb is not _ABSENT and va != vb:
             raise InputError(
                 f"{name_b}: meta {key!r} = {vb!r} differs from {name_a} ({va!r}); descriptors from different "
                 "models or settings live in different embedding spaces and cannot be compared or searched "
