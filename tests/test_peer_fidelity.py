@@ -34,7 +34,7 @@ def _photos(real_photos, names=("coffee", "chelsea")):
     out = []
     for n in names:
         im = real_photos[n]
-        out.append(np.ascontiguousarray(im[:: max(1, im.shape[0] // 160), :: max(1, im.shape[0] // 160)]))
+        out.append(np.ascontiguousarray(im[:: max(1, im.shape[0] // 100), :: max(1, im.shape[0] // 100)]))
     return out
 
 
@@ -110,14 +110,14 @@ def test_dirtorch_preset_equals_dirtorch_on_real_photos(gem_net, real_photos):
     im = _photos(real_photos, ("coffee",))[0]
     chains = [dirt.Scale(1024, largest=True), dirt.Scale(724, largest=True)]
     ref = dirt.eval_descriptors(gem_net, im, chains, MEAN, STD).numpy()
-    for mode in ("fast", "naive"):
-        assert _cos(_extract(gem_net, [im], recipe, mode)[0], ref) >= 0.99999
+    assert _cos(_extract(gem_net, [im], recipe, "fast")[0], ref) >= 0.99999
     small = MultiScale((120, 90), "power", 3.0, "largest", True, "x", power_rule="dirtorch", resample="pil")
     ims = _photos(real_photos, ("chelsea", "rocket"))
     got = _extract(gem_net, ims, small, "fast")
-    for g, im in zip(got, ims):
+    naive = _extract(gem_net, ims, small, "naive")
+    for g, n, im in zip(got, naive, ims):
         r = dirt.eval_descriptors(gem_net, im, [dirt.Scale(120, largest=True), dirt.Scale(90, largest=True)], MEAN, STD)
-        assert _cos(g, r.numpy()) >= 0.99999
+        assert _cos(g, r.numpy()) >= 0.99999 and _cos(n, r.numpy()) >= 0.99999
 
 
 def test_flip_adds_the_mirrored_view(gem_net, real_photos):
@@ -151,7 +151,7 @@ def test_dirtorch_stored_whitening_reproduces_whiten_features(tmp_path, real_pho
     from cfcd.features import open_store
 
     model = _perturbed(M.create("gem_resnet18", whitening="dirtorch", out_dim=32), 3)
-    photos = [_photos(real_photos, (n,))[0] for n in ("coffee", "chelsea", "astronaut", "rocket", "china", "flower")]
+    photos = [_photos(real_photos, (n,))[0] for n in ("coffee", "chelsea", "rocket")]
     train = np.random.default_rng(0).standard_normal((200, 32)) + 0.3
     pca = PCA(whiten=True).fit(train)
     ckpt = tmp_path / "Resnet18-AP-GeM.pt"

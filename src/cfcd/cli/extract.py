@@ -31,13 +31,15 @@ def add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--scales",
         default="cfcd",
-        help="preset (cfcd: 0.3535 0.5 0.7071 1 1.4142, mean; cirtorch: 1 0.7071 0.5; dirtorch: 1 0.7071, "
-        "power 3; single) or numbers such as '1 0.7071 0.5' (default: cfcd)",
+        help="preset (cfcd: 0.3535 0.5 0.7071 1 1.4142, mean; cirtorch: 1 0.7071 0.5; dirtorch: longer side 1024 and "
+        "724 with Pillow, sympow 3; dirtorch_relative; single) or numbers such as '1 0.7071 0.5' (default: cfcd; "
+        "docs/peers.md says what each reproduces)",
     )
+    g.add_argument("--flip", action="store_true", help="also describe every scale horizontally flipped (averaged)")
     g.add_argument("--power", type=float, default=None, help="combine scales with the generalised mean of this power (cirtorch msp)")
     g.add_argument(
         "--size-rule",
-        choices=["round", "half_up", "scale_factor"],
+        choices=["round", "half_up", "scale_factor", "largest"],
         default=None,
         help="target size of a scale: round(h*s) (cfcd), int(0.5+h*s) (dirtorch), floor via scale_factor (cirtorch)",
     )
@@ -114,7 +116,7 @@ def build_options(args, *, device: str):
     from cfcd.data.images import DEFAULT_MAX_PIXELS
     from cfcd.extract import ExtractOptions, parse_scales
 
-    recipe = parse_scales(args.scales, power=args.power, size_rule=args.size_rule)
+    recipe = parse_scales(args.scales, power=args.power, size_rule=args.size_rule, flip=getattr(args, "flip", False))
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (None if args.max_pixels <= 0 else args.max_pixels)
     return ExtractOptions(
         scales=recipe,
