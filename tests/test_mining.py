@@ -51,3 +51,28 @@ def test_mined_sampler_batches_and_errors():
         few.mine(lambda idx: desc[list(idx)])
     with pytest.raises(InputError, match="set .describe"):
         list(MinedTupleBatchSampler(miner, global_batch=8, micro_batch=4))
+
+
+def test_trainer_mined_contrastive_baseline(tmp_path):
+    """cfcd train with data.sampler: mined (cirtorch's training mode of the GeM baselines)."""
+    import _train_helpers as H
+    from cfcd.train.logging import read_log
+    from cfcd.train.trainer import Trainer
+
+    root = tmp_path / "data"
+    H.make_landmarks(root)
+    cfg = H.tiny_config(root, tmp_path / "run", loss={"global": "contrastive", "global_kwargs": {"margin": 0.85}},
+                        data={"sampler": "mined", "val_list": None,
+                              "mining": {"nnum": 2, "qsize": 8, "poolsize": 40, "image_size": 48}},
+                        optim={"epochs": 1}, train={"freeze_bn": True})
+    trainer = Trainer(cfg, resume=False)
+    trainer.build()
+    assert trainer.sampler.tuple_size == 4 and trainer.module.tuple_size == 4
+    trainer.fit()
+    rows = read_log(tmp_path / "run" / "log.jsonl", "train")
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    mined = trainer.sampler.last
+    assert len(mined.qidxs) == 8 and all(len(n) == 2 for n in mined.nidxs)
+    labels = trainer.train_list.labels
+    assert all(labels[q] not in {labels[i] for i in n} for q, n in zip(mined.qidxs, mined.nidxs))
+    trainer.close()

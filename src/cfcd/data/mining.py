@@ -150,3 +150,35 @@ class MinedTupleBatchSampler(GlobalBatchSampler):
             raise InputError("MinedTupleBatchSampler: set .describe (indices -> descriptors) before iterating")
         self.last = self.miner.mine(self.describe, epoch)
         return self.last.as_rows().reshape(-1)[: self.steps_per_epoch() * self.global_batch]
+
+
+def model_describer(model, paths: Sequence, *, image_size: int | None = 1024, device: str = "cpu",
+                    workers: int = 0, after: Callable[[], None] | None = None) -> Describe:
+    """``describe(indices)`` for the miner: single-scale descriptors of ``paths[i]`` with the CURRENT
+    ``model`` (eval mode, longer side capped at ``image_size`` like cirtorch's ``imresize``), then
+    the model's training mode is restored (and ``after()`` called, e.g. to re-freeze BN)."""
+    from pathlib import Path
+
+    from cfcd.data.lists import ImageList
+    from cfcd.extract import ExtractOptions, Extractor, parse_scales
+
+    paths = [Path(p) for p in paths]
+
+    def describe(indices: Sequence[int]) -> np.ndarray:
+        was_training = model.training
+        try:
+            options = ExtractOptions(scales=parse_scales("single"), max_size=image_size, device=str(device),
+                                     workers=workers, progress=False)
+            idx = [int(i) for i in indices]
+            images = ImageList(ids=[str(i) for i in idx], paths=[paths[i] for i in idx], source="hard-negative mining")
+            out, failures, _ = Extractor(model, options).extract(images)
+            if failures:
+                first = "; ".join(f"{i}: {r}" for i, r in failures[:3])
+                raise InputError(f"hard-negative mining: {len(failures)} image(s) could not be read ({first})")
+            return out
+        finally:
+            model.train(was_training)
+            if after is not None:
+                after()
+
+    return describe
