@@ -12,7 +12,6 @@ Reference lines transcribed here:
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
