@@ -190,6 +190,12 @@ def test_dirtorch_stored_whitening_reproduces_whiten_features(tmp_path, real_pho
 
     w = resolve_whitening("Landmarks_clean", power=0.25, weights=raw.meta["weights"])
     assert np.allclose(w.transform(np.asarray(raw.descriptors)), np.asarray(got.descriptors), atol=1e-6)
+    import argparse
+
+    from cfcd.cli.evaluate import _whitening
+
+    w2 = _whitening(argparse.Namespace(whiten="Landmarks_clean", whiten_power=0.25, queries=str(store) + ".unwhitened"))
+    assert np.allclose(w2.transform(np.asarray(raw.descriptors)), np.asarray(got.descriptors), atol=1e-6)
     with pytest.raises(Exception, match="no whitening file"):
         resolve_whitening("Paris_clean", weights=out)
 
