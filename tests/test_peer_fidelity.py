@@ -24,7 +24,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def gem_net():
     """GeM ResNet-18 with fixed random weights (no whitening): the net cirtorch's msp applies to."""
     torch.manual_seed(0)
-    model = M.create("gem_resnet18")
+    model = M.create("gem_resnet18", weights="random")
     with torch.no_grad():
         model.pool.p.fill_(2.8)
     return model
@@ -150,7 +150,7 @@ def test_dirtorch_stored_whitening_reproduces_whiten_features(tmp_path, real_pho
     from cfcd.cli import main
     from cfcd.features import open_store
 
-    model = _perturbed(M.create("gem_resnet18", whitening="dirtorch", out_dim=32), 3)
+    model = _perturbed(M.create("gem_resnet18", whitening="dirtorch", out_dim=32, weights="random"), 3)
     photos = [_photos(real_photos, (n,))[0] for n in ("coffee", "chelsea", "rocket")]
     train = np.random.default_rng(0).standard_normal((200, 32)) + 0.3
     pca = PCA(whiten=True).fit(train)
@@ -201,11 +201,11 @@ def test_dirtorch_stored_whitening_reproduces_whiten_features(tmp_path, real_pho
 
 
 def test_dirtorch_checkpoint_without_fc(tmp_path, real_photos):
-    model = _perturbed(M.create("gem_resnet18"), 4)
+    model = _perturbed(M.create("gem_resnet18", weights="random"), 4)
     with torch.no_grad():
         model.pool.p.fill_(3.0)
     # dirtorch creates self.fc anyway (rmac_resnet.py l.34): the checkpoint holds an unused FC
-    fc_owner = M.create("gem_resnet18", whitening="dirtorch", out_dim=512)
+    fc_owner = M.create("gem_resnet18", whitening="dirtorch", out_dim=512, weights="random")
     fc_owner.load_state_dict(model.state_dict(), strict=False)
     ckpt = official_dirtorch(fc_owner, arch="resnet18_rmac")
     ckpt["model_options"]["without_fc"] = True
