@@ -104,3 +104,21 @@ def build_index_dir(root: Path) -> dict[str, Path]:
     index = root / "index"
     build_index(db, "flat", out=index)
     return {"bench": bench, "gnd": gnd_path, "db": db, "queries": q, "index": index, "jpg": bench / "jpg"}
+
+
+_BUILT: dict[str, dict[str, Path]] = {}
+
+
+def built(tmp_path_factory) -> dict[str, Path]:
+    """The benchmark and index, built once per test process (shared by the serve test modules)."""
+    if "main" not in _BUILT:
+        _BUILT["main"] = build_index_dir(tmp_path_factory.mktemp("serve-data"))
+    return _BUILT["main"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

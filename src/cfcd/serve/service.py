@@ -454,28 +454,30 @@ class SearchService:
             raise RequestError(400, f"k must be between 1 and {self.limits.max_k}, got {k}")
         return int(k)
 
-    def query_descriptor(self, query: QueryImage) -> np.ndarray:
+    def query_descriptor(self, query: QueryImage) -> tuple[np.ndarray, str]:
+        """The 1 x D query descriptor and where it came from: ``"stored"`` (the indexed row of a
+        collection image searched whole) or ``"extracted"`` (described now)."""
         if query.upload is not None:
             path = self.upload_path(query.upload)
             if not path.is_file():
                 raise RequestError(404, f"upload {query.upload} is not in the cache any more; upload the photo again")
-            return self.describe_array(self.decode_file(path, query.box, upload=True))
+            return self.describe_array(self.decode_file(path, query.box, upload=True)), "extracted"
         if query.image_id not in self.images:
             raise RequestError(404, f"no image {query.image_id!r} in the index")
         row = self.row_of.get(query.image_id)
         if query.box is None and row is not None:
             stored = self.stored_descriptor(row)
             if stored is not None:
-                return stored
+                return stored, "stored"
         path = self.images.path(query.image_id)
         if path is None:
             raise RequestError(404, f"image {query.image_id!r} has no file under the image root (pass --images ROOT)")
-        return self.describe_array(self.decode_file(path, query.box))
+        return self.describe_array(self.decode_file(path, query.box)), "extracted"
 
     def search(self, query: QueryImage, k: int = 100) -> dict:
         k = self.check_k(k)
         t0 = time.perf_counter()
-        desc = self.query_descriptor(query)
+        desc, source = self.query_descriptor(query)
         t1 = time.perf_counter()
         with self._search_lock:
             result = self.index.search(desc, k)
@@ -486,7 +488,7 @@ class SearchService:
                 break
             results.append({"id": self.index.ids[j], "score": float(s), "rank": rank})
         return {
-            "query": query.to_json(),
+            "query": {**query.to_json(), "descriptor_source": source},
             "k": k,
             "count": len(self.index),
             "results": results,
