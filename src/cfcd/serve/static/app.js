@@ -439,7 +439,7 @@ async function viewBenchmarkQuery(main, query, params) {
     h("div", { class: "section-head" }, h("h3", {}, "Average precision"), h("span", { class: "spacer" }),
       setupSwitch(bench.setups, setup, (s) => go("benchmark", query, { setup: s, k }))),
     h("dl", { class: "kv" }, bench.setups.map((s) => [h("dt", {}, SETUP_LABEL[s] || s),
-      h("dd", {}, pct(detail.AP[s]), apBar(detail.AP[s]), ` · ${detail.metrics[s].positives} positives`)])),
+      h("dd", {}, pct(detail.AP[s]), apBar(detail.AP[s]), ` · ${detail.metrics[s].positives} positive${detail.metrics[s].positives === 1 ? "" : "s"}`)])),
     h("h3", { style: { marginTop: ".75rem" } }, `Precision-recall (${SETUP_LABEL[setup]})`),
     prPlot([{ points: detail.pr }])));
   const missed = detail.missed;
