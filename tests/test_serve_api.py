@@ -417,3 +417,28 @@ def test_compare_sorts_two_models_by_ap_difference(data, tmp_path):
         detail_b = client.get("/api/benchmark/rocket_query", params={"side": "b", "setup": "hard"}).json()
         assert detail_b["AP"]["hard"] == b["per_query"]["rocket_query"]["hard"]["AP"]
         assert client.get("/api/search", params={"id": "rocket_easy0", "side": "b", "k": 1}).json()["results"][0]["id"] == "rocket_easy0"
+
+
+def test_the_extractor_scopes_cudnn_benchmark_to_its_forward():
+    """Extractor no longer sets cudnn.benchmark for the whole process (concurrent users share it)."""
+    import torch
+
+    import cfcd.models
+    from cfcd.extract import ExtractOptions, Extractor
+    from cfcd.extract.engine import _cudnn_benchmark
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        Extractor(cfcd.models.create("gem_efficientnet_lite0"), ExtractOptions(workers=0, cudnn_benchmark=True))
+        assert torch.backends.cudnn.benchmark is False
+        with _cudnn_benchmark(True):
+            assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.benchmark is False
+        with pytest.raises(RuntimeError), _cudnn_benchmark(True):
+            raise RuntimeError("a failing forward still restores the flag")
+        assert torch.backends.cudnn.benchmark is False
+        with _cudnn_benchmark(None):  # CPU extractors leave it alone
+            assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before

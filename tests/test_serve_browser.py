@@ -22,6 +22,18 @@ from cfcd.serve.app import ServeConfig, create_app, load_state  # noqa: E402
 from cfcd.serve.service import QueryImage  # noqa: E402
 
 
+# every image inside the window has arrived and decoded (lazy ones below the fold are not asked for)
+VISIBLE_IMAGES_LOADED = """() => [...document.images].filter((i) => {
+  const r = i.getBoundingClientRect();
+  return r.bottom > 0 && r.top < innerHeight && r.width > 0;
+}).every((i) => i.complete && i.naturalWidth > 0)"""
+
+
+def _settle(page) -> None:
+    page.wait_for_load_state("networkidle")
+    page.wait_for_function(VISIBLE_IMAGES_LOADED)
+
+
 def _chromium() -> str:
     for name in ("chromium", "chromium-browser"):
         path = shutil.which(name)
@@ -75,7 +87,7 @@ def test_page_search_benchmark_and_query_in_chromium(server, tmp_path):
             assert first.get_attribute("data-id") == expected_first
             assert "#1" in first.inner_text()
             assert "upload=" in page.url  # the URL holds the query
-            page.wait_for_load_state("networkidle")
+            _settle(page)
             page.screenshot(path=str(tmp_path / "search.png"))
 
             # explore from a result: clicking it searches with it
@@ -88,7 +100,7 @@ def test_page_search_benchmark_and_query_in_chromium(server, tmp_path):
             page.wait_for_selector("#query-table tbody tr")
             assert page.locator("#query-table tbody tr").first.get_attribute("data-query") == worst
             assert "Medium" in page.inner_text("table.metrics")
-            page.wait_for_load_state("networkidle")
+            _settle(page)
             page.screenshot(path=str(tmp_path / "benchmark.png"), full_page=True)
 
             page.locator("#query-table tbody tr").first.click()
@@ -96,12 +108,13 @@ def test_page_search_benchmark_and_query_in_chromium(server, tmp_path):
             tags = page.locator(".qdetail .grid .card .tag").all_inner_texts()
             assert {t.lower() for t in tags} >= {"easy", "neg"}  # classes as text, not only colour
             assert page.locator("svg.prplot path.curve").count() == 1
-            page.wait_for_load_state("networkidle")
+            _settle(page)
             page.screenshot(path=str(tmp_path / "query.png"), full_page=True)
 
             # a narrow window: one column, nothing wider than the window
             page.set_viewport_size({"width": 390, "height": 800})
             page.evaluate("window.scrollTo(0, 0)")
+            _settle(page)
             assert page.evaluate("document.documentElement.scrollWidth") <= 391
             page.screenshot(path=str(tmp_path / "narrow.png"))
             assert not errors, errors
