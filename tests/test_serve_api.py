@@ -442,3 +442,35 @@ def test_the_extractor_scopes_cudnn_benchmark_to_its_forward():
             assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_multipart_bytes_arrive_unchanged():
+    """Binary uploads with CR/LF runs and boundary-like lines survive the multipart parser byte for byte."""
+    import httpx
+
+    from cfcd.serve.app import _parse_multipart
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        data = rng.integers(0, 256, 20000, dtype=np.uint8).tobytes() + b"\r\n\r\n--boundary\n\r\r\n\x00"
+        request = httpx.Request("POST", "http://127.0.0.1/", files={"image": ("a.jpg", data, "image/jpeg")},
+                                data={"k": "5", "box": "1,2,3,4"})
+        message = _parse_multipart(request.headers["content-type"], request.read())
+        parts = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True)
+                 for p in message.iter_parts()}
+        assert parts == {"image": data, "k": b"5", "box": b"1,2,3,4"}
+
+
+def test_too_many_waiting_searches_get_503(served, data):
+    client, state, _ = served
+    limits = state.service.limits
+    saved = limits.max_waiting
+    try:
+        limits.max_waiting = 0  # no room in the queue: every search that needs the model is refused
+        r = _upload(client, (data["jpg"] / "coffee_query.jpg").read_bytes())
+        assert r.status_code == 503 and "server busy" in r.json()["detail"]
+        # a collection image searched whole uses its indexed descriptor: no model, no queue
+        assert client.get("/api/search", params={"id": "coffee_easy0", "k": 1}).status_code == 200
+    finally:
+        limits.max_waiting = saved
+    assert _upload(client, (data["jpg"] / "coffee_query.jpg").read_bytes()).status_code == 200
