@@ -183,7 +183,7 @@ def load_model_for(meta: dict, *, model_name: str | None, weights: str | None, w
             f"--model {model_name} does not match {where}: its descriptors were extracted with "
             f"{recorded_name!r}. Serve it with --model {recorded_name} (or omit --model)"
         )
-    if weights is None and model_name is None and meta.get("weights"):
+    if weights is None and meta.get("weights"):  # the recorded weights, unless others are given
         weights = meta["weights"]
         if not os.path.exists(weights):
             raise InputError(

@@ -65,7 +65,8 @@ def _render(source: Path, size: int, box, crop_rule: str):
             with Image.open(source) as img:
                 if img.size[0] * img.size[1] > MAX_SOURCE_PIXELS:
                     raise ThumbnailError(f"{img.size[0]}x{img.size[1]} image is too large for a thumbnail")
-                img.draft("RGB", (size * 2, size * 2)) if box is None else None  # fast JPEG downscale
+                if box is None:  # a box is in full-resolution pixels: no reduced JPEG decode then
+                    img.draft("RGB", (size * 2, size * 2))
                 img = ImageOps.exif_transpose(img)
                 img = img.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
