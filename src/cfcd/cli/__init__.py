@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("cfcd.cli.benchmark", "one paper row: extract queries and database, evaluate, print"),
     "index": ("cfcd.cli.index", "build a FAISS or exact index from a descriptor store"),
     "search": ("cfcd.cli.search", "top-k search of query descriptors in an index"),
+    "serve": ("cfcd.cli.serve", "web page and JSON API: search by photo, browse an index, explore a benchmark"),
     "whiten": ("cfcd.cli.whiten", "learn PCA whitening (whitenp) or supervised Lw on a descriptor store"),
     "store": ("cfcd.cli.store", "inspect, merge and finalize descriptor stores"),
     "models": ("cfcd.cli.models", "list the registered models: family, output dimension, input, embedded weights"),

@@ -24,6 +24,7 @@ time (batch 1, fp32, cv2 resize): the CFCD ``evaler/infer.py`` procedure.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -186,6 +187,22 @@ class _PinnedBuffers:
         return slots[turn]
 
 
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool | None):
+    """``torch.backends.cudnn.benchmark = enabled`` for the block, restored after (None: untouched)."""
+    import torch
+
+    if enabled is None:
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = bool(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 class Extractor:
     """Multi-scale descriptors for image lists with one model.
 
@@ -210,10 +227,10 @@ class Extractor:
         self.channels_last = self.device.type == "cuda" and opts.mode == "fast"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            # revisitop images are mostly 1024x768 / 768x1024, so shapes repeat: let cuDNN pick the
-            # fastest kernels (off for collections of all-different sizes; the reference leaves it off).
-            torch.backends.cudnn.benchmark = opts.mode == "fast" and opts.cudnn_benchmark
+        # revisitop images are mostly 1024x768 / 768x1024, so shapes repeat: let cuDNN pick the
+        # fastest kernels (off for collections of all-different sizes; the reference leaves it off).
+        # Set around this extractor's forward passes only, not for the whole process.
+        self.cudnn_benchmark = self.device.type == "cuda" and opts.mode == "fast" and opts.cudnn_benchmark
         self.mean, self.std = normalisation_tensors(self.preprocess, self.device)
         self._pinned = _PinnedBuffers() if self.device.type == "cuda" else None
 
@@ -257,7 +274,7 @@ class Extractor:
         B x H x W x 3 uint8 tensor or a list of H x W x 3 tensors of one size."""
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), _cudnn_benchmark(self.cudnn_benchmark if self.device.type == "cuda" else None):
             if self.device.type == "cuda":
                 shape = (len(images), *images[0].shape)
                 pinned = self._pinned.get(shape)
