@@ -1,63 +1,8 @@
 """The exact revisitop evaluation (Revisited Oxford/Paris, +1M distractors): mAP and mP@k, Easy/Medium/Hard.
 
-Protocol (``revisitop:python/example_evaluate.py`` and ``evaluate.py``):
-
-======  ====================  =====================
-setup   positives (``ok``)    ignored (``junk``)
-======  ====================  =====================
-easy    easy                  junk + hard
-medium  easy + hard           junk
-hard    hard                  junk + easy
-======  ====================  =====================
-
-All other database images (and every distractor) are negatives. AP is the trapezoidal area under
-the precision-recall curve after the junk images are removed from the ranking; a query without
-positives is skipped (its AP is NaN and it does not count in the mean). mP@k takes, per query,
-the precision at ``min(k, rank of the last positive)`` (so two positives at ranks 1 and 2 give
-P@10 = 1).  The classic Oxford5k/Paris6k files (``ok``/``junk``) give one setup, ``classic``.
-
-**Reference.** :func:`reference_compute_map` and :func:`reference_compute_ap` are revisitop's code
-verbatim (``np.isin`` instead of the removed ``np.in1d``); they take a full ranking
-``argsort(-X @ Q.T, axis=0)`` and are kept for tests and the benchmark.
-
-**Fast path.** No full ranking (an N x nq argsort of indices) and no per-query membership scans
-over N are needed: the metrics depend only on the positions of the few hundred *labelled* images
-(easy + hard + junk, the same set for all three setups). The position of a labelled image ``m``
-with score ``t`` is the number of images scoring strictly higher, plus (tie policy, below) the
-number of equal-scoring images with a lower index. Scores are computed in row chunks (float32
-BLAS, ``Q @ chunk.T``: the reference's dot products); per chunk, each query's score *values* are
-sorted once (numpy's SIMD sort, a few ns per score, in worker threads) and the labelled scores
-are located in them by binary search. Nothing of size N x nq is ever held, and the database,
-``.npy`` memory maps and the distractors are streamed without being concatenated.
-
-**Tie policy.** Equal scores are ranked by database index, lower first (what a *stable*
-``argsort(-s)`` gives; distractors come after the database). revisitop's ``np.argsort`` is not
-stable, so on exact ties either order is "correct"; with the stable order the two agree exactly.
-
-**Numerics.** The fast path computes the scores in float32 chunks. BLAS may round a chunked
-product differently from the full ``X @ Q.T`` in the last bits, so two images whose scores are
-within an ulp can swap relative to the reference. Given the *same* score matrix
-(:func:`evaluate_scores`) the results equal the reference exactly; from descriptors they agree to
-well within 1e-6 mAP in practice (tested on the real ground truth).
-
-**Sanity check with published numbers.** revisitop's README evaluates its example features
-(R-[37]-GeM: ResNet101-GeM trained on rSfM120k, ``<ds>_resnet_rsfm120k_gem.mat`` with ``Q`` D x nq
-and ``X`` D x n, from ``http://cmp.felk.cvut.cz/revisitop/data/features/``) and prints
-
-=========  =======================  ===================  ===================  ===================
-dataset    mAP E / M / H            mP@1,5,10 E          mP@1,5,10 M          mP@1,5,10 H
-=========  =======================  ===================  ===================  ===================
-roxford5k  84.81 / 64.67 / 38.47    97.06 92.06 86.49    97.14 90.67 84.67    81.43 63.00 53.00
-rparis6k   92.12 / 77.20 / 56.32    100.00 97.14 96.14   100.00 98.86 98.14   94.29 90.29 89.14
-=========  =======================  ===================  ===================  ===================
-
-(E mP@1 97.06 = 66/68: roxford5k queries 11 and 66 have no easy positives.) To reproduce::
-
-    cfcd evaluate --dataset roxford5k --root DATA \
-        -q roxford5k_resnet_rsfm120k_gem.mat -x roxford5k_resnet_rsfm120k_gem.mat
-
-(``.mat`` inputs: ``Q`` is read for the queries and ``X`` for the database, both D x N; see
-:func:`load_mat_descriptors`.)
+A fast path that never builds the N x nq ranking (only the positions of the labelled images),
+and revisitop's code verbatim as the reference. The protocol, the tie policy, the numerics and
+the published numbers to check against are in ``docs/evaluation.md``.
 """
 
 from __future__ import annotations
@@ -721,7 +666,7 @@ def evaluate(
     check: bool = True,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> EvaluationResult:
-    """Evaluate descriptors with the revisitop protocol (fast path; see the module docstring).
+    """Evaluate descriptors with the revisitop protocol (fast path; see ``docs/evaluation.md``).
 
     ``queries`` (nq x D) follow the ground truth's ``qimlist``, ``database`` (N x D) its
     ``imlist``; ``distractors`` (one matrix or a list, e.g. R1M shards) are appended to the

@@ -1,7 +1,8 @@
 """Post-processing of global descriptors: PCA whitening, learned whitening (Lw), DBA and alpha-QE.
 
 Everything works on row-major N x D float arrays (one descriptor per row), unlike cirtorch
-(D x N columns). The formulas follow the original code (retrieval_baselines.md 3.1 and 3.3):
+(D x N columns). The formulas follow the original code (deep-image-retrieval ``dirtorch/utils/common.py``
+``whiten_features`` and ``dirtorch/test_dir.py`` ``eval_model``; cirtorch ``cirtorch/utils/whiten.py``):
 
 * **PCA whitening with eigenvalue power** (deep-image-retrieval ``whiten_features``)::
 

@@ -10,10 +10,11 @@ steps it has done (the sampler's state is two ints, ``epoch`` and ``step``).
 Items are yielded as ``(epoch, index)`` pairs; :class:`cfcd.data.training.TrainingDataset`
 uses the epoch to seed its augmentation.
 
-:class:`TupleBatchSampler` reproduces CFCD's ``DistributedTupleHEMSampler`` (spec §4.3) call
-for call -- the same tuples for the same seed -- with three fixes: it works on one process
-(the reference falls back to a plain shuffle there and silently breaks the tuples, spec §9.2),
-it uses its own ``random.Random`` instead of reseeding the global ``random`` module (§9.13),
+:class:`TupleBatchSampler` reproduces CFCD's ``DistributedTupleHEMSampler``
+(``datasets/distributed_tuple_hem_sampler.py`` lines 46-197) call for call -- the same tuples for
+the same seed -- with three fixes: it works on one process (the reference falls back to a plain
+shuffle there, ``datasets/loader.py`` lines 34-40, and silently breaks the tuples), it uses its
+own ``random.Random`` instead of reseeding the global ``random`` module (line 47),
 and it runs in O(log C) per tuple instead of O(C) list copies and removals.
 """
 

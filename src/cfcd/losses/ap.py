@@ -1,4 +1,4 @@
-"""Listwise AP losses of deep-image-retrieval (Revaud et al., ICCV 2019; spec retrieval_baselines.md 4.1).
+"""Listwise AP losses of deep-image-retrieval (Revaud et al., ICCV 2019; ``dirtorch/loss.py`` lines 7-136).
 
 ``APLoss(nq=25, min=0, max=1)`` quantises every score into ``nq`` triangular bins with the
 fixed 1x1-Conv1d quantizer of ``dirtorch/loss.py`` and computes a differentiable AP per row:

@@ -1,6 +1,6 @@
-"""CFCD stage-2 local triplet loss on matched local descriptors (spec cfcd_dolg.md section 4.2).
+"""CFCD stage-2 local triplet loss on matched local descriptors (Zhu et al., ICCV 2023, section 3.3).
 
-Transcribes ``core/losses/super_loss.py`` of bassyess/CFCD (itself adapted from naver/FIRe),
+Transcribes ``core/losses/super_loss.py`` of bassyess/CFCD (lines 12-107; itself adapted from naver/FIRe),
 vectorised over the tuples of the batch with batched ``cdist`` instead of a Python loop.
 
 For each tuple ``[anchor q, positive p, negatives n_1..n_k]`` of local feature maps:

@@ -1,6 +1,6 @@
 """MadaCos: the adaptive-scale, adaptive-margin cosine softmax of CFCD (ICCV 2023).
 
-Transcribes ``core/model/madacos.py`` of bassyess/CFCD (spec: cfcd_dolg.md section 3):
+Transcribes ``core/model/madacos.py`` of bassyess/CFCD (``MadaCosLayerFunction.forward``, lines 16-62):
 
 1. ``cos = linear(L2(emb), L2(W))``; target cosines ``t_i = cos[i, y_i]``;
 2. ``med, idx = torch.median(t)`` over the GLOBAL batch (all ranks, gathered in rank order);

@@ -91,7 +91,8 @@ class CosFace(CosineHead):
 
 class CurricularFace(CosineHead):
     """DOLG's head. The DOLG and CFCD code call it ``Arcface``, but it is CurricularFace
-    (Huang et al., CVPR 2020); spec cfcd_dolg.md section 8.2. For true ArcFace use :class:`ArcFace`.
+    (Huang et al., CVPR 2020): DOLG ``core/model/dolg_model.py`` ``Arcface`` = CFCD
+    ``core/model/arcface.py`` lines 9-54. For true ArcFace use :class:`ArcFace`.
 
     Training mode (``cos`` clamped to [-1, 1], theta the target angle):
 

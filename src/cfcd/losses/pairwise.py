@@ -1,4 +1,5 @@
-"""cirtorch's tuple losses for the GeM baselines (spec retrieval_baselines.md section 4.2).
+"""cirtorch's tuple losses for the GeM baselines (Radenovic et al., TPAMI 2019;
+``cirtorch/layers/functional.py`` ``contrastive_loss`` / ``triplet_loss``, lines 141-172).
 
 Layout: cirtorch passes a D x N matrix whose COLUMNS are grouped per tuple with a label
 vector (-1 query, 1 positive, 0 negative). Here the input is our usual row-major B x D batch

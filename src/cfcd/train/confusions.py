@@ -1,7 +1,8 @@
 """Classifier confusions for hard-negative tuples: ``landmark_scores.txt`` (``path gt pred score``).
 
 The reference produces it with ``infer.py`` over the training list, which -- because the split
-name contains "train" -- applies random crops and flips to the images being scored (spec §9.4).
+name contains "train" -- applies random crops and flips to the images being scored (CFCD
+``datasets/commondataset.py`` lines 76 and 90).
 Here the stage-1 model sees the **validation transform** (short side -> test size, center crop):
 ``pred`` is the argmax cosine of the classifier and ``score`` its softmax probability with the
 head in eval mode (MadaCos: margin 0, scale from the batch, as the reference's ``infer_model``).

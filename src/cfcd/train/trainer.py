@@ -547,7 +547,8 @@ class Trainer:
 
         The list is split over ranks by stride; MadaCos runs in eval mode (m = 0, batch-dependent
         s as in the reference) without cross-rank statistics. Stage-2 val tuples are not built:
-        the reference's val triplet loss is not comparable across settings anyway (spec §9.14).
+        the reference's val triplet loss (CFCD ``core/trainer.py`` ``test_epoch``) is not comparable
+        across settings anyway.
         """
         from torch.utils.data import DataLoader
 

@@ -3,7 +3,7 @@
 Registry of the datasets that ``cfcd data download|verify|layout`` knows. Each is a
 :class:`BenchmarkDataset` (archives extracted into ``ROOT/<name>/jpg/`` plus small files such
 as the gnd pickle placed in ``ROOT/<name>/``). The layout and the sources are documented in
-:mod:`cfcd.data.benchmarks.revisitop`.
+``docs/revisitop.md``.
 
 Example::
 

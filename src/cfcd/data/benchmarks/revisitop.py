@@ -1,60 +1,9 @@
 """Revisited Oxford / Paris and the R1M distractors: official sources, layout, download, verify.
 
-Layout (the one of ``revisitop/python/download.py``, with ``ROOT`` = ``--root``)::
-
-    ROOT/
-      roxford5k/
-        jpg/<name>.jpg                 # 5063 images of oxbuild_images-v1.tgz, moved flat
-        gnd_roxford5k.pkl              # imlist (4993), qimlist (70), gnd (bbx, easy, hard, junk)
-        .cfcd-download.json            # cfcd's record: url, size, sha256 of every downloaded file
-        .cfcd-files/<archive>.tsv      # path, size, sha256 of every file extracted from <archive>
-      rparis6k/
-        jpg/<name>.jpg                 # paris_1-v1.tgz + paris_2-v1.tgz, moved flat
-        gnd_rparis6k.pkl               # imlist (6322), qimlist (70), gnd
-        ...
-      revisitop1m/
-        jpg/<path as in the list>      # revisitop1m.<i>.tar.gz, i = 1..100, extracted as they are
-        revisitop1m.txt                # the official list of the 1M distractors, one path per line
-
-An image of roxford5k/rparis6k is ``ROOT/<ds>/jpg/<imlist[i]>.jpg``; a distractor is
-``ROOT/revisitop1m/jpg/<line>`` (the list lines carry their extension).
-
-Official sources (``revisitop`` HEAD ``be39832``). The VGG archives are the "-v1" face-blurred
-versions of the 2022 update; the older URLs without "-v1" are gone:
-
-- ``https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz``
-- ``https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_{1,2}-v1.tgz``
-- ``http://cmp.felk.cvut.cz/revisitop/data/datasets/<ds>/gnd_<ds>.pkl``
-- ``http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg/revisitop1m.<i>.tar.gz`` (i = 1..100)
-- ``http://ptak.felk.cvut.cz/revisitop/revisitop1m/revisitop1m.txt``
-
-A mirror (``--base-url URL`` or the environment variable ``CFCD_DATA_MIRROR``) replaces the
-scheme and host of every URL and keeps its path: with ``--base-url http://mirror/data`` the
-Oxford archive is fetched from ``http://mirror/data/~vgg/data/oxbuildings/oxbuild_images-v1.tgz``.
-
-Differences from the original scripts, all deliberate:
-
-- Every download resumes (``<file>.part`` + HTTP Range), retries a bounded number of times,
-  and is checked against the size announced by the server and the manifest (below); the
-  original ``wget`` calls are not checked at all and R1M retries for ever.
-- The images are assembled in ``<ds>/.jpg.partial/`` and renamed to ``jpg/`` only when every
-  archive is extracted, so ``jpg/`` is never half-filled. Each archive is marked done in
-  ``.cfcd-download.json`` once extracted (and then deleted unless ``keep_archives``): an
-  interrupted R1M download resumes at the archive where it stopped.
-- Name clashes when moving flat (the original ``mv -i`` prompts) keep the first file and give
-  a different later one a deterministic name (:func:`cfcd.data.download.clash_name`); all
-  clashes are recorded in ``.cfcd-download.json``.
-- ``revisitop1m.txt`` is fetched whenever it is missing (the MATLAB behaviour; the Python script
-  only fetches it together with the images).
-- An existing ``jpg/`` that cfcd did not create (a manual download) is left alone, as the
-  original does.
-
-Manifest: every file has an expected size and sha256, ``None`` where unknown. The two gnd files
-carry the values of the published files; the archives are unknown from here, so they are
-checked against the server's ``Content-Length`` and their sha256 is recorded for ``verify``.
-``--manifest FILE`` supplies values: a JSON object keyed by file name (or URL), each value
-``{"size": int | null, "sha256": str | null}``; a ``null`` overrides a built-in value.
-:func:`manifest_from_download` writes such a file from a finished download, to share.
+``ROOT/<ds>/jpg/`` holds the images, ``ROOT/<ds>/gnd_<ds>.pkl`` the ground truth; downloads
+resume, are checked against a manifest and never leave ``jpg/`` half-filled. The layout, the
+official URLs, the mirror rule and the differences from ``revisitop/python/download.py`` are in
+``docs/revisitop.md``.
 """
 
 from __future__ import annotations
@@ -301,7 +250,7 @@ def download_dataset(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> DownloadSummary:
-    """Download (or complete) one dataset into ``ROOT/<name>/``; see the module docstring.
+    """Download (or complete) one dataset into ``ROOT/<name>/``; see ``docs/revisitop.md``.
 
     Safe to rerun at any time: complete files and extracted archives are skipped, a partial
     download resumes, a partial extraction restarts from its archive.
