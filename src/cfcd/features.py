@@ -32,7 +32,6 @@ Reading: :func:`open_store` (no checks beyond the structure, memory-mapped) and
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ import numpy as np
 
 from cfcd import __version__
 from cfcd.errors import CfcdError, InputError
-from cfcd.utils.io import atomic_save_npy, atomic_write_json, atomic_write_text
+from cfcd.utils.io import atomic_save_npy, atomic_write_json, atomic_write_text, utc_timestamp
 
 __all__ = [
     "STORE_FORMAT",
@@ -63,6 +62,12 @@ __all__ = [
     "store_summary",
     "iter_blocks",
     "transform_store",
+    "link_or_copy",
+    "load_npy",
+    "read_ids",
+    "write_ids",
+    "write_meta",
+    "utc_timestamp",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,8 +123,16 @@ class DescriptorStore:
 # --------------------------------------------------------------------------- small helpers
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+def write_meta(directory: Path, meta: dict, *, count: int, dim: int, dtype: str) -> dict:
+    """Write ``directory/meta.json``: ``meta`` (``failures`` defaulting to none) under the store's
+    header (format, version, count, dim, dtype, cfcd_version, created). Written atomically and
+    last by every writer, so a reader never takes a half-written store for a complete one."""
+    out = dict(meta)
+    out.setdefault("failures", [])
+    out.update(format=STORE_FORMAT, version=STORE_VERSION, count=int(count), dim=int(dim), dtype=str(dtype),
+               cfcd_version=__version__, created=utc_timestamp())
+    atomic_write_json(directory / META_FILE, out)
+    return out
 
 
 def _few(items: Sequence, n: int = 5) -> str:
@@ -149,11 +162,11 @@ def _check_ids(ids: Sequence[str], where: str) -> list[str]:
     return out
 
 
-def _write_ids(path: Path, ids: Sequence[str]) -> None:
+def write_ids(path: Path, ids: Sequence[str]) -> None:
     atomic_write_text(path, "".join(f"{i}\n" for i in ids))
 
 
-def _read_ids(path: Path) -> list[str]:
+def read_ids(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -161,7 +174,7 @@ def _read_ids(path: Path) -> list[str]:
     return text.split("\n")[:-1] if text.endswith("\n") else (text.split("\n") if text else [])
 
 
-def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+def load_npy(path: Path, mmap: bool) -> np.ndarray:
     """np.load with every failure turned into a CfcdError that names the file."""
     if not path.is_file():
         raise InputError(f"{path}: descriptor file not found")
@@ -234,11 +247,11 @@ def open_store(path: str | os.PathLike, mmap: bool = True) -> DescriptorStore:
             raise InputError(f"{meta_path}: not valid JSON: {exc}") from None
         if not isinstance(meta, dict):
             raise InputError(f"{meta_path}: expected a JSON object")
-        descriptors = _load_npy(path / DESCRIPTORS_FILE, mmap)
+        descriptors = load_npy(path / DESCRIPTORS_FILE, mmap)
         ids_path = path / IDS_FILE
         if not ids_path.is_file():
             raise InputError(f"{ids_path}: image id list not found")
-        ids = _read_ids(ids_path)
+        ids = read_ids(ids_path)
         if descriptors.ndim != 2:
             raise InputError(f"{path / DESCRIPTORS_FILE}: expected an N x D matrix, got shape {descriptors.shape}")
         if len(ids) != descriptors.shape[0]:
@@ -247,7 +260,7 @@ def open_store(path: str | os.PathLike, mmap: bool = True) -> DescriptorStore:
             )
         return DescriptorStore(path=path, descriptors=descriptors, ids=ids, meta=meta)
     if path.is_file():
-        descriptors = _load_npy(path, mmap)
+        descriptors = load_npy(path, mmap)
         if descriptors.ndim != 2:
             raise InputError(f"{path}: expected an N x D matrix, got shape {descriptors.shape}")
         return DescriptorStore(path=path, descriptors=descriptors, ids=None, meta={})
@@ -365,7 +378,7 @@ def _scan_shards(partial: Path) -> list[_Shard]:
                 continue  # .txt without .npy cannot come from our writer; ignore it
             try:
                 rows = np.load(npy, mmap_mode="r", allow_pickle=False).shape[0]
-                n_ids = len(_read_ids(txt))
+                n_ids = len(read_ids(txt))
             except Exception as exc:
                 logger.warning("ignoring unreadable shard %s: %s", npy, exc)
                 continue
@@ -471,9 +484,9 @@ class StoreWriter:
         """Ids already written by earlier runs, in every part, plus those of a finalised store here."""
         done: set[str] = set()
         if is_store(self.path):
-            done.update(_read_ids(self.path / IDS_FILE))
+            done.update(read_ids(self.path / IDS_FILE))
         for shard in _scan_shards(self.partial):
-            done.update(_read_ids(shard.txt))
+            done.update(read_ids(shard.txt))
         done.update(self._buffer_ids)
         return done
 
@@ -525,7 +538,7 @@ class StoreWriter:
         shard, rest = rows[:n], rows[n:]
         stem = self.part_dir / f"shard-{self._next:05d}"
         atomic_save_npy(stem.with_suffix(".npy"), np.ascontiguousarray(shard))
-        _write_ids(stem.with_suffix(".txt"), ids)  # the .txt last: it makes the shard visible
+        write_ids(stem.with_suffix(".txt"), ids)  # the .txt last: it makes the shard visible
         self._next += 1
         self._buffer_ids = rest_ids
         self._buffer_rows = [rest] if len(rest_ids) else []
@@ -539,7 +552,7 @@ class StoreWriter:
             self.flush()
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         dst.unlink()
@@ -618,8 +631,8 @@ def finalize_store(
         # Keep the finalised rows as the first "shard" before anything destructive happens:
         # a kill from here on leaves a store without meta.json that is finalised again from shards.
         base = partial / BASE_PART
-        _link_or_copy(path / DESCRIPTORS_FILE, base / "shard-00000.npy")
-        _link_or_copy(path / IDS_FILE, base / "shard-00000.txt")
+        link_or_copy(path / DESCRIPTORS_FILE, base / "shard-00000.npy")
+        link_or_copy(path / IDS_FILE, base / "shard-00000.txt")
         atomic_write_json(partial / "base_meta.json", old_meta)
         _fsync_dir(base)
         (path / META_FILE).unlink()
@@ -639,7 +652,7 @@ def finalize_store(
     duplicates = 0
     shard_ids: list[list[str]] = []
     for s, shard in enumerate(shards):
-        ids = _read_ids(shard.txt)
+        ids = read_ids(shard.txt)
         shard_ids.append(ids)
         for row, image_id in enumerate(ids):
             if image_id in source:
@@ -711,24 +724,12 @@ def finalize_store(
             step = _block_rows(dim)
             for start in range(0, len(src), step):
                 out[dst[start : start + step]] = np.asarray(data[src[start : start + step]], dtype=dtype)
-    _write_ids(path / IDS_FILE, final_ids)
+    write_ids(path / IDS_FILE, final_ids)
 
-    new_meta = {**old_meta, **(meta or {})}
-    new_meta.update(
-        {
-            "format": STORE_FORMAT,
-            "version": STORE_VERSION,
-            "count": len(final_ids),
-            "dim": dim,
-            "dtype": dtype,
-            "failures": failures,
-            "cfcd_version": __version__,
-            "created": _now(),
-        }
-    )
+    new_meta = {**old_meta, **(meta or {}), "failures": failures}
     if duplicates:
         new_meta["duplicates_resolved"] = int(new_meta.get("duplicates_resolved", 0)) + duplicates
-    atomic_write_json(path / META_FILE, new_meta)
+    write_meta(path, new_meta, count=len(final_ids), dim=dim, dtype=dtype)
     _fsync_dir(path)
     shutil.rmtree(partial, ignore_errors=True)
     if failures:
@@ -767,21 +768,8 @@ def write_store(
     with contextlib.suppress(FileNotFoundError):
         (path / META_FILE).unlink()
     atomic_save_npy(path / DESCRIPTORS_FILE, np.ascontiguousarray(x))
-    _write_ids(path / IDS_FILE, ids)
-    new_meta = dict(meta or {})
-    new_meta.setdefault("failures", [])
-    new_meta.update(
-        {
-            "format": STORE_FORMAT,
-            "version": STORE_VERSION,
-            "count": int(x.shape[0]),
-            "dim": int(x.shape[1]),
-            "dtype": x.dtype.name,
-            "cfcd_version": __version__,
-            "created": _now(),
-        }
-    )
-    atomic_write_json(path / META_FILE, new_meta)
+    write_ids(path / IDS_FILE, ids)
+    write_meta(path, dict(meta or {}), count=x.shape[0], dim=x.shape[1], dtype=x.dtype.name)
     return open_store(path)
 
 
@@ -815,21 +803,8 @@ def transform_store(
             if y.shape != (block.shape[0], int(out_dim)):
                 raise CfcdError(f"transform returned shape {y.shape}, expected {(block.shape[0], int(out_dim))}")
             mm[start : start + block.shape[0]] = y
-    _write_ids(out / IDS_FILE, source.ids)
-    new_meta = dict(meta or {})
-    new_meta.setdefault("failures", [])
-    new_meta.update(
-        {
-            "format": STORE_FORMAT,
-            "version": STORE_VERSION,
-            "count": len(source),
-            "dim": int(out_dim),
-            "dtype": dtype,
-            "cfcd_version": __version__,
-            "created": _now(),
-        }
-    )
-    atomic_write_json(out / META_FILE, new_meta)
+    write_ids(out / IDS_FILE, source.ids)
+    write_meta(out, dict(meta or {}), count=len(source), dim=out_dim, dtype=dtype)
     return open_store(out)
 
 
@@ -924,24 +899,11 @@ def merge_stores(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
                 mm[offset + start : offset + start + block.shape[0]] = block
             offset += len(s)
     all_ids = [i for s in stores for i in s.ids]
-    _write_ids(out / IDS_FILE, all_ids)
+    write_ids(out / IDS_FILE, all_ids)
     meta = {k: v for k, v in stores[0].meta.items() if k not in ("failures", "merged_from", "duplicates_resolved")}
-    meta.update(
-        {
-            "format": STORE_FORMAT,
-            "version": STORE_VERSION,
-            "count": total,
-            "dim": dim,
-            "dtype": dtype,
-            "failures": [f for s in stores for f in s.meta.get("failures", [])],
-            "merged_from": [
-                {"path": str(s.path), "count": len(s), "created": s.meta.get("created")} for s in stores
-            ],
-            "cfcd_version": __version__,
-            "created": _now(),
-        }
-    )
-    atomic_write_json(out / META_FILE, meta)
+    meta["failures"] = [f for s in stores for f in s.meta.get("failures", [])]
+    meta["merged_from"] = [{"path": str(s.path), "count": len(s), "created": s.meta.get("created")} for s in stores]
+    write_meta(out, meta, count=total, dim=dim, dtype=dtype)
     return open_store(out)
 
 
@@ -984,3 +946,7 @@ def iter_blocks(descriptors: np.ndarray, block: int | None = None, dtype=np.floa
     block = block or _block_rows(descriptors.shape[1])
     for start in range(0, descriptors.shape[0], block):
         yield start, np.ascontiguousarray(descriptors[start : start + block], dtype=dtype)
+
+
+# The helpers' former private names, kept while other branches still import them.
+_link_or_copy, _load_npy, _now, _read_ids, _write_ids = link_or_copy, load_npy, utc_timestamp, read_ids, write_ids

@@ -46,6 +46,7 @@ import numpy as np
 
 from cfcd import __version__
 from cfcd.errors import CfcdError, InputError
+from cfcd.utils.io import utc_timestamp
 
 __all__ = [
     "Whitening",
@@ -147,7 +148,7 @@ class Whitening:
                 "cfcd_version": __version__,
             }
         )
-        info.setdefault("created", _now())
+        info.setdefault("created", utc_timestamp())
         atomic_write_json(stem.with_name(stem.name + ".json"), info)
         return st_path
 
@@ -157,12 +158,6 @@ class Whitening:
         out = {k: self.info[k] for k in keys if k in self.info}
         out.update(kind=self.kind, dim=int(self.dim))
         return out
-
-
-def _now() -> str:
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def _as_rows(x, role: str) -> np.ndarray:
