@@ -619,35 +619,65 @@ def finalize_store(
     if is_store(path):
         existing = open_store(path)
         old_meta = dict(existing.meta)
-        has_new = bool(_scan_shards(partial))
-        if not has_new and (order is None or list(order) == existing.ids):
-            if meta:
-                new_meta = {**old_meta, **meta, "count": old_meta.get("count", len(existing))}
-                atomic_write_json(path / META_FILE, new_meta)
-                old_meta = new_meta
-            if partial.exists():
-                shutil.rmtree(partial)
-            return open_store(path)
-        # Keep the finalised rows as the first "shard" before anything destructive happens:
-        # a kill from here on leaves a store without meta.json that is finalised again from shards.
-        base = partial / BASE_PART
-        link_or_copy(path / DESCRIPTORS_FILE, base / "shard-00000.npy")
-        link_or_copy(path / IDS_FILE, base / "shard-00000.txt")
-        atomic_write_json(partial / "base_meta.json", old_meta)
-        _fsync_dir(base)
-        (path / META_FILE).unlink()
-        _fsync_dir(path)
+        if not _scan_shards(partial) and (order is None or list(order) == existing.ids):
+            return _update_meta_only(path, old_meta, meta, count=len(existing))
+        _keep_finalised_rows_as_base(path, partial, old_meta)
     elif (partial / "base_meta.json").is_file():
         old_meta = json.loads((partial / "base_meta.json").read_text(encoding="utf-8"))
 
     if not path.is_dir():
         raise InputError(f"{path}: no such store directory")
     shards = _scan_shards(partial)
-    writer_cfg = {}
-    if (partial / WRITER_FILE).is_file():
-        writer_cfg = json.loads((partial / WRITER_FILE).read_text(encoding="utf-8"))
+    source, shard_ids, duplicates = _row_sources(shards)
+    if duplicates:
+        logger.warning("%s: %d duplicate ids across shards; the last written row of each was kept", path, duplicates)
+    failures = _unresolved_failures(old_meta, partial, source)
+    final_ids, failures = _final_ids(path, order, source, failures)
+    dim, dtype = _shard_shape(path, shards, partial)
+    if not final_ids:
+        raise InputError(
+            f"{path}: no descriptor was written ({len(failures)} failures, first: "
+            f"{_few([f['id'] + ': ' + f['reason'] for f in failures], 3)})"
+        )
+    _copy_rows(path, shards, shard_ids, source, final_ids, dim, dtype)
+    write_ids(path / IDS_FILE, final_ids)
 
-    # Resolve where each id's row comes from: the last occurrence wins.
+    new_meta = {**old_meta, **(meta or {}), "failures": failures}
+    if duplicates:
+        new_meta["duplicates_resolved"] = int(new_meta.get("duplicates_resolved", 0)) + duplicates
+    write_meta(path, new_meta, count=len(final_ids), dim=dim, dtype=dtype)
+    _fsync_dir(path)
+    shutil.rmtree(partial, ignore_errors=True)
+    if failures:
+        logger.warning("%s: %d images failed and are not in the store (listed in meta.json)", path, len(failures))
+    return open_store(path)
+
+
+def _update_meta_only(path: Path, old_meta: dict, meta: dict | None, *, count: int) -> DescriptorStore:
+    """A finalised store and no new shard: only ``meta`` changes (and ``.partial`` goes)."""
+    if meta:
+        atomic_write_json(path / META_FILE, {**old_meta, **meta, "count": old_meta.get("count", count)})
+    partial = path / PARTIAL_DIR
+    if partial.exists():
+        shutil.rmtree(partial)
+    return open_store(path)
+
+
+def _keep_finalised_rows_as_base(path: Path, partial: Path, old_meta: dict) -> None:
+    """Keep the finalised rows as the first "shard" before anything destructive happens: a kill
+    from here on leaves a store without meta.json that is finalised again from shards."""
+    base = partial / BASE_PART
+    link_or_copy(path / DESCRIPTORS_FILE, base / "shard-00000.npy")
+    link_or_copy(path / IDS_FILE, base / "shard-00000.txt")
+    atomic_write_json(partial / "base_meta.json", old_meta)
+    _fsync_dir(base)
+    (path / META_FILE).unlink()
+    _fsync_dir(path)
+
+
+def _row_sources(shards: list[_Shard]) -> tuple[dict[str, tuple[int, int]], list[list[str]], int]:
+    """Where each id's row comes from, ``{id: (shard, row)}`` (the last occurrence wins), every
+    shard's ids, and how many ids occurred more than once."""
     source: dict[str, tuple[int, int]] = {}
     duplicates = 0
     shard_ids: list[list[str]] = []
@@ -658,54 +688,59 @@ def finalize_store(
             if image_id in source:
                 duplicates += 1
             source[image_id] = (s, row)
-    if duplicates:
-        logger.warning("%s: %d duplicate ids across shards; the last written row of each was kept", path, duplicates)
+    return source, shard_ids, duplicates
 
+
+def _unresolved_failures(old_meta: dict, partial: Path, source: dict) -> list[dict]:
+    """Failed ids that no shard wrote after all; a newer record of an id wins."""
     # failures of a previously finalised store first, so that newer records of an id win
     failures_all = [f for f in old_meta.get("failures", []) if isinstance(f, dict) and "id" in f]
     failures_all += _read_failures(partial)
     failed_reason: dict[str, str] = {}
     for record in failures_all:
         failed_reason[record["id"]] = record["reason"]
-    failures = [{"id": i, "reason": r} for i, r in failed_reason.items() if i not in source]
+    return [{"id": i, "reason": r} for i, r in failed_reason.items() if i not in source]
+
+
+def _final_ids(path: Path, order: Sequence[str] | None, source: dict, failures: list[dict]) -> tuple[list[str], list[dict]]:
+    """The store's rows in ``order`` (checked against the shards and failures), else shard order."""
+    if order is None:
+        return list(source), failures  # dict keeps first-insertion order; values are the last occurrence
+    order = _check_ids(list(order), f"{path} (finalize order)")
+    if len(set(order)) != len(order):
+        raise InputError(f"{path}: the image order given to finalize has duplicate ids: {_few(_duplicates(order))}")
+    order_set = set(order)
     failed = {f["id"] for f in failures}
+    missing = [i for i in order if i not in source and i not in failed]
+    if missing:
+        raise InputError(
+            f"{path}: {len(missing)} ids of the image list have no descriptor and no recorded failure "
+            f"(job not finished? rerun it to resume): {_few(missing)}"
+        )
+    extra = [i for i in source if i not in order_set]
+    if extra:
+        raise InputError(
+            f"{path}: {len(extra)} ids in the shards are not in the image list: {_few(extra)} "
+            "(did the image list change since the job started? use another output directory)"
+        )
+    return [i for i in order if i in source], [f for f in failures if f["id"] in order_set]
 
-    if order is not None:
-        order = _check_ids(list(order), f"{path} (finalize order)")
-        if len(set(order)) != len(order):
-            raise InputError(f"{path}: the image order given to finalize has duplicate ids: {_few(_duplicates(order))}")
-        order_set = set(order)
-        missing = [i for i in order if i not in source and i not in failed]
-        if missing:
-            raise InputError(
-                f"{path}: {len(missing)} ids of the image list have no descriptor and no recorded failure "
-                f"(job not finished? rerun it to resume): {_few(missing)}"
-            )
-        extra = [i for i in source if i not in order_set]
-        if extra:
-            raise InputError(
-                f"{path}: {len(extra)} ids in the shards are not in the image list: {_few(extra)} "
-                "(did the image list change since the job started? use another output directory)"
-            )
-        final_ids = [i for i in order if i in source]
-        failures = [f for f in failures if f["id"] in order_set]
-    else:
-        final_ids = list(source)  # dict keeps first-insertion order; values are the last occurrence
 
+def _shard_shape(path: Path, shards: list[_Shard], partial: Path) -> tuple[int, str]:
+    """``(dim, dtype)`` of the shards, or of the writer's record when there is none."""
     if shards:
         first = np.load(shards[0].npy, mmap_mode="r", allow_pickle=False)
-        dim, dtype = int(first.shape[1]), first.dtype.name
-    elif writer_cfg:
-        dim, dtype = int(writer_cfg["dim"]), str(writer_cfg["dtype"])
-    else:
-        raise InputError(f"{path}: nothing to finalize (no shards in {partial} and no existing store)")
-    if not final_ids:
-        raise InputError(
-            f"{path}: no descriptor was written ({len(failures)} failures, first: "
-            f"{_few([f['id'] + ': ' + f['reason'] for f in failures], 3)})"
-        )
+        return int(first.shape[1]), first.dtype.name
+    if (partial / WRITER_FILE).is_file():
+        writer_cfg = json.loads((partial / WRITER_FILE).read_text(encoding="utf-8"))
+        if writer_cfg:
+            return int(writer_cfg["dim"]), str(writer_cfg["dtype"])
+    raise InputError(f"{path}: nothing to finalize (no shards in {partial} and no existing store)")
 
-    # Stream the rows into a memory-mapped temporary file, one shard at a time.
+
+def _copy_rows(path: Path, shards: list[_Shard], shard_ids: list[list[str]], source: dict,
+               final_ids: list[str], dim: int, dtype: str) -> None:
+    """Stream the kept rows into a memory-mapped ``descriptors.npy``, one shard at a time."""
     row_of = {image_id: r for r, image_id in enumerate(final_ids)}
     with _descriptor_memmap(path, dtype, (len(final_ids), dim)) as out:
         for s, shard in enumerate(shards):
@@ -724,17 +759,6 @@ def finalize_store(
             step = _block_rows(dim)
             for start in range(0, len(src), step):
                 out[dst[start : start + step]] = np.asarray(data[src[start : start + step]], dtype=dtype)
-    write_ids(path / IDS_FILE, final_ids)
-
-    new_meta = {**old_meta, **(meta or {}), "failures": failures}
-    if duplicates:
-        new_meta["duplicates_resolved"] = int(new_meta.get("duplicates_resolved", 0)) + duplicates
-    write_meta(path, new_meta, count=len(final_ids), dim=dim, dtype=dtype)
-    _fsync_dir(path)
-    shutil.rmtree(partial, ignore_errors=True)
-    if failures:
-        logger.warning("%s: %d images failed and are not in the store (listed in meta.json)", path, len(failures))
-    return open_store(path)
 
 
 def write_store(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import ClassVar, Protocol, Sequence
 
 import numpy as np
 
@@ -60,18 +60,26 @@ class AveragePrecision:
 
 
 @dataclass(frozen=True)
-class PrecisionAt:
-    """revisitop's P@k: the precision at ``min(k, rank of the last retrieved positive)``."""
+class _AtK:
+    """A metric with a cut-off k, named ``m<short>@k`` (mean) and ``<short>@k`` (per query)."""
 
     k: int
+    short: ClassVar[str] = ""
 
     @property
     def name(self) -> str:
-        return f"mP@{self.k}"
+        return f"m{self.short}@{self.k}"
 
     @property
     def query_name(self) -> str:
-        return f"P@{self.k}"
+        return f"{self.short}@{self.k}"
+
+
+@dataclass(frozen=True)
+class PrecisionAt(_AtK):
+    """revisitop's P@k: the precision at ``min(k, rank of the last retrieved positive)``."""
+
+    short: ClassVar[str] = "P"
 
     def __call__(self, ranks: np.ndarray, num_positives: int) -> float:
         if ranks.size == 0:
@@ -81,18 +89,10 @@ class PrecisionAt:
 
 
 @dataclass(frozen=True)
-class AveragePrecisionAt:
+class AveragePrecisionAt(_AtK):
     """AP truncated at k, normalised by ``min(num_positives, k)`` (GLDv2 retrieval's mAP@100)."""
 
-    k: int
-
-    @property
-    def name(self) -> str:
-        return f"mAP@{self.k}"
-
-    @property
-    def query_name(self) -> str:
-        return f"AP@{self.k}"
+    short: ClassVar[str] = "AP"
 
     def __call__(self, ranks: np.ndarray, num_positives: int) -> float:
         top = np.asarray(ranks[ranks < self.k], dtype=np.float64)

@@ -96,7 +96,7 @@ def build_local_loss(cfg: dict) -> Objective | None:
 
 def init_from_checkpoint(model: nn.Module, head: nn.Module | None, path: str, *, strict: bool) -> Any:
     """Start from a stage-1 checkpoint (ours or the official ``.pyth``): model weights, and the
-    classifier ``desc_cls.*`` into the loss head (MadaCos weight included)."""
+    classifier ``desc_cls.*`` into the classification head's class weights."""
     import cfcd.models as models
 
     report = models.load_weights(model, path, strict=strict)
@@ -523,7 +523,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Top-1 (argmax cosine) and CE of the classification head on the val list (no augmentation).
 
-        The list is split over ranks by stride; MadaCos runs in eval mode (m = 0, batch-dependent
+        The list is split over ranks by stride; the head runs in eval mode (MadaCos: m = 0, batch-dependent
         s as in the reference) without cross-rank statistics. Stage-2 val tuples are not built:
         the reference's val triplet loss (CFCD ``core/trainer.py`` ``test_epoch``) is not comparable
         across settings anyway.
