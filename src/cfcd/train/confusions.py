@@ -51,6 +51,7 @@ def write_confusions(cfg: dict, weights: str | os.PathLike, list_path: str | os.
 
     from cfcd.data.training import TrainingDataset, ValTransform, collate, read_labelled_list
     from cfcd.train.distributed import barrier, destroy, init_distributed
+    from cfcd.losses import is_classification_head
     from cfcd.train.trainer import build_head, init_from_checkpoint
 
     import cfcd.models as models
@@ -62,15 +63,13 @@ def write_confusions(cfg: dict, weights: str | os.PathLike, list_path: str | os.
         m = cfg["model"]
         model = models.create(m["name"], **(m["kwargs"] or {}))
         head = build_head(cfg, int(model.embedding_dim))
-        if head is None or not hasattr(head, "weight"):
+        if not is_classification_head(head):
             raise InputError(f"{cfg['name']}: confusions need a classification head (loss.global)")
         report = init_from_checkpoint(model, head, str(weights), strict=False)
         if not any(k.startswith("desc_cls.") for k in report.extra):
             raise InputError(f"{weights}: has no classifier weights (desc_cls.*): cannot predict classes")
         model.to(dev).eval()
         head.to(dev).eval()
-        if hasattr(head, "sync_stats"):
-            head.sync_stats = False
         samples = read_labelled_list(list_path, root, num_classes=int(cfg["loss"]["num_classes"]))
         n, r, w = len(samples), dist_info.rank, dist_info.world_size
         lo, hi = r * n // w, (r + 1) * n // w
@@ -88,7 +87,7 @@ def write_confusions(cfg: dict, weights: str | os.PathLike, list_path: str | os.
             from tqdm import tqdm
 
             bar = tqdm(total=hi - lo, initial=done, desc="confusions", dynamic_ncols=True)
-        with open(part, "a", encoding="utf-8") as fh:
+        with head.local_statistics(), open(part, "a", encoding="utf-8") as fh:  # ranks score different images
             for images, labels, index in loader:
                 images, labels = images.to(dev), labels.to(dev)
                 emb = model.forward_features(images)["global"]
