@@ -818,8 +818,18 @@ def format_table(result: EvaluationResult, dataset: str = "") -> str:
     return "\n".join([title, *lines, "", *revisitop])
 
 
+MISSING = "n/a"  # the one placeholder for a value that cannot be computed (e.g. no query has positives)
+
+
+def format_percent(x: float | None, width: int = 8) -> str:
+    """A fraction as a percentage with 2 decimals, or :data:`MISSING`, right-aligned in ``width``."""
+    if x is None or math.isnan(x):
+        return f"{MISSING:>{width}}"
+    return f"{x * 100:>{width}.2f}"
+
+
 def _cell(x: float) -> str:
-    return f"{'n/a':>8}" if math.isnan(x) else f"{x * 100:>8.2f}"
+    return format_percent(x)
 
 
 # --------------------------------------------------------------------------- files: what `cfcd evaluate` runs
@@ -949,7 +959,7 @@ def evaluate_files(
     :class:`~cfcd.errors.InputError` naming the file.
     """
     from cfcd import __version__
-    from cfcd.features import load_descriptors, open_store
+    from cfcd.features import check_compatible, load_descriptors, open_store
     from cfcd.utils.io import sha256_file
 
     t_load = time.perf_counter()
@@ -979,6 +989,8 @@ def evaluate_files(
         if x.shape[1] != dim:
             raise InputError(f"{where}: descriptors are {x.shape[1]}-D but the queries are {dim}-D")
         dstores.append(store)
+    for other in (qstore, *dstores):  # one embedding space, or a clear refusal (not a silent mAP)
+        check_compatible(xstore, other)
     q = np.asarray(qstore.descriptors, dtype=np.float32)
     x = np.asarray(xstore.descriptors, dtype=np.float32)
     dmats: list[np.ndarray] = [s.descriptors for s in dstores]

@@ -37,16 +37,16 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from cfcd import __version__
 from cfcd.errors import CfcdError, InputError
-from cfcd.utils.io import atomic_save_npy, atomic_write_json, atomic_write_text, utc_timestamp
+from cfcd.utils.io import atomic_save_npy, atomic_write_json, atomic_write_text, make_temp_file, utc_timestamp
 
 __all__ = [
     "STORE_FORMAT",
@@ -80,6 +80,8 @@ META_FILE = "meta.json"
 PARTIAL_DIR = ".partial"
 WRITER_FILE = "writer.json"
 FAILURES_FILE = "failures.jsonl"
+FAILED_FILE = "FAILED.json"  # in .partial: the job ended with every image failed
+DEFAULT_FLUSH_SECONDS = 30.0  # a kill loses at most this much work, whatever the shard size
 BASE_PART = "_base"  # a finalised store's rows, hard-linked in when new shards are merged into it
 SUPPORTED_DTYPES = ("float32", "float16")
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.(npy|txt)$")
@@ -431,8 +433,12 @@ class StoreWriter:
         dtype: str = "float32",
         part: str = "main",
         shard_size: int = 1024,
+        flush_seconds: float | None = DEFAULT_FLUSH_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = Path(path)
+        self.flush_seconds = None if flush_seconds is None else float(flush_seconds)
+        self._clock = clock
         self.dim = int(dim)
         self.dtype = _normalise_dtype(dtype)
         if not _PART_RE.match(part) or part == BASE_PART:
@@ -451,6 +457,9 @@ class StoreWriter:
         self._buffer_rows: list[np.ndarray] = []
         self._buffered = 0
         self._next = self._next_shard_number()
+        self._last_write = clock()
+        with contextlib.suppress(FileNotFoundError):
+            (self.partial / FAILED_FILE).unlink()  # a new attempt: no longer failed
 
     def _check_config(self) -> None:
         if is_store(self.path):
@@ -518,6 +527,10 @@ class StoreWriter:
         self._buffered += len(ids)
         while self._buffered >= self.shard_size:
             self._write_shard(self.shard_size)
+        # slow jobs (a CPU, huge images) also write by time, so a kill never loses more than
+        # flush_seconds of work
+        if self._buffered and self.flush_seconds is not None and self._clock() - self._last_write >= self.flush_seconds:
+            self.flush()
 
     def add_failure(self, image_id: str, reason: str) -> None:
         """Record that ``image_id`` could not be processed (appended and flushed at once)."""
@@ -540,6 +553,7 @@ class StoreWriter:
         atomic_save_npy(stem.with_suffix(".npy"), np.ascontiguousarray(shard))
         write_ids(stem.with_suffix(".txt"), ids)  # the .txt last: it makes the shard visible
         self._next += 1
+        self._last_write = self._clock()
         self._buffer_ids = rest_ids
         self._buffer_rows = [rest] if len(rest_ids) else []
         self._buffered = len(rest_ids)
@@ -577,7 +591,7 @@ def _fsync_dir(path: Path) -> None:
 def _descriptor_memmap(directory: Path, dtype, shape: tuple[int, int]) -> Iterator[np.ndarray]:
     """A memory-mapped ``descriptors.npy`` written under a temporary name in ``directory``;
     flushed, fsynced and renamed into place when the block exits without an error."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{DESCRIPTORS_FILE}.", suffix=".tmp", dir=directory)
+    fd, tmp_name = make_temp_file(directory, prefix=f".{DESCRIPTORS_FILE}.")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -635,10 +649,7 @@ def finalize_store(
     final_ids, failures = _final_ids(path, order, source, failures)
     dim, dtype = _shard_shape(path, shards, partial)
     if not final_ids:
-        raise InputError(
-            f"{path}: no descriptor was written ({len(failures)} failures, first: "
-            f"{_few([f['id'] + ': ' + f['reason'] for f in failures], 3)})"
-        )
+        _fail_without_rows(path, partial, failures)
     _copy_rows(path, shards, shard_ids, source, final_ids, dim, dtype)
     write_ids(path / IDS_FILE, final_ids)
 
@@ -651,6 +662,20 @@ def finalize_store(
     if failures:
         logger.warning("%s: %d images failed and are not in the store (listed in meta.json)", path, len(failures))
     return open_store(path)
+
+
+def _fail_without_rows(path: Path, partial: Path, failures: list[dict]) -> None:
+    """Every image failed (or the list was empty): mark the job failed and say why."""
+    reasons = _few([f["id"] + ": " + f["reason"] for f in failures], 3)
+    if failures:
+        atomic_write_json(partial / FAILED_FILE, {"failures": len(failures), "first": failures[:10],
+                                                  "time": utc_timestamp()})
+    raise InputError(
+        f"{path}: FAILED, no descriptor was written: every one of the {len(failures)} image(s) failed "
+        f"(first: {reasons}). The store is marked failed ('cfcd store info' shows it); a rerun retries "
+        "every image, so fix the inputs (paths, --root, file formats) first"
+        if failures else f"{path}: no descriptor was written and nothing failed: the image list is empty"
+    )
 
 
 def _update_meta_only(path: Path, old_meta: dict, meta: dict | None, *, count: int) -> DescriptorStore:
@@ -834,14 +859,18 @@ def transform_store(
 
 # Provenance keys that must agree for descriptors to be comparable (combining them otherwise is
 # a silent accuracy bug: the rows would live in different embedding spaces).
-PROVENANCE_KEYS = ("model", "weights_sha256", "preprocess", "scales", "extract.scales", "whitening")
+PROVENANCE_KEYS = ("model", "weights_sha256", "extract.settings.model.state_sha256", "preprocess", "scales",
+                   "extract.scales", "extract.settings.options.max_size", "whitening")
 
 
-def _meta_get(meta: dict, dotted: str):
+_ABSENT = object()
+
+
+def _meta_get(meta: dict, dotted: str, default=None):
     value = meta
     for key in dotted.split("."):
         if not isinstance(value, dict) or key not in value:
-            return None
+            return default
         value = value[key]
     return value
 
@@ -864,11 +893,16 @@ def check_compatible(a, b) -> None:
     """
     name_a, meta_a = _provenance_of(a)
     name_b, meta_b = _provenance_of(b)
+    state = "extract.settings.model.state_sha256"
+    same_state = _meta_get(meta_a, state) is not None and _meta_get(meta_a, state) == _meta_get(meta_b, state)
     for key in PROVENANCE_KEYS:
-        va, vb = _meta_get(meta_a, key), _meta_get(meta_b, key)
-        if key == "whitening" and meta_a and meta_b and (va is None) != (vb is None):
-            va, vb = (va or "none"), (vb or "none")
-        if va is not None and vb is not None and va != vb:
+        if key == "weights_sha256" and same_state:
+            continue  # the same tensors, whatever file they were read from
+        va, vb = _meta_get(meta_a, key, _ABSENT), _meta_get(meta_b, key, _ABSENT)
+        if key == "whitening" and meta_a and meta_b:
+            va, vb = (va or "none"), (vb or "none")  # absent and None both mean unwhitened
+        # a key missing on one side is not compared; a recorded None (e.g. no --max-size) is a value
+        if va is not _ABSENT and vb is not _ABSENT and va != vb:
             raise InputError(
                 f"{name_b}: meta {key!r} = {vb!r} differs from {name_a} ({va!r}); descriptors from different "
                 "models or settings live in different embedding spaces and cannot be compared or searched "
@@ -951,8 +985,14 @@ def store_summary(path: str | os.PathLike) -> dict:
     elif partial.is_dir():
         shards = _scan_shards(partial)
         parts = sorted({s.part for s in shards})
+        failed = None
+        if (partial / FAILED_FILE).is_file():
+            with contextlib.suppress(json.JSONDecodeError, OSError):
+                failed = json.loads((partial / FAILED_FILE).read_text(encoding="utf-8"))
         info.update(
             complete=False,
+            failed=failed is not None,
+            first_failures=(failed or {}).get("first", [])[:3],
             shards=len(shards),
             parts=parts,
             rows_written=sum(s.rows for s in shards),

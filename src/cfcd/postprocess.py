@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import warnings
+
 import numpy as np
 
 from cfcd import __version__
@@ -267,6 +269,10 @@ def whitenlearn(x: np.ndarray, qidxs: Sequence[int], pidxs: Sequence[int]) -> tu
     return m, evecs.T @ p1
 
 
+class DegenerateWhiteningWarning(UserWarning):
+    """A whitening learned from too little data to be full rank."""
+
+
 def learn_lw(
     x: np.ndarray,
     qidxs: Sequence[int],
@@ -275,6 +281,17 @@ def learn_lw(
     dim: int | None = None,
 ) -> Whitening:
     """Fit cirtorch's supervised learned whitening (Lw) from matching pairs (rows ``qidxs[i]``, ``pidxs[i]``)."""
+    n_pairs, in_dim = len(qidxs), int(np.shape(x)[1])
+    if n_pairs < in_dim:
+        # the pair-difference covariance has rank <= n_pairs: most of its D eigenvalues are ~0 and
+        # their inverse square roots blow noise up (cirtorch learns Lw on ~100k pairs for 2048-D)
+        warnings.warn(
+            f"learned whitening from {n_pairs} pairs for {in_dim}-D descriptors is degenerate: the pair "
+            f"covariance has rank <= {n_pairs} < {in_dim}; use many more pairs than dimensions "
+            f"(or --kind pca, or --dim well below {n_pairs})",
+            DegenerateWhiteningWarning,
+            stacklevel=2,
+        )
     m, proj = whitenlearn(x, qidxs, pidxs)
     d = proj.shape[0]
     dim = d if dim is None else int(dim)

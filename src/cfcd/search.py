@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from cfcd.features import link_or_copy as _link_or_copy
 from cfcd.features import read_ids as _read_ids
 from cfcd.features import utc_timestamp as _now
 from cfcd.features import write_ids as _write_ids
-from cfcd.utils.io import atomic_write_json
+from cfcd.utils.io import atomic_write_json, make_temp_file
 
 __all__ = [
     "SearchResult",
@@ -441,7 +440,7 @@ class FaissIndex(Index):
     def _save_data(self, out: Path) -> None:
         import faiss
 
-        fd, tmp = tempfile.mkstemp(prefix=f".{INDEX_FILE}.", suffix=".tmp", dir=out)
+        fd, tmp = make_temp_file(out, prefix=f".{INDEX_FILE}.")
         os.close(fd)
         try:
             faiss.write_index(self.index, tmp)

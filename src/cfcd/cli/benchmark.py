@@ -49,34 +49,22 @@ def _settings_key(meta: dict) -> dict | None:
     return {"model": model, "options": options}
 
 
-def _check_distractors(paths: list[str], reference_meta: dict) -> None:
-    from cfcd.errors import InputError
-    from cfcd.features import open_store
+def _check_distractors(paths: list[str], database) -> None:
+    from cfcd.features import check_compatible, open_store
 
-    ours = _settings_key(reference_meta)
     for path in paths:
-        store = open_store(path)
-        theirs = _settings_key(store.meta)
-        if theirs is None:
-            continue  # a plain .npy or a foreign store: nothing to compare
-        if theirs != ours:
-            diff = [k for k in ("model", "options") if theirs.get(k) != ours.get(k)]
-            detail = []
-            if "model" in diff:
-                detail.append("model or weights differ (state hash)")
-            if "options" in diff:
-                a, b = theirs.get("options") or {}, ours.get("options") or {}
-                detail += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            raise InputError(f"{path}: distractors were extracted with other settings ({'; '.join(detail[:4])})")
+        check_compatible(database, open_store(path))
 
 
 def format_row(model: str, dataset: str, plain, with_distractors) -> str:
+    from cfcd.evaluation import format_percent
+
     short = SHORT_NAMES.get(dataset, dataset)
 
     def cell(result, setup: str) -> str:
-        if result is None or setup not in result.setups:
-            return "-"
-        return f"{result.setups[setup].mAP * 100:.2f}"
+        # the evaluation table's placeholder for a missing value, here too
+        value = result.setups[setup].mAP if result is not None and setup in result.setups else float("nan")
+        return format_percent(value).strip()
 
     head = ["model", f"{short}-M", "+1M", f"{short}-H", "+1M"]
     row = [model, cell(plain, "medium"), cell(with_distractors, "medium"), cell(plain, "hard"), cell(with_distractors, "hard")]
@@ -127,7 +115,7 @@ def run(args) -> int:
     }
     with_distractors = None
     if args.distractors:
-        _check_distractors(args.distractors, stores["database"].meta)
+        _check_distractors(args.distractors, stores["database"])
         with_distractors, protocol_1m = evaluate_files(
             gnd=gnd, queries=out / "queries", database=out / "database", distractors=args.distractors
         )

@@ -21,8 +21,12 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", required=True, help="registry name (cfcd_r50, cfcd_r101, dolg_r50, gem_r101, gem_efficientnet_lite0, ...)")
-    g.add_argument("--weights", default=None, help="weights file (safetensors, or an official .pyth/.pt checkpoint)")
+    g.add_argument("--model", required=True,
+                   help="registry name (cfcd_r50, cfcd_r101, dolg_r50, gem_r101, ...; 'cfcd models' lists them); "
+                   "gem_efficientnet_lite0/1/2 have embedded ImageNet weights (the package default is gem_efficientnet_lite2)")
+    g.add_argument("--weights", default=None,
+                   help="weights file or 'cfcd convert' directory (safetensors, or an official .pyth/.pt checkpoint); "
+                   "required unless the model has embedded weights; 'random' for a random initialisation")
 
 
 def add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +67,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                    help="images per batch (same-size images are batched); default 16 on CUDA, 1 on the CPU")
     g.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help=f"decoding processes (default {DEFAULT_WORKERS})")
     g.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="descriptor dtype in the store")
-    g.add_argument("--shard-size", type=int, default=1024, help="rows per resumable shard")
+    g.add_argument("--shard-size", type=int, default=1024, help="rows per resumable shard (default 1024)")
+    g.add_argument("--flush-seconds", type=float, default=30.0,
+                   help="also write a shard at least this often, so a killed job loses at most this much "
+                   "work (default 30; 0: after every batch)")
     g.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: no cuDNN autotuning (for collections where every image has its own size)")
     g.add_argument("--overwrite", action="store_true", help="replace a complete store with other settings")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -107,6 +114,7 @@ def build_options(args, *, device: str):
         workers=args.workers,
         dtype=args.dtype,
         shard_size=args.shard_size,
+        flush_seconds=args.flush_seconds,
         stop_after=args.stop_after,
         cudnn_benchmark=not args.no_cudnn_benchmark,
         progress=not args.no_progress,
@@ -132,7 +140,12 @@ def create_model(name: str, weights: str | None):
     from cfcd.errors import InputError
 
     cfcd.models.get_entry(name)  # unknown names fail here, before any weights are read; gem_<timm name> works
-    if weights is not None and not os.path.exists(weights):
+    if weights == cfcd.models.RANDOM_WEIGHTS:
+        import sys
+
+        print(f"warning: {name} with RANDOM weights (--weights random): the descriptors are not meaningful "
+              "for retrieval", file=sys.stderr)
+    elif weights is not None and not os.path.exists(weights):
         raise InputError(f"{weights}: weights file or converted weights directory not found")
     return cfcd.models.create(name, weights=weights)
 

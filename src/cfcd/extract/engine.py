@@ -64,6 +64,7 @@ class ExtractOptions:
     max_pending: int | None = None  # images waiting in size buckets before the fullest runs (default 4 x batch)
     dtype: Literal["float32", "float16"] = "float32"
     shard_size: int = 1024
+    flush_seconds: float | None = 30.0  # also write a shard this often: a kill loses at most this much work
     cudnn_benchmark: bool = True
     stop_after: int | None = None  # debug: stop like a kill after this many images were handed to the writer
     progress: bool = True
@@ -411,7 +412,7 @@ def model_fingerprint(model, weights: str | os.PathLike | None) -> dict:
     return {
         "config": getattr(model, "model_config", {"name": type(model).__name__}),
         "weights": None if weights is None else str(weights),
-        "weights_sha256": None if weights is None else weights_sha256(weights),
+        "weights_sha256": None if weights is None or str(weights) == "random" else weights_sha256(weights),
         "state_sha256": digest.hexdigest(),
         "embedding_dim": int(model.embedding_dim),
         "preprocess": {
@@ -591,7 +592,8 @@ def extract_to_store(
         if device.startswith("cuda") and ctx.world > 1 and ":" not in device:
             options = replace(options, device=f"cuda:{ctx.local_rank}")
         extractor = Extractor(model, options)
-        writer = StoreWriter(out, dim=extractor.dim, dtype=options.dtype, part=part, shard_size=options.shard_size)
+        writer = StoreWriter(out, dim=extractor.dim, dtype=options.dtype, part=part, shard_size=options.shard_size,
+                             flush_seconds=options.flush_seconds)
         done = writer.done_ids()
         mine = [i for i in range(len(image_list)) if i % ctx.world == ctx.rank]
         todo = [i for i in mine if image_list.ids[i] not in done]

@@ -387,6 +387,27 @@ def _infer_model_kwargs(ckpt: Checkpoint) -> None:
         kw["pooling"] = "gemmp"
 
 
+def _training_model_config(container: Mapping[str, Any], ckpt: Checkpoint) -> None:
+    """A ``cfcd train`` checkpoint records the model it trained (``model_config``: name and kwargs)."""
+    config = container.get("model_config")
+    if not isinstance(config, Mapping) or not isinstance(config.get("name"), str):
+        return
+    from cfcd.models.registry import get_entry
+
+    try:
+        entry = get_entry(config["name"])
+    except CfcdError:
+        ckpt.notes.append(f"trained as {config['name']!r}, which is not registered here")
+        return
+    ckpt.model_name = config["name"]
+    kwargs = config.get("kwargs") if isinstance(config.get("kwargs"), Mapping) else {}
+    for key, value in kwargs.items():
+        default = entry.defaults.get(key)
+        default = default.to_dict() if hasattr(default, "to_dict") else default
+        if key != "preprocess" and value != default:
+            ckpt.model_kwargs[key] = value
+
+
 def read_checkpoint(path: str | Path, format: str = "auto") -> Checkpoint:
     """Read any supported checkpoint file (or converted directory) into cfcd names (no model needed)."""
     if format not in FORMATS:
@@ -418,6 +439,7 @@ def read_checkpoint(path: str | Path, format: str = "auto") -> Checkpoint:
     if fmt == "dirtorch":
         _dirtorch_options(container, ckpt)
     _infer_model_kwargs(ckpt)
+    _training_model_config(container, ckpt)
     if "epoch" in container and isinstance(container["epoch"], int):
         ckpt.notes.append(f"epoch {container['epoch']}")
     return ckpt

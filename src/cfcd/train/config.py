@@ -206,8 +206,51 @@ def _read_recipe(path: Path, seen: set) -> dict:
     return deep_merge(merged, data, source=str(path))
 
 
+# integer defaults that also accept fractions
+_FRACTIONAL_OK = {"optim.warmup_epochs"}
+# string defaults that also accept false
+_FALSE_OK = {"train.amp"}
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), type(value).__name__)
+
+
+def check_types(cfg: dict, defaults: dict = DEFAULTS, path: str = "") -> None:
+    """Every value has the type of its default (None on either side is always allowed), so that
+    ``optim.lr=abc`` is refused here with its key, not as a traceback hours into the trainer."""
+    for key, default in defaults.items():
+        if key not in cfg:
+            continue
+        value, full = cfg[key], f"{path}{key}"
+        if isinstance(default, dict):
+            if isinstance(value, dict) and not key.endswith("kwargs"):
+                check_types(value, default, f"{full}.")
+            continue
+        if value is None or default is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = ok or (full in _FRACTIONAL_OK and isinstance(value, float))
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str) or (full in _FALSE_OK and value is False)
+        elif isinstance(default, list):
+            ok = isinstance(value, list)
+        else:
+            ok = True
+        if not ok:
+            raise InputError(f"{full} must be {_type_name(default)} (like the default {default!r}), "
+                             f"got {value!r} ({_type_name(value)})")
+
+
 def validate(cfg: dict) -> None:
     """Checks that catch a wrong recipe before hours of data loading."""
+    check_types(cfg)
     if int(cfg["version"]) > CONFIG_VERSION:
         raise InputError(f"recipe version {cfg['version']} is newer than this cfcd ({CONFIG_VERSION})")
     if cfg["stage"] not in (1, 2):
@@ -235,6 +278,24 @@ def validate(cfg: dict) -> None:
         raise InputError(f"train.amp must be bf16, fp16 or none, got {t['amp']!r}")
     if o["epochs"] < 1:
         raise InputError("optim.epochs must be >= 1")
+
+
+def recipe_summary(path: str | os.PathLike) -> str:
+    """The first sentence of a recipe's leading comment, however many lines it spans."""
+    text = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:].strip()
+        if body.startswith(("cfcd ", "torchrun ")):  # the example commands end the prose
+            break
+        text.append(body)
+    prose = " ".join(t for t in text if t)
+    for end in range(len(prose)):
+        # a sentence ends at ". " (or the end), not inside "e.g." or a file name like s1_8gpu.yaml)
+        if prose[end] == "." and (end + 1 == len(prose) or prose[end + 1] == " ") and not prose[:end].endswith(("e.g", "i.e")):
+            return prose[: end + 1]
+    return prose
 
 
 def dump_config(cfg: dict) -> str:

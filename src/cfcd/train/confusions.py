@@ -61,7 +61,7 @@ def write_confusions(cfg: dict, weights: str | os.PathLike, list_path: str | os.
     try:
         dev = dist_info.device
         m = cfg["model"]
-        model = models.create(m["name"], **(m["kwargs"] or {}))
+        model = models.create(m["name"], weights=models.RANDOM_WEIGHTS, **(m["kwargs"] or {}))  # then the checkpoint
         head = build_head(cfg, int(model.embedding_dim))
         if not is_classification_head(head):
             raise InputError(f"{cfg['name']}: confusions need a classification head (loss.global)")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,10 @@ def build_model(cfg: dict) -> nn.Module:
     import cfcd.models as models
 
     m = cfg["model"]
-    model = models.create(m["name"], **(m["kwargs"] or {}))
+    # a training run starts from the embedded weights where the model has them, else from a random
+    # init that model.weights (ImageNet backbone) or model.init may overwrite
+    initial = None if models.has_embedded_weights(m["name"]) else models.RANDOM_WEIGHTS
+    model = models.create(m["name"], weights=initial, **(m["kwargs"] or {}))
     if m["weights"]:
         report = models.load_weights(model, m["weights"], strict=False)
         if report.loaded == 0:
@@ -249,6 +253,8 @@ class Trainer:
         self.train_list = read_labelled_list(_resolve(d["train_list"], root), root,
                                              num_classes=int(lo["num_classes"]) if isinstance(self.head, CosineHead)
                                              else None)
+        if self.dist.is_main and isinstance(self.head, CosineHead):
+            _warn_unused_classes(self.train_list, int(lo["num_classes"]), _resolve(d["train_list"], root))
         transform = TrainTransform(d["im_size"], self.model.preprocess, area_frac=d["area_frac"],
                                    flip=d["flip"], lighting=d["lighting"])
         self.dataset = TrainingDataset(self.train_list, transform, seed=int(t["seed"]))
@@ -497,6 +503,8 @@ class Trainer:
                 if self._due(cfg["benchmark"]["every"]) and cfg["benchmark"]["datasets"]:
                     metrics.update(self.benchmark())
                 self.state.metrics = metrics
+                if self.dist.is_main:
+                    print(epoch_summary(self.state.epoch, epochs, metrics), file=sys.stderr, flush=True)
                 self.logger.log("epoch", self.state.global_step, {"epoch": self.state.epoch, **metrics})
                 self.save(ckpt_mod.epoch_path(self.out_dir, self.state.epoch))
                 if self.dist.is_main:
@@ -505,6 +513,10 @@ class Trainer:
                 barrier()
             if self.dist.is_main:
                 self.export(self.out_dir / "final")
+                name = self.cfg["model"]["name"]
+                print(f"final weights: {self.out_dir / 'final'} (cfcd extract --model {name} --weights "
+                      f"{self.out_dir / 'final'}; checkpoints in {self.out_dir / 'checkpoints'})",
+                      file=sys.stderr, flush=True)
             barrier()
             return dict(self.state.metrics)
         finally:
@@ -629,6 +641,36 @@ def _resolve(path: str | None, root: str | None) -> str:
     if p.is_file() or p.is_absolute() or root is None:
         return str(p)
     return str(Path(root) / p) if (Path(root) / p).is_file() else str(p)
+
+
+def _warn_unused_classes(train_list, num_classes: int, path) -> None:
+    """A classifier with many more rows than classes in the list wastes memory and dilutes MadaCos."""
+    present = len(set(int(label) for label in train_list.labels))
+    if present < num_classes:
+        message = (f"warning: {path} has {present} classes but loss.num_classes is {num_classes}: "
+                   f"{num_classes - present} classifier rows are never trained (set loss.num_classes={present} "
+                   "if the labels are 0..N-1)")
+        logger.warning(message)
+        print(message, file=sys.stderr, flush=True)
+
+
+def epoch_summary(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
+    """One line per epoch: loss, top-1, MadaCos s and m, validation, benchmark mAP, time."""
+    parts = [f"epoch {epoch}/{epochs}"]
+    if "train_loss" in metrics:
+        parts.append(f"loss {metrics['train_loss']:.4f}")
+    if "train_loss_local" in metrics:
+        parts.append(f"local {metrics['train_loss_local']:.4f}")
+    if "train_top1" in metrics:
+        parts.append(f"top-1 {100 * metrics['train_top1']:.1f}%")
+    if "train_scale" in metrics:
+        parts.append(f"s {metrics['train_scale']:.1f} m {metrics.get('train_margin', float('nan')):.3f}")
+    if "val_top1" in metrics:
+        parts.append(f"val top-1 {100 * metrics['val_top1']:.1f}%")
+    parts += [f"{k[:-4]} mAP {v:.2f}" for k, v in metrics.items() if k.endswith("_mAP")]  # already percent
+    if "epoch_time_s" in metrics:
+        parts.append(f"{metrics['epoch_time_s']:.1f} s ({metrics.get('images_per_s', 0):.1f} img/s)")
+    return "  ".join(parts)
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):
