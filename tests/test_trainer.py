@@ -372,12 +372,12 @@ def test_stage2_init_from_an_official_stage1_pyth(tmp_path):
     import cfcd.models as models
     from cfcd.train.trainer import init_from_checkpoint
 
-    source = models.create("cfcd_r50")
+    source = models.create("cfcd_r50", weights="random")
     official = MH.official_cfcd(source, num_classes=7)
     path = tmp_path / "model_s1_0050.pyth"
     torch.save(official, path)
 
-    model = models.create("cfcd_r50")
+    model = models.create("cfcd_r50", weights="random")
     head = losses.create("madacos", embedding_dim=512, num_classes=7)
     init_from_checkpoint(model, head, str(path), strict=True)
     for key, value in source.state_dict().items():
@@ -386,7 +386,7 @@ def test_stage2_init_from_an_official_stage1_pyth(tmp_path):
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(model.eval()(x), source.eval()(x))
     with pytest.raises(InputError):  # a head of the wrong class count is a clear error
-        init_from_checkpoint(models.create("cfcd_r50"), losses.create("madacos", embedding_dim=512, num_classes=9),
+        init_from_checkpoint(models.create("cfcd_r50", weights="random"), losses.create("madacos", embedding_dim=512, num_classes=9),
                              str(path), strict=True)
 
 

@@ -939,7 +939,7 @@ def evaluate_files(
     queries: str | os.PathLike,
     database: str | os.PathLike,
     distractors: Sequence[str | os.PathLike] | str | os.PathLike = (),
-    whiten: str | os.PathLike | None = None,
+    whiten: str | os.PathLike | Any | None = None,  # or a cfcd.postprocess.Whitening
     qe: tuple[int, float] | None = None,
     dba: tuple[int, float] | None = None,
     setups: Sequence[str] | None = None,
@@ -1000,10 +1000,10 @@ def evaluate_files(
     if whiten is not None:
         from cfcd.postprocess import load_whitening
 
-        w = load_whitening(whiten)
+        w = load_whitening(whiten)  # a path, or a Whitening (cfcd.postprocess.resolve_whitening)
         desc = w.describe() if hasattr(w, "describe") else {}
-        post["whitening"] = {"path": str(whiten), **desc}
-        if Path(whiten).is_file():
+        post["whitening"] = {"path": str(w.info.get("file", whiten) if not isinstance(whiten, (str, os.PathLike)) else whiten), **desc}
+        if isinstance(whiten, (str, os.PathLike)) and Path(whiten).is_file():
             post["whitening"].setdefault("sha256", sha256_file(whiten))
         q = w.transform(q)
         transform = w.transform  # database and distractors: whitened chunk by chunk while scoring

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cfcd.cli.extract import add_model_arguments, add_procedure_arguments, add_runtime_arguments
+from cfcd.cli.extract import add_model_arguments, add_procedure_arguments, add_runtime_arguments, add_whitening_arguments
 
 SHORT_NAMES = {"roxford5k": "ROxf", "rparis6k": "RPar", "oxford5k": "Oxf", "paris6k": "Par"}
 
@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--distractors", nargs="+", default=[], metavar="STORE", help="R1M distractor store(s) from cfcd extract")
     g.add_argument("--out", default=None, help="directory for the stores and benchmark.json (default runs/benchmark/<model>-<dataset>)")
     add_procedure_arguments(parser)
+    add_whitening_arguments(parser)
     add_runtime_arguments(parser)
 
 
@@ -74,7 +75,7 @@ def format_row(model: str, dataset: str, plain, with_distractors) -> str:
 
 
 def run(args) -> int:
-    from cfcd.cli.extract import build_options, create_model, resolve_device
+    from cfcd.cli.extract import build_options, create_model, resolve_device, resolve_whitening_arguments
     from cfcd.data.gnd import find_gnd, load_gnd
     from cfcd.data.lists import gnd_image_list
     from cfcd.evaluation import evaluate_files
@@ -85,6 +86,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     options = build_options(args, device=device)
     out = Path(args.out) if args.out else Path("runs") / "benchmark" / f"{args.model}-{gnd.dataset}"
+    whitening = resolve_whitening_arguments(args, args.weights)
     model = create_model(args.model, args.weights)
     gnd_meta = {"gnd": {"dataset": gnd.dataset, "path": str(gnd.path), "sha256": gnd.sha256}}
 
@@ -106,7 +108,7 @@ def run(args) -> int:
         print(f"{part}: {len(summary.store.descriptors)} descriptors in {out / part}"
               + (f" ({summary.count} new, {summary.images_per_second:.1f} img/s)" if summary.count else " (already complete)"))
 
-    plain, protocol = evaluate_files(gnd=gnd, queries=out / "queries", database=out / "database")
+    plain, protocol = evaluate_files(gnd=gnd, queries=out / "queries", database=out / "database", whiten=whitening)
     report = {
         "model": args.model,
         "weights": args.weights,
@@ -117,7 +119,8 @@ def run(args) -> int:
     if args.distractors:
         _check_distractors(args.distractors, stores["database"])
         with_distractors, protocol_1m = evaluate_files(
-            gnd=gnd, queries=out / "queries", database=out / "database", distractors=args.distractors
+            gnd=gnd, queries=out / "queries", database=out / "database", distractors=args.distractors,
+            whiten=whitening,
         )
         report["with_distractors"] = with_distractors.to_dict(protocol_1m)
     row = format_row(args.model, gnd.dataset, plain, with_distractors)

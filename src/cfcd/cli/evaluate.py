@@ -56,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--distractors", type=Path, nargs="+", default=[], metavar="PATH",
                    help="distractor descriptors (e.g. R1M; several shards allowed), appended as negatives")
     p = parser.add_argument_group("post-processing")
-    p.add_argument("--whiten", type=Path, default=None, help="whitening file from `cfcd whiten` (applied to all)")
+    p.add_argument("--whiten", default=None, metavar="FILE_OR_NAME",
+                   help="whitening file from `cfcd whiten` (applied to all), or the NAME of one that `cfcd convert` "
+                        "stored beside the weights the queries were extracted with (dirtorch: Landmarks_clean)")
+    p.add_argument("--whiten-power", type=float, default=None, metavar="P",
+                   help="PCA eigenvalue power (dirtorch --whitenp, 0.25 for its README rows; default: the file's)")
     p.add_argument("--qe", nargs=2, type=float, metavar=("K", "ALPHA"), default=None, help="alpha query expansion")
     p.add_argument("--dba", nargs=2, type=float, metavar=("K", "ALPHA"), default=None, help="database augmentation")
     o = parser.add_argument_group("output")
@@ -68,6 +72,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--per-query", action="store_true", help="also print every query's AP (Easy/Medium/Hard)")
     o.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: all cores)")
     o.add_argument("--chunk-rows", type=_positive_int, default=None, help="database rows scored at a time")
+
+
+def _whitening(args):
+    from cfcd.cli.extract import resolve_whitening_arguments
+
+    weights = None
+    if args.whiten is not None and not Path(args.whiten).suffix:
+        from cfcd.features import is_store, open_store
+
+        if is_store(args.queries):  # a NAME is looked up beside the weights the stores came from
+            weights = open_store(args.queries).meta.get("weights")
+    return resolve_whitening_arguments(args, weights)
 
 
 def _check_qe(value, flag: str):
@@ -102,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         queries=args.queries,
         database=args.database,
         distractors=args.distractors,
-        whiten=args.whiten,
+        whiten=_whitening(args),
         qe=_check_qe(args.qe, "--qe"),
         dba=_check_qe(args.dba, "--dba"),
         setups=dataset.setups if dataset is not None else None,

@@ -35,13 +35,15 @@ def add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--scales",
         default="cfcd",
-        help="preset (cfcd: 0.3535 0.5 0.7071 1 1.4142, mean; cirtorch: 1 0.7071 0.5; dirtorch: 1 0.7071, "
-        "power 3; single) or numbers such as '1 0.7071 0.5' (default: cfcd)",
+        help="preset (cfcd: 0.3535 0.5 0.7071 1 1.4142, mean; cirtorch: 1 0.7071 0.5; dirtorch: longer side 1024 and "
+        "724 with Pillow, sympow 3; dirtorch_relative; single) or numbers such as '1 0.7071 0.5' (default: cfcd; "
+        "docs/peers.md says what each reproduces)",
     )
+    g.add_argument("--flip", action="store_true", help="also describe every scale horizontally flipped (averaged)")
     g.add_argument("--power", type=float, default=None, help="combine scales with the generalised mean of this power (cirtorch msp)")
     g.add_argument(
         "--size-rule",
-        choices=["round", "half_up", "scale_factor"],
+        choices=["round", "half_up", "scale_factor", "largest"],
         default=None,
         help="target size of a scale: round(h*s) (cfcd), int(0.5+h*s) (dirtorch), floor via scale_factor (cirtorch)",
     )
@@ -58,6 +60,28 @@ def add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", choices=["drop", "white"], default="drop", help="transparent images: drop alpha (like cv2.imread) or composite on white")
     g.add_argument("--truncated", choices=["warn", "fail"], default="warn", help="truncated JPEGs: decode what is there (warning) or fail")
     g.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels, before decoding (default 100M; 0: no cap)")
+
+
+def add_whitening_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("whitening")
+    g.add_argument("--whiten", default=None, metavar="FILE_OR_NAME",
+                   help="apply a whitening: a file from `cfcd whiten`, or the NAME of one that `cfcd convert` "
+                        "stored beside --weights (dirtorch: Landmarks_clean)")
+    g.add_argument("--whiten-power", type=float, default=None, metavar="P",
+                   help="PCA eigenvalue power (dirtorch --whitenp; its README rows use 0.25; default: the file's)")
+
+
+def resolve_whitening_arguments(args, weights=None):
+    """The Whitening that --whiten/--whiten-power ask for, or None."""
+    from cfcd.errors import InputError
+
+    if args.whiten is None:
+        if args.whiten_power is not None:
+            raise InputError("--whiten-power needs --whiten FILE_OR_NAME")
+        return None
+    from cfcd.postprocess import resolve_whitening
+
+    return resolve_whitening(args.whiten, power=args.whiten_power, weights=weights)
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--id-rule", choices=["stem", "path"], default="stem", help="ids: relative path without (stem) or with extension")
     parser.add_argument("--out", required=True, help="output descriptor store directory")
     add_procedure_arguments(parser)
+    add_whitening_arguments(parser)
     add_runtime_arguments(parser)
 
 
@@ -98,7 +123,7 @@ def build_options(args, *, device: str):
     from cfcd.data.images import DEFAULT_MAX_PIXELS
     from cfcd.extract import ExtractOptions, parse_scales
 
-    recipe = parse_scales(args.scales, power=args.power, size_rule=args.size_rule)
+    recipe = parse_scales(args.scales, power=args.power, size_rule=args.size_rule, flip=getattr(args, "flip", False))
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (None if args.max_pixels <= 0 else args.max_pixels)
     return ExtractOptions(
         scales=recipe,
@@ -192,11 +217,14 @@ def run(args) -> int:
     else:
         image_list = read_image_list(args.images, root=args.root, id_rule=args.id_rule)
         extra = None
+    whitening = resolve_whitening_arguments(args, args.weights)  # fails before any extraction
     model = create_model(args.model, args.weights)
+    # with --whiten the raw descriptors go to OUT.unwhitened (resumable), the whitened ones to OUT
+    raw_out = args.out if whitening is None else str(args.out).rstrip("/\\") + ".unwhitened"
     summary = extract_to_store(
         model,
         image_list,
-        args.out,
+        raw_out,
         options,
         weights=args.weights,
         queries=args.queries,
@@ -206,5 +234,11 @@ def run(args) -> int:
     if summary.stopped:
         return 3
     if int(os.environ.get("RANK", "0")) == 0:
-        print(format_summary(summary, args.out))
+        print(format_summary(summary, raw_out))
+        if whitening is not None:
+            from cfcd.postprocess import whiten_store
+
+            out = whiten_store(raw_out, args.out, whitening)
+            print(f"{args.out}: whitened ({whitening.kind}, power {whitening.info.get('whitenp', '-')}, "
+                  f"{whitening.input_dim} -> {out.dim}) from {raw_out}")
     return 0

@@ -430,16 +430,21 @@ def describe_rules(options: ExtractOptions, queries: bool) -> dict:
         "round": "target (round(h*s), round(w*s)) with Python round (half to even)",
         "half_up": "target (int(0.5+h*s), int(0.5+w*s))",
         "scale_factor": "F.interpolate(scale_factor=s): floor(h*s), sampling grid of s",
+        "largest": "dirtorch Scale(S, largest=True): longer side S (upscaling allowed), other int(0.5+S*other/longer)",
     }[s.size_rule]
-    if s.antialias:
+    if s.resample == "pil":
+        resize += ", Pillow BILINEAR on the uint8 image, then /255 and mean/std (dirtorch)"
+    elif s.antialias:
         resize += ", bilinear, align_corners=False, antialiased (Pillow BILINEAR)"
     else:
         resize += ", bilinear, align_corners=False, no antialias" + (" (cv2 INTER_LINEAR)" if s.size_rule != "scale_factor" else "")
     combination = (
         "per-scale L2, mean, L2"
         if not s.uses_power
-        else f"per-scale L2, sign-preserving power mean with p={s.power}, L2"
+        else f"per-scale L2, power mean with p={s.power} ({'dirtorch sympow, |x| clamped at 1e-6' if s.power_rule == 'dirtorch' else 'cirtorch, no clamp'}), L2"
     )
+    if s.flip:
+        combination += "; every scale also described horizontally flipped (one more view)"
     rules = {
         "resize": resize,
         "combination": combination,

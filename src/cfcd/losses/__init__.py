@@ -20,7 +20,9 @@ Tuple / list losses:
 
 * :class:`LocalTripletLoss` (CFCD stage 2): ``loss(local_features, tuple_size=8)``;
 * :class:`ContrastiveLoss`, :class:`TripletLoss` (cirtorch): ``loss(descriptors, tuple_size)``;
-* :class:`APLoss`, :class:`TAPLoss` (deep-image-retrieval): ``loss(scores, labels)``.
+* :class:`APLoss`, :class:`TAPLoss` (deep-image-retrieval): ``loss(scores, labels)``;
+* :class:`APLossDist`, :class:`TAPLossDist` (dirtorch ``APLoss_dist``/``TAPLoss_dist``):
+  ``loss(scores, labels)``; :class:`TripletLogExpLoss` (dirtorch): ``loss(descriptors, tuple_size)``.
 
 ``create(name, **kwargs)`` builds any of them by registry name (``list_losses()``),
 ``create_from_recipe`` from a recipe's kwargs and the model's sizes. A new loss is one module
@@ -35,18 +37,19 @@ from ..errors import InputError
 from .ap import APLoss, APQuantizer, TAPLoss, in_batch_scores
 from .base import BatchLayout, LossOutput, Objective
 from .cosine import CosineHead, fp32_cosine
+from .distance import APLossDist, TAPLossDist, TripletLogExpLoss, sim_to_dist
 from .local_triplet import LocalTripletLoss, local_attention, match_local_descriptors
 from .madacos import MadaCos, MadaCosStats, madacos_margin, madacos_scale, madacos_statistics
 from .margin import ArcFace, CosFace, CurricularFace
 from .pairwise import ContrastiveLoss, TripletLoss, TupleLoss, tuples_from_cirtorch
 
 __all__ = [
-    "APLoss", "APQuantizer", "ArcFace", "BatchLayout", "ContrastiveLoss", "CosFace", "CosineHead",
+    "APLoss", "APLossDist", "APQuantizer", "ArcFace", "BatchLayout", "ContrastiveLoss", "CosFace", "CosineHead",
     "CurricularFace", "LocalTripletLoss", "LossOutput", "MadaCos", "MadaCosStats", "Objective", "TAPLoss",
-    "TripletLoss", "TupleLoss",
+    "TAPLossDist", "TripletLogExpLoss", "TripletLoss", "TupleLoss",
     "create", "create_from_recipe", "fp32_cosine", "in_batch_scores", "is_classification_head", "list_losses",
     "local_attention", "madacos_margin", "madacos_scale", "madacos_statistics", "match_local_descriptors",
-    "register_loss", "tuples_from_cirtorch",
+    "register_loss", "sim_to_dist", "tuples_from_cirtorch",
 ]
 
 _REGISTRY: dict[str, type[Objective]] = {}
@@ -78,6 +81,9 @@ for _name, _cls in {
     "tap": TAPLoss,
     "contrastive": ContrastiveLoss,
     "triplet": TripletLoss,
+    "ap_dist": APLossDist,
+    "tap_dist": TAPLossDist,
+    "triplet_logexp": TripletLogExpLoss,
 }.items():
     register_loss(_name, _cls)
 

@@ -143,8 +143,11 @@ class LocalTripletLoss(Objective):
         with _no_autocast(local_features.device), torch.no_grad():
             # Selection runs on detached unit-norm T x S x K x C descriptors in float32 (unit
             # vectors in bf16 would blur the 0.9 ratio test); no autograd state is kept for them.
-            # Out of place: under channels_last the contiguous transpose can be a view of the maps.
-            desc = F.normalize(raw.float().transpose(2, 3).contiguous(), dim=3)
+            # Out of place: for a channels_last map, float() of a float32 tensor and the transposed
+            # view are the caller's own storage, so an in-place division would normalise the
+            # feature map autograd saved (wrong gradients in bf16, an error in fp32).
+            desc = raw.float().transpose(2, 3).contiguous()
+            desc = desc / torch.linalg.vector_norm(desc, dim=3, keepdim=True).clamp_min(1e-12)
             att = attention.detach().float().reshape(n_tuples, tuple_size, k)[:, 1]
             valid, best2, _ = match_local_descriptors(
                 desc[:, 0], desc[:, 1], att, ratio=self.ratio, top_fraction=self.top_fraction

@@ -41,7 +41,7 @@ from cfcd.errors import CfcdError, InputError
 
 FORMATS = ("auto", "pycls", "cfcd", "dolg", "cirtorch", "dirtorch", "torchvision", "timm", "efficientnet_lite",
            "cfcd-safetensors")
-DEFAULT_ALLOW_EXTRA = ("desc_cls.", "imagenet_head.", "Lw.", "pca.")
+DEFAULT_ALLOW_EXTRA = ("desc_cls.", "imagenet_head.", "Lw.", "pca.", "unused_fc.")
 WEIGHTS_FILE = "model.safetensors"
 EXTRA_FILE = "extra.safetensors"
 CONFIG_FILE = "config.json"
@@ -344,6 +344,12 @@ def _dirtorch_options(container: Mapping[str, Any], ckpt: Checkpoint) -> None:
         ckpt.model_kwargs["p"] = float(options["gemp"])
     if options.get("without_fc") or "fc.weight" not in ckpt.state:
         ckpt.model_kwargs["whitening"] = None
+        # ResNet_RMAC always creates self.fc (rmac_resnet.py) and skips it with without_fc: keep it as an extra
+        unused = [k for k in ("fc.weight", "fc.bias") if k in ckpt.state]
+        for k in unused:
+            ckpt.extra["unused_" + k] = ckpt.state.pop(k)
+        if unused:
+            ckpt.notes.append("dirtorch without_fc=True: the unused FC is kept as extras unused_fc.{weight,bias}")
     else:
         ckpt.model_kwargs["whitening"] = "dirtorch"
         ckpt.model_kwargs["out_dim"] = int(ckpt.state["fc.weight"].shape[0])

@@ -60,8 +60,10 @@ DEFAULTS: dict[str, Any] = {
         "lighting": 0.1,
         "workers": 4,
         "tuple_size": 8,
-        "sampler": "shuffle",   # shuffle | tuple | class_balanced
+        "sampler": "shuffle",   # shuffle | tuple | class_balanced | mined
         "images_per_class": 4,  # class_balanced only
+        # mined (cirtorch TuplesDataset): per epoch, hardest negatives by the current model
+        "mining": {"nnum": 5, "qsize": 2000, "poolsize": 20000, "image_size": 1024},
         "val_max_images": None,
     },
     "optim": {
@@ -259,8 +261,13 @@ def validate(cfg: dict) -> None:
     for key in ("global_batch", "micro_batch"):
         if not isinstance(t[key], int) or t[key] < 1:
             raise InputError(f"train.{key} must be a positive integer, got {t[key]!r}")
-    if d["sampler"] not in ("shuffle", "tuple", "class_balanced"):
-        raise InputError(f"data.sampler must be shuffle, tuple or class_balanced, got {d['sampler']!r}")
+    if d["sampler"] not in ("shuffle", "tuple", "class_balanced", "mined"):
+        raise InputError(f"data.sampler must be shuffle, tuple, class_balanced or mined, got {d['sampler']!r}")
+    if d["sampler"] == "mined":
+        size = 2 + int(d["mining"]["nnum"])
+        if t["micro_batch"] % size:
+            raise InputError(f"train.micro_batch {t['micro_batch']} must be a multiple of the mined tuple size {size} "
+                             "(2 + data.mining.nnum)")
     if cfg["stage"] == 2 and d["sampler"] != "tuple":
         raise InputError("stage 2 trains on tuples: set data.sampler: tuple")
     if cfg["stage"] == 2 and not lo["local"]:

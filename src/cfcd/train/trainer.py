@@ -264,6 +264,18 @@ class Trainer:
             gt_pred = read_confusions(_resolve(d["confusions"], root), self.train_list) if d["confusions"] else None
             self.sampler = TupleBatchSampler(self.train_list.labels, tuple_size=int(d["tuple_size"]),
                                              gt_pred=gt_pred, **common)
+        elif d["sampler"] == "mined":  # cirtorch: hardest negatives by the current model, every epoch
+            from cfcd.data.mining import HardNegativeMiner, MinedTupleBatchSampler, model_describer, pairs_from_labels
+
+            mi = d["mining"]
+            qpool, ppool = pairs_from_labels(self.train_list.labels, seed=int(t["seed"]))
+            miner = HardNegativeMiner(qpool, ppool, self.train_list.labels, nnum=int(mi["nnum"]), qsize=int(mi["qsize"]),
+                                      poolsize=int(mi["poolsize"]), seed=int(t["seed"]))
+            describe = model_describer(self.model, [self.train_list.full_path(i) for i in range(len(self.train_list))],
+                                       image_size=mi["image_size"], device=str(self.device),
+                                       after=(lambda: set_bn_eval(self.module)) if t["freeze_bn"] else None)
+            self.sampler = MinedTupleBatchSampler(miner, describe, **common)
+            d = dict(d, tuple_size=self.sampler.tuple_size)
         elif d["sampler"] == "class_balanced":
             self.sampler = ClassBalancedBatchSampler(self.train_list.labels,
                                                      images_per_class=int(d["images_per_class"]), **common)
@@ -276,7 +288,7 @@ class Trainer:
             self.head.to(self.device)
         if self.device.type == "cuda" and t["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
-        layout = BatchLayout(tuple_size=int(d["tuple_size"]) if d["sampler"] == "tuple" else None)
+        layout = BatchLayout(tuple_size=getattr(self.sampler, "tuple_size", None))  # tuple samplers only
         self.module = TrainModule(self.model, self.head, self.local_loss, layout=layout,
                                   local_weight=float(lo["local_weight"]), micro_batch=int(t["micro_batch"]))
         if self.local_loss is not None:
