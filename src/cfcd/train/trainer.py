@@ -144,6 +144,11 @@ class TrainModule(nn.Module):
         self.layout, self.micro_batch = layout, micro_batch
         self.local_scale = float(local_weight) * REFERENCE_MICRO_BATCH / micro_batch
 
+    @property
+    def tuple_size(self) -> int | None:
+        """Rows per tuple of the batches (None: independent images)."""
+        return self.layout.tuple_size
+
     def terms(self) -> list[tuple[str, Objective, float]]:
         """``(name, objective, weight)`` of every objective of the total loss."""
         out = []
