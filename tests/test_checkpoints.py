@@ -56,7 +56,7 @@ def test_pycls_key_mapping_follows_spec():
 
 def test_pycls_imagenet_checkpoint(tmp_path, cfcd_model):
     state = pycls_state(cfcd_model)
-    assert len(state) == 318  # R-50 backbone keys with num_batches_tracked (spec 1.2)
+    assert len(state) == 318  # R-50 backbone keys with num_batches_tracked (pycls core/model/resnet.py)
     state["head.fc.weight"] = torch.randn(1000, 2048)
     state["head.fc.bias"] = torch.randn(1000)
     path = tmp_path / "R-50-1x64d_dds_8gpu.pyth"
@@ -87,7 +87,7 @@ def test_pycls_imagenet_checkpoint(tmp_path, cfcd_model):
 
 def test_cfcd_official_checkpoint_roundtrip(tmp_path, cfcd_model):
     ckpt = official_cfcd(cfcd_model)
-    assert len(ckpt["model_state"]) == 326  # spec 7.2, R-50
+    assert len(ckpt["model_state"]) == 326  # an R-50 MODEL_S2 .pyth (CFCD core/checkpoint.py save_checkpoint)
     path = tmp_path / "model_s2_0050.pyth"
     torch.save(ckpt, path)
     loaded = M.create("cfcd_r50", weights=path)

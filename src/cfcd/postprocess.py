@@ -1,7 +1,8 @@
 """Post-processing of global descriptors: PCA whitening, learned whitening (Lw), DBA and alpha-QE.
 
 Everything works on row-major N x D float arrays (one descriptor per row), unlike cirtorch
-(D x N columns). The formulas follow the original code (retrieval_baselines.md 3.1 and 3.3):
+(D x N columns). The formulas follow the original code (deep-image-retrieval ``dirtorch/utils/common.py``
+``whiten_features`` and ``dirtorch/test_dir.py`` ``eval_model``; cirtorch ``cirtorch/utils/whiten.py``):
 
 * **PCA whitening with eigenvalue power** (deep-image-retrieval ``whiten_features``)::
 
@@ -54,6 +55,7 @@ import numpy as np
 
 from cfcd import __version__
 from cfcd.errors import CfcdError, InputError
+from cfcd.utils.io import utc_timestamp
 
 __all__ = [
     "Whitening",
@@ -179,7 +181,7 @@ class Whitening:
                 "cfcd_version": __version__,
             }
         )
-        info.setdefault("created", _now())
+        info.setdefault("created", utc_timestamp())
         atomic_write_json(stem.with_name(stem.name + ".json"), info)
         return st_path
 
@@ -189,12 +191,6 @@ class Whitening:
         out = {k: self.info[k] for k in keys if k in self.info}
         out.update(kind=self.kind, dim=int(self.dim))
         return out
-
-
-def _now() -> str:
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def _as_rows(x, role: str) -> np.ndarray:

@@ -34,14 +34,14 @@ from cfcd.features import (
     DESCRIPTORS_FILE,
     IDS_FILE,
     DescriptorStore,
-    _link_or_copy,
-    _now,
-    _read_ids,
-    _write_ids,
     is_store,
     load_descriptors,
     open_store,
 )
+from cfcd.features import link_or_copy as _link_or_copy
+from cfcd.features import read_ids as _read_ids
+from cfcd.features import utc_timestamp as _now
+from cfcd.features import write_ids as _write_ids
 from cfcd.utils.io import atomic_write_json, make_temp_file
 
 __all__ = [
@@ -674,7 +674,7 @@ def open_index(path: str | os.PathLike, *, mmap: bool = True) -> Index:
     type_ = info.get("type")
     ids = _read_ids(path / IDS_FILE) if (path / IDS_FILE).is_file() else None
     if type_ == "exact":
-        from cfcd.features import _load_npy
+        from cfcd.features import load_npy as _load_npy
 
         data = _load_npy(path / DESCRIPTORS_FILE, mmap)
         if data.ndim != 2:
@@ -692,7 +692,7 @@ def open_index(path: str | os.PathLike, *, mmap: bool = True) -> Index:
             raise InputError(f"{path / INDEX_FILE}: cannot read the FAISS index (corrupt?): {exc}") from None
         vectors = None
         if (path / DESCRIPTORS_FILE).is_file():
-            from cfcd.features import _load_npy
+            from cfcd.features import load_npy as _load_npy
 
             vectors = _load_npy(path / DESCRIPTORS_FILE, True)
         index = FaissIndex(raw, type_, ids, info.get("params", {}), info.get("source", {}), path,

@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -612,7 +612,7 @@ def extract_to_store(
         part = f"rank{ctx.rank:03d}" if ctx.world > 1 else "main"
         device = options.device
         if device.startswith("cuda") and ctx.world > 1 and ":" not in device:
-            options = _replace(options, device=f"cuda:{ctx.local_rank}")
+            options = replace(options, device=f"cuda:{ctx.local_rank}")
         extractor = Extractor(model, options)
         writer = StoreWriter(out, dim=extractor.dim, dtype=options.dtype, part=part, shard_size=options.shard_size,
                              flush_seconds=options.flush_seconds)
@@ -685,13 +685,6 @@ def extract_to_store(
         return ExtractSummary(count, summary_failures, warnings_all, seconds, store, skipped=skipped)
     finally:
         ctx.close()
-
-
-def _replace(options: ExtractOptions, **changes) -> ExtractOptions:
-    values = asdict(options)
-    values["scales"] = options.scales
-    values.update(changes)
-    return ExtractOptions(**values)
 
 
 def _read_warnings(partial: Path) -> list[dict]:

@@ -12,17 +12,22 @@
   :class:`~cfcd.losses.TripletLoss` (rows grouped ``[query, positive, negative_1, ...]``; one
   triplet per negative, the mean over all of them); ``loss.triplets(a, p, n)`` is dirtorch's own
   signature (three N x D matrices).
+
+In training all three follow the common contract (:mod:`cfcd.losses.base`): the AP losses
+inherit :meth:`APLoss.objective` (every image against the rest of the batch), the triplet loss
+:meth:`TupleLoss.objective` (L2-normalised descriptors, the layout's tuple size).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .ap import APLoss, TAPLoss
+from .base import BatchLayout
 from .cosine import _no_autocast
-from .pairwise import _split_tuples
+from .pairwise import TupleLoss
 
 __all__ = ["APLossDist", "TAPLossDist", "TripletLogExpLoss", "sim_to_dist"]
 
@@ -48,7 +53,7 @@ class TAPLossDist(TAPLoss):
             return super().ap(sim_to_dist(x), label)
 
 
-class TripletLogExpLoss(nn.Module):
+class TripletLogExpLoss(TupleLoss):
     """dirtorch ``TripletLogExpLoss(p=2, eps=1e-6, swap=False)``; see the module docstring."""
 
     def __init__(self, p: float = 2.0, eps: float = 1e-6, swap: bool = False) -> None:
@@ -75,7 +80,7 @@ class TripletLogExpLoss(nn.Module):
             return torch.log(1 + torch.exp(d_p - d_n)).mean()
 
     def forward(self, x: Tensor, tuple_size: int) -> Tensor:
-        t = _split_tuples(x, tuple_size, "TripletLogExpLoss", 3)
+        t = BatchLayout(tuple_size).split(x, "TripletLogExpLoss", 3)
         n_neg = tuple_size - 2
         a = t[:, :1].expand(-1, n_neg, -1).reshape(-1, t.shape[2])
         p = t[:, 1:2].expand(-1, n_neg, -1).reshape(-1, t.shape[2])

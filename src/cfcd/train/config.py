@@ -22,6 +22,9 @@ CONFIG_VERSION = 1
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+#: Keys renamed since version 1 of the recipes: the old name still works (recipes and overrides).
+RENAMED_KEYS = {"loss.madacos_stats": "loss.batch_stats"}
+
 DEFAULTS: dict[str, Any] = {
     "version": CONFIG_VERSION,
     "name": "unnamed",
@@ -38,8 +41,9 @@ DEFAULTS: dict[str, Any] = {
         "global": "madacos",    # madacos | arcface | cosface | curricularface | ap | none
         "global_kwargs": {"alpha": 0.02},
         "num_classes": 81313,
-        "madacos_stats": "exact",  # exact: median over the global batch even with accumulation
-                                   # (extra no-grad forward); micro: per micro-batch (cheaper)
+        "batch_stats": "exact",  # losses with batch statistics (MadaCos's median): exact: over the
+                                 # global batch even with accumulation (extra no-grad forward);
+                                 # micro: per micro-batch (cheaper). Old name: madacos_stats
         "local": None,          # local_triplet for CFCD stage 2
         "local_kwargs": {"margin": 0.1, "ratio": 0.9, "top_fraction": 0.5},
         "local_weight": 1.0,    # the code's effective lambda (the yaml's LAMDA 0.05 is ignored)
@@ -114,6 +118,11 @@ def deep_merge(base: dict, update: dict, *, path: str = "", source: str = "confi
     out = copy.deepcopy(base)
     for key, value in update.items():
         full = f"{path}{key}"
+        if full in RENAMED_KEYS:
+            old, full = full, RENAMED_KEYS[full]
+            key = full.rsplit(".", 1)[-1]
+            if key in update and update[key] != value:
+                raise InputError(f"{source}: {full!r} and its old name {old!r} disagree")
         if key not in out:
             if path.rstrip(".").endswith("kwargs"):
                 out[key] = copy.deepcopy(value)
@@ -270,8 +279,8 @@ def validate(cfg: dict) -> None:
         raise InputError(f"optim.policy must be cos, steps, exp or constant, got {o['policy']!r}")
     if o["per"] not in ("epoch", "step"):
         raise InputError(f"optim.per must be epoch or step, got {o['per']!r}")
-    if lo["madacos_stats"] not in ("exact", "micro"):
-        raise InputError(f"loss.madacos_stats must be exact or micro, got {lo['madacos_stats']!r}")
+    if lo["batch_stats"] not in ("exact", "micro"):
+        raise InputError(f"loss.batch_stats must be exact or micro, got {lo['batch_stats']!r}")
     if t["amp"] not in ("bf16", "fp16", "none", None, False):
         raise InputError(f"train.amp must be bf16, fp16 or none, got {t['amp']!r}")
     if o["epochs"] < 1:

@@ -82,3 +82,10 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def utc_timestamp() -> str:
+    """The current UTC time as ISO 8601 to the second (``2026-01-02T03:04:05Z``), for metadata."""
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
