@@ -42,6 +42,7 @@ from cfcd.features import link_or_copy as _link_or_copy
 from cfcd.features import read_ids as _read_ids
 from cfcd.features import utc_timestamp as _now
 from cfcd.features import write_ids as _write_ids
+from cfcd.runtime import resolve_device
 from cfcd.utils.io import atomic_write_json, make_temp_file
 
 __all__ = [
@@ -101,28 +102,6 @@ class SearchResult:
             qid = self.query_ids[qi] if self.query_ids is not None else qi
             queries.append({"query": qid, "results": results})
         return {"k": int(k), "queries": queries}
-
-
-def resolve_device(device: str | None = "auto"):
-    """``"auto"`` -> CUDA when available (else MPS, else CPU); anything else is passed to torch."""
-    import torch
-
-    if type(device).__name__ == "device":
-        return device
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InputError(f"invalid device {device!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def _tensor(x, dev):

@@ -147,17 +147,9 @@ def build_options(args, *, device: str):
 
 
 def resolve_device(requested: str | None) -> str:
-    import torch
+    from cfcd.runtime import resolve_device as resolve
 
-    from cfcd.errors import InputError
-
-    if requested is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: CUDA is not available on this machine")
-    if not (requested == "cpu" or requested.startswith("cuda")):
-        raise InputError(f"--device {requested!r}: expected cpu or cuda")
-    return requested
+    return str(resolve(requested))
 
 
 def create_model(name: str, weights: str | None):

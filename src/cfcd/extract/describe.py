@@ -29,7 +29,6 @@ differs only by float rounding.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 
 import numpy as np
 
@@ -68,13 +67,10 @@ def _views(x, flip: bool):
 
 
 def autocast_context(device_type: str, precision: str):
-    """``torch.autocast`` for ``bf16``/``fp16``; nothing for ``fp32``."""
-    import torch
+    """``torch.autocast`` for ``bf16``/``fp16``; nothing for ``fp32`` (:func:`cfcd.runtime.autocast`)."""
+    from cfcd.runtime import autocast
 
-    if precision == "fp32":
-        return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device_type, dtype=dtype)
+    return autocast(device_type, precision)
 
 
 def normalisation_tensors(preprocess, device) -> tuple:

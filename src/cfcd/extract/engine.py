@@ -25,6 +25,7 @@ time (batch 1, fp32, cv2 resize): the CFCD ``evaler/infer.py`` procedure.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -42,6 +43,8 @@ from cfcd.data.lists import ImageList
 from cfcd.errors import CfcdError, InputError
 from cfcd.extract.describe import describe_batch, describe_reference, normalisation_tensors
 from cfcd.extract.scales import MultiScale, parse_scales
+from cfcd.runtime import init_distributed, jsonable
+from cfcd.runtime import progress as progress_bar
 
 Precision = Literal["fp32", "bf16", "fp16"]
 SETTINGS_FILE = "extract-settings.json"  # inside the store's .partial/ while a job runs
@@ -67,6 +70,9 @@ class ExtractOptions:
     shard_size: int = 1024
     flush_seconds: float | None = 30.0  # also write a shard this often: a kill loses at most this much work
     cudnn_benchmark: bool = True
+    # None: channels_last on CUDA in the fast path. The Extractor converts the model it is given,
+    # so a caller that shares a live model (the trainer's benchmark hook) says what it wants.
+    channels_last: bool | None = None
     stop_after: int | None = None  # debug: stop like a kill after this many images were handed to the writer
     progress: bool = True
 
@@ -224,7 +230,8 @@ class Extractor:
         self.channel_order = getattr(self.preprocess, "channel_order", "RGB")
         self.dim = int(model.embedding_dim)
         self.model = model.eval().to(self.device)
-        self.channels_last = self.device.type == "cuda" and opts.mode == "fast"
+        auto = self.device.type == "cuda" and opts.mode == "fast"
+        self.channels_last = auto if opts.channels_last is None else bool(opts.channels_last)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # revisitop images are mostly 1024x768 / 768x1024, so shapes repeat: let cuDNN pick the
@@ -479,49 +486,6 @@ def describe_rules(options: ExtractOptions, queries: bool) -> dict:
     return rules
 
 
-@dataclass
-class DistContext:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    initialised_here: bool = False
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.initialised_here:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def init_distributed(device: str) -> DistContext:
-    """Join the ``torchrun`` group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext()
-    import datetime
-
-    import torch
-    import torch.distributed as dist
-
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    here = False
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        # Ranks that finish early wait at the final barrier: allow a long job.
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=72))
-        here = True
-    return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, initialised_here=here)
-
-
 def _check_settings(out: Path, settings: dict, *, rank: int) -> None:
     """Refuse to resume a partial store written with other settings."""
     from cfcd.utils.io import atomic_write_json
@@ -541,10 +505,6 @@ def _check_settings(out: Path, settings: dict, *, rank: int) -> None:
             )
     elif rank == 0:
         atomic_write_json(path, settings)
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))
 
 
 def extract_to_store(
@@ -580,8 +540,9 @@ def extract_to_store(
         "options": options.settings(),
         "list": {"source": image_list.source, "count": len(image_list), "queries": queries},
     }
-    settings = _jsonable(settings)
-    ctx = init_distributed(options.device)
+    settings = jsonable(settings)
+    # ranks that finish early wait at the final barrier: allow a long job
+    ctx = init_distributed(options.device, timeout=datetime.timedelta(hours=72))
     try:
         if (out / "meta.json").exists():
             meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
@@ -609,15 +570,15 @@ def extract_to_store(
         if ctx.rank != 0:
             _check_settings(out, settings, rank=ctx.rank)
 
-        part = f"rank{ctx.rank:03d}" if ctx.world > 1 else "main"
+        part = f"rank{ctx.rank:03d}" if ctx.world_size > 1 else "main"
         device = options.device
-        if device.startswith("cuda") and ctx.world > 1 and ":" not in device:
+        if device.startswith("cuda") and ctx.world_size > 1 and ":" not in device:
             options = replace(options, device=f"cuda:{ctx.local_rank}")
         extractor = Extractor(model, options)
         writer = StoreWriter(out, dim=extractor.dim, dtype=options.dtype, part=part, shard_size=options.shard_size,
                              flush_seconds=options.flush_seconds)
         done = writer.done_ids()
-        mine = [i for i in range(len(image_list)) if i % ctx.world == ctx.rank]
+        mine = [i for i in range(len(image_list)) if i % ctx.world_size == ctx.rank]
         todo = [i for i in mine if image_list.ids[i] not in done]
         skipped = len(mine) - len(todo)
         if skipped:
@@ -627,7 +588,7 @@ def extract_to_store(
         start = time.perf_counter()
         count = 0
         stopped = False
-        progress = _progress(len(todo), enabled=options.progress and ctx.rank == 0, desc=f"extract {out.name}")
+        progress = progress_bar(len(todo), enabled=options.progress and ctx.rank == 0, desc=f"extract {out.name}")
         try:
             for batch in extractor.iter_batches(image_list, todo):
                 for image_id, reason in batch.failures:
@@ -672,13 +633,13 @@ def extract_to_store(
                     "precision": options.precision,
                     "mode": options.mode,
                     "device": str(extractor.device.type),
-                    "world_size": ctx.world,
+                    "world_size": ctx.world_size,
                     "list": image_list.source,
                     "warnings": warnings_all,
                 },
             }
             if extra_meta:
-                meta.update(_jsonable(extra_meta))
+                meta.update(jsonable(extra_meta))
             store = finalize_store(out, order=list(image_list.ids), meta=meta)
             summary_failures = list(store.meta.get("failures", []))
         ctx.barrier()
@@ -699,17 +660,3 @@ def _read_warnings(partial: Path) -> list[dict]:
     return list(seen.values())
 
 
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, *, enabled: bool, desc: str):
-    if not enabled:
-        return _NoProgress()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)

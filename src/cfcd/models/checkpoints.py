@@ -580,13 +580,9 @@ def load_backbone_weights(model: torch.nn.Module, path_or_state: str | Path | Ma
 
 
 def _jsonable(value: Any) -> Any:
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+    from cfcd.runtime import jsonable
+
+    return jsonable(value)
 
 
 def save_weights(model: torch.nn.Module, out_dir: str | Path, extra: Mapping[str, torch.Tensor] | None = None,

@@ -45,6 +45,7 @@ from cfcd.losses import BatchLayout, CosineHead, Objective
 from cfcd.train import checkpoint as ckpt_mod
 from cfcd.train.config import dump_config
 from cfcd.train.distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
+from cfcd.runtime import autocast_dtype, jsonable, precision_name, progress
 from cfcd.train.logging import TrainLogger
 from cfcd.train.schedule import lr_at, set_lr
 from cfcd.utils.io import atomic_write_text
@@ -321,7 +322,7 @@ class Trainer:
             self.model.forward_features = torch.compile(self.model.forward_features)
 
         amp = t["amp"] if self.device.type == "cuda" else "none"
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(amp))
+        self.autocast_dtype = autocast_dtype(amp)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
 
         if self.resume:
@@ -352,7 +353,7 @@ class Trainer:
             "sampler_state": {"epoch": self.state.epoch, "start_step": self.state.step_in_epoch,
                               "seed": self.sampler.seed, "global_batch": self.sampler.global_batch},
             "rng_state": ckpt_mod.rng_state(),
-            "model_config": _plain(getattr(self.model, "model_config", {})),
+            "model_config": jsonable(getattr(self.model, "model_config", {})),
             "config_yaml": dump_config(self.cfg),
             "metrics": {k: float(v) for k, v in self.state.metrics.items()},
             "world_size": self.dist.world_size,
@@ -482,7 +483,7 @@ class Trainer:
                 if t["freeze_bn"]:
                     set_bn_eval(self.module)
                 loader = iter(self._loader(self.sampler, self.dataset))
-                bar = _progress(total=steps_per_epoch, initial=self.state.step_in_epoch,
+                bar = progress(total=steps_per_epoch, initial=self.state.step_in_epoch, unit="step",
                                 enabled=self.dist.is_main and bool(t["progress"]), desc=f"epoch {epoch + 1}/{epochs}")
                 meter: dict[str, Any] = {}
                 t0, images_seen, first_step = time.perf_counter(), 0, self.state.step_in_epoch
@@ -607,9 +608,10 @@ class Trainer:
             from cfcd.evaluation import evaluate_files
             from cfcd.extract import ExtractOptions, extract_to_store, parse_scales
 
-            precision = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+            # the training precision (fp16 stays fp16), and the model's layout left as the trainer set it
             options = ExtractOptions(scales=parse_scales(b["scales"]), max_size=b["max_size"],
-                                     device=str(self.device), precision=precision,
+                                     device=str(self.device), precision=precision_name(self.autocast_dtype),
+                                     channels_last=bool(self.cfg["train"]["channels_last"]) and self.device.type == "cuda",
                                      workers=int(self.cfg["data"]["workers"]), progress=False)
             for ds in b["datasets"]:
                 gnd = load_gnd(find_gnd(ds, b["root"]), ds)
@@ -688,40 +690,6 @@ def epoch_summary(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
     if "epoch_time_s" in metrics:
         parts.append(f"{metrics['epoch_time_s']:.1f} s ({metrics.get('images_per_s', 0):.1f} img/s)")
     return "  ".join(parts)
-
-
-def _progress(total: int, initial: int, enabled: bool, desc: str):
-    if enabled:
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
-        except ImportError:
-            pass
-    return _NoBar()
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
-
-
-def _plain(obj):
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
 
 
 def train(cfg: dict, *, device: str | None = None, resume: bool = True,
