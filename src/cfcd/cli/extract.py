@@ -116,7 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def default_crop_rule(model_name: str) -> str:
-    return "truncate" if model_name.startswith(("cfcd", "dolg")) else "round"
+    """The query-crop rule the model's family registered (the reference code's own rule)."""
+    from cfcd.models import get_entry
+
+    return get_entry(model_name).crop_rule
 
 
 def build_options(args, *, device: str):

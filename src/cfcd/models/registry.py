@@ -26,17 +26,22 @@ class ModelEntry:
     defaults: dict[str, Any] = field(default_factory=dict)
     embedded: Callable[[Any], None] | None = None  # loads weights shipped with an installed package
     description: str = ""
+    # query box to pixels: "truncate" (int(), the CFCD/DOLG reference code) or "round" (revisitop / PIL crop)
+    crop_rule: str = "round"
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, builder: Callable[..., Any], *, family: str, defaults: dict[str, Any] | None = None,
-                   embedded: Callable[[Any], None] | None = None, description: str = "") -> ModelEntry:
+                   embedded: Callable[[Any], None] | None = None, description: str = "",
+                   crop_rule: str = "round") -> ModelEntry:
     """Register ``name``; ``create(name, **kw)`` calls ``builder(**{**defaults, **kw})``."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
-    entry = ModelEntry(name, builder, family, dict(defaults or {}), embedded, description)
+    if crop_rule not in ("truncate", "round"):
+        raise ValueError(f"crop_rule must be 'truncate' or 'round', got {crop_rule!r}")
+    entry = ModelEntry(name, builder, family, dict(defaults or {}), embedded, description, crop_rule)
     _REGISTRY[name] = entry
     return entry
 
@@ -173,9 +178,9 @@ def _ensure_builtin() -> None:
     from cfcd.models.preprocess import Preprocess
 
     for depth in (50, 101, 152):
-        register_model(f"cfcd_r{depth}", CFCDNet, family="cfcd", defaults={"backbone": f"resnet{depth}"},
+        register_model(f"cfcd_r{depth}", CFCDNet, family="cfcd", defaults={"backbone": f"resnet{depth}"}, crop_rule="truncate",
                        description=f"CFCD: ResNet-{depth}, GeM p=3, FC 512, BN, L2 (BGR input)")
-        register_model(f"dolg_r{depth}", DOLGNet, family="dolg", defaults={"backbone": f"resnet{depth}"},
+        register_model(f"dolg_r{depth}", DOLGNet, family="dolg", defaults={"backbone": f"resnet{depth}"}, crop_rule="truncate",
                        description=f"DOLG: ResNet-{depth}, orthogonal fusion of s3 attention and s4 GeM, FC 512")
         register_model(f"gem_r{depth}", GeMNet, family="gem", defaults={"backbone": f"resnet{depth}"},
                        description=f"GeM ResNet-{depth} (cirtorch/dirtorch; whitening from the checkpoint)")
