@@ -250,7 +250,8 @@ def test_families_carry_their_query_crop_rule():
     from cfcd.cli.extract import default_crop_rule
 
     assert [M.get_entry(n).crop_rule for n in ("cfcd_r50", "dolg_r101", "gem_r50")] == ["truncate", "truncate", "round"]
-    M.register_model("crop_rule_test_net", lambda: None, family="test", crop_rule="truncate")
+    M.register_model("crop_rule_test_net", lambda: None, family="test", crop_rule="truncate",
+                     description="test-only entry")
     assert default_crop_rule("crop_rule_test_net") == "truncate"  # by registration, not by name prefix
     with pytest.raises(ValueError, match="crop_rule"):
         M.register_model("crop_rule_bad", lambda: None, family="test", crop_rule="floor")
