@@ -48,6 +48,7 @@ class Mode:
     s1_epochs: int
     s2_epochs: int
     im_size: int
+    s2_im_size: int
     limits: dict = field(default_factory=dict)      # Sizes.max_* (tiny mode)
     s1: dict = field(default_factory=dict)          # extra recipe overrides
     s2: dict = field(default_factory=dict)
@@ -56,13 +57,14 @@ class Mode:
 MODES: dict[str, Mode] = {
     # the test suite's end-to-end run: a few sources, one scale, one short epoch per stage
     "tiny": Mode("tiny", max_side=128, train_views=3, scales=(1.0,), s1_epochs=1, s2_epochs=1, im_size=96,
+                 s2_im_size=128,
                  limits=dict(max_test=4, max_train=6, max_val=2, max_distractors=3),
                  s1={"train.global_batch": 16, "train.micro_batch": 16},
                  s2={"train.global_batch": 16, "train.micro_batch": 16, "train.max_steps_per_epoch": 1}),
     "quick": Mode("quick", max_side=256, train_views=8, scales=(0.7071, 1.0), s1_epochs=4, s2_epochs=1,
-                  im_size=160),
+                  im_size=160, s2_im_size=224),
     "full": Mode("full", max_side=384, train_views=12, scales=(0.5, 0.7071, 1.0, 1.4142), s1_epochs=6,
-                 s2_epochs=2, im_size=192),
+                 s2_epochs=2, im_size=192, s2_im_size=224),
 }
 
 MODEL = "gem_efficientnet_lite0"
@@ -203,7 +205,7 @@ def run_demo(out: str | os.PathLike, *, mode: str = "quick", seed: int = 0, over
     from cfcd.train.trainer import train
 
     runs = out / "runs"
-    cfg1 = load_config(S1_RECIPE, _overrides(m, data, runs / "stage1", seed, m.s1_epochs, m.s1))
+    cfg1 = load_config(S1_RECIPE, _overrides(m, data, runs / "stage1", seed, m.s1_epochs, m.s1, im_size=m.im_size))
     t0 = time.perf_counter()
     say(f"[3/{n_steps}] fine-tune, stage 1: MadaCos ({S1_RECIPE}, {m.s1_epochs} epoch(s), "
         f"{data.num_classes} classes)")
@@ -228,7 +230,7 @@ def run_demo(out: str | os.PathLike, *, mode: str = "quick", seed: int = 0, over
     t0 = time.perf_counter()
     cfg2 = load_config(S2_RECIPE, _overrides(m, data, runs / "stage2", seed, m.s2_epochs,
                                              {**m.s2, "model.init": str(runs / "stage1" / "final"),
-                                              "data.confusions": str(confusions)}))
+                                              "data.confusions": str(confusions)}, im_size=m.s2_im_size))
     say(f"[5/{n_steps}] fine-tune, stage 2: MadaCos + local triplets on tuples with hard negatives "
         f"({S2_RECIPE}, {m.s2_epochs} epoch(s))")
     if not steps.done("stage2"):
@@ -340,12 +342,12 @@ def _val_map(model, data, stores: Path, options, say) -> dict:
     return {s: v["mAP"] for s, v in result.metrics(percent=True).items()}
 
 
-def _overrides(m: Mode, data, out_dir: Path, seed: int, epochs: int, extra: dict) -> dict:
+def _overrides(m: Mode, data, out_dir: Path, seed: int, epochs: int, extra: dict, *, im_size: int) -> dict:
     over = {
         "data.root": str(data.train_root),
         "data.train_list": str(data.train_list),
-        "data.im_size": m.im_size,
-        "data.test_size": m.im_size,
+        "data.im_size": im_size,
+        "data.test_size": im_size,
         "loss.num_classes": int(data.num_classes),
         "optim.epochs": int(epochs),
         "train.seed": int(seed),
@@ -424,6 +426,7 @@ def reproduce_commands(out: Path, m: Mode, cfg1: dict, cfg2: dict, seed: int) ->
                       f"--list {d / 'train' / 'train_list.txt'} --root {d / 'train'} "
                       f"--out {out / 'runs' / 'landmark_scores.txt'}",
         "stage2": f"cfcd train --config {S2_RECIPE} {ov1} optim.epochs={cfg2['optim']['epochs']} "
+                  f"data.im_size={m.s2_im_size} data.test_size={m.s2_im_size} "
                   f"model.init={s1 / 'final'} data.confusions={out / 'runs' / 'landmark_scores.txt'} "
                   f"train.out_dir={s2}",
         "extract_after": f"cfcd extract --model {MODEL} --weights {s2 / 'final'} {ext} --queries "
