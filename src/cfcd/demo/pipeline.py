@@ -148,8 +148,18 @@ def run_demo(out: str | os.PathLike, *, mode: str = "quick", seed: int = 0, over
     """Run (or resume) the whole demo in ``out``; returns the summary (also ``out/summary.json``)."""
     import torch
 
+    previous = torch.get_num_threads()
     threads = threads or auto_threads()
     torch.set_num_threads(threads)
+    try:
+        return _run_demo(out, mode=mode, seed=seed, overwrite=overwrite, threads=threads, stream=stream,
+                         progress=progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, stream, progress: bool) -> dict:
+    import torch
 
     if mode not in MODES:
         raise InputError(f"unknown demo mode {mode!r} (choose from {', '.join(MODES)})")
