@@ -173,3 +173,19 @@ def test_own_photos_query_that_is_not_an_image_fails_before_indexing(tmp_path, r
     assert not (tmp_path / "cache").exists()
     with pytest.raises(InputError, match="query photo not found"):
         search_photos(photos, tmp_path / "missing.jpg", cache=tmp_path / "cache", out=io.StringIO())
+
+
+def test_recipe_frozen_prefixes_are_checked():
+    import cfcd.models
+    from cfcd.train.config import load_config
+    from cfcd.train.trainer import freeze_parameters
+
+    with pytest.raises(InputError, match="model.frozen must be a list"):
+        load_config("demo_lite0_s1", {"model": {"frozen": "backbone.blocks.0"}})
+    model = cfcd.models.create("gem_efficientnet_lite0", pretrained=False)
+    with pytest.raises(InputError, match="no parameter of the model starts with"):
+        freeze_parameters(model, ["backbone.block.0"])  # typo: blocks
+    n = freeze_parameters(model, load_config("demo_lite0_s1")["model"]["frozen"])
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert n == len(frozen) and "backbone.blocks.3.0.conv_pw.weight" in frozen
+    assert not any(name.startswith("backbone.blocks.4") for name in frozen)
