@@ -349,7 +349,7 @@ def _val_map(model, data, stores: Path, options, say) -> dict:
         extract_to_store(model, gnd_image_list(gnd, root=data.benchmarks, queries=queries), stores / role, quiet,
                          queries=queries, log=lambda message: None)
     result, _ = evaluate_files(gnd=gnd, queries=stores / "queries", database=stores / "database")
-    return {s: v["mAP"] for s, v in result.metrics(percent=True).items()}
+    return {s: round(float(v["mAP"]), 2) for s, v in result.metrics(percent=True).items()}
 
 
 def _overrides(m: Mode, data, out_dir: Path, seed: int, epochs: int, extra: dict, *, im_size: int) -> dict:
