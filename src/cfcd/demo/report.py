@@ -63,42 +63,66 @@ def training_history(runs: Path) -> list[dict]:
     return rows
 
 
-def _curves(history: list[dict], val_before: dict) -> str:
+def training_steps(runs: Path) -> list[dict]:
+    """Per-step rows of both stages' ``log.jsonl``; ``x`` counts steps across the stages."""
+    from cfcd.train.logging import read_log
+
+    rows = []
+    offset = 0
+    for stage in ("stage1", "stage2"):
+        log = runs / stage / "log.jsonl"
+        if not log.is_file():
+            continue
+        seen = {int(row["step"]): row for row in read_log(log, "train")}
+        for step in sorted(seen):
+            rows.append({**seen[step], "stage": stage, "x": offset + step})
+        offset += max(seen) if seen else 0
+    return rows
+
+
+def _curves(history: list[dict], steps: list[dict], val_before: dict) -> str:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    x = [r["x"] for r in history]
+    x = [r["x"] for r in steps]
 
-    def series(key):
-        return [r.get(key) if isinstance(r.get(key), (int, float)) else np.nan for r in history]
+    def series(rows, key):
+        return [r.get(key) if isinstance(r.get(key), (int, float)) else np.nan for r in rows]
 
-    stage2_from = next((r["x"] for r in history if r["stage"] == "stage2"), None)
+    stage2_from = next((r["x"] for r in steps if r["stage"] == "stage2"), None)
     ax = axes[0]
-    ax.plot(x, series("train_loss"), "o-", label="total loss")
-    ax.plot(x, series("train_loss_ce"), "s--", label="MadaCos CE")
+    ax.plot(x, series(steps, "loss"), ".-", label="total loss")
+    ax.plot(x, series(steps, "loss_ce"), ".--", label="MadaCos CE")
     ax.set_title("training loss")
     ax.legend(fontsize=8)
     ax = axes[1]
-    ax.plot(x, series("train_scale"), "o-", color="#1f77b4")
-    ax.set_title("MadaCos scale s (blue) and margin m (red)")
+    ax.plot(x, series(steps, "scale"), ".-", color="#1f77b4")
+    ax.set_title("MadaCos scale s (blue), margin m (red)")
     ax2 = ax.twinx()
-    ax2.plot(x, series("train_margin"), "s-", color="#d62728")
+    ax2.plot(x, series(steps, "margin"), ".-", color="#d62728")
     ax = axes[2]
-    ax.plot(x, series("train_loss_local"), "o-", color="#ff7f0e")
+    local = [(xi, v) for xi, v in zip(x, series(steps, "loss_local")) if np.isfinite(v)]
+    ax.plot([p[0] for p in local], [p[1] for p in local], ".-", color="#ff7f0e")
     ax.set_title("local triplet term (stage 2)")
-    ax = axes[3]
-    for setup, marker in zip(SETUPS, "o^s"):
-        ys = [val_before.get(setup, np.nan)] + series(f"demoval_{setup}_mAP")
-        ax.plot([0] + x, ys, marker + "-", label=setup)
-    ax.set_title("held-out validation mAP (%)")
-    ax.legend(fontsize=8)
-    for ax in axes:
-        ax.set_xlabel("epoch")
+    for ax in axes[:3]:
+        ax.set_xlabel("step")
         if stage2_from is not None:
             ax.axvline(stage2_from - 0.5, color="grey", ls=":", lw=1)
+    ax = axes[3]
+    ex = [r["x"] for r in history]
+    for setup, marker in zip(SETUPS, "o^s"):
+        ys = [val_before.get(setup, np.nan)] + series(history, f"demoval_{setup}_mAP")
+        ax.plot([0] + ex, ys, marker + "-", label=setup)
+    ax.set_title("held-out validation mAP (%)")
+    ax.set_xlabel("epoch (0: pretrained)")
+    ax.legend(fontsize=8)
+    e2 = next((r["x"] for r in history if r["stage"] == "stage2"), None)
+    if e2 is not None:
+        ax.axvline(e2 - 0.5, color="grey", ls=":", lw=1)
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)
@@ -229,7 +253,7 @@ Real photos from scikit-image, scikit-learn{', opencv-doc' if summary['opencv_do
 <p>Stage 1: MadaCos; stage 2 (after the dotted line): MadaCos + local triplets on tuples with hard negatives
 from the stage-1 confusions. Validation: a separate benchmark of held-out photos (never the test queries);
 epoch 0 is the pretrained model.</p>
-<img class="plot" src="{_curves(history, summary.get('val_before', {}))}" alt="training curves">
+<img class="plot" src="{_curves(history, training_steps(runs), summary.get('val_before', {}))}" alt="training curves">
 <h2>Top results</h2>
 <p>{legend}</p>
 {_grid(gnd, images, hits, _pick_queries(gnd, before, after), 8)}
