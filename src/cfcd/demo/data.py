@@ -365,7 +365,8 @@ def _write_benchmark(root: Path, dataset: str, sources: list[Source], distractor
     return path
 
 
-def build_demo_data(out: str | os.PathLike, sizes: Sizes | None = None, *, seed: int = 0) -> DemoData:
+def build_demo_data(out: str | os.PathLike, sizes: Sizes | None = None, *, seed: int = 0,
+                    progress: bool = False) -> DemoData:
     """Write the test and validation benchmarks and the training list under ``out``.
 
     Layout: ``out/benchmarks/{demo,demoval}/{jpg/,gnd_<ds>.pkl}`` (revisitop, so ``--dataset demo
@@ -383,7 +384,19 @@ def build_demo_data(out: str | os.PathLike, sizes: Sizes | None = None, *, seed:
         by_role.setdefault(src.role, []).append(src)
     if any(len(by_role.get(role, [])) < 2 for role in ("test", "val", "train")):
         raise InputError("not enough demo photos found (scikit-image, scikit-learn)")
-    photos = {src.name: [fit(_loader(src.origin)(v), sizes.max_side) for v in src.views] for src in sources}
+    loaders = {origin: _loader(origin) for origin in {src.origin for src in sources}}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(sources), desc="photos", unit="photo", dynamic_ncols=True, leave=False)
+    photos = {}
+    for src in sources:
+        photos[src.name] = [fit(loaders[src.origin](v), sizes.max_side) for v in src.views]
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     rng = np.random.default_rng(seed)
     manifest: dict[str, str] = {}
     test_gnd = _write_benchmark(root / "benchmarks", TEST_DATASET, by_role["test"], by_role.get("distractor", []),

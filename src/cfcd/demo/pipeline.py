@@ -185,7 +185,7 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
         data = load_demo_data(data_root)
         say("      already built")
     else:
-        data = build_demo_data(data_root, sizes, seed=seed)
+        data = build_demo_data(data_root, sizes, seed=seed, progress=progress)
         check_disjoint(data_root)
         steps.finish("data", time.perf_counter() - t0)
     roles = data.manifest["roles"]
