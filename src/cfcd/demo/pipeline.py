@@ -215,7 +215,8 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     from cfcd.train.trainer import train
 
     runs = out / "runs"
-    cfg1 = load_config(S1_RECIPE, _overrides(m, data, runs / "stage1", seed, m.s1_epochs, m.s1, im_size=m.im_size))
+    over1 = _overrides(m, data, runs / "stage1", seed, m.s1_epochs, m.s1, im_size=m.im_size)
+    cfg1 = load_config(S1_RECIPE, _nest(over1))
     t0 = time.perf_counter()
     say(f"[3/{n_steps}] fine-tune, stage 1: MadaCos ({S1_RECIPE}, {m.s1_epochs} epoch(s), "
         f"{data.num_classes} classes)")
@@ -238,9 +239,10 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     say(f"      training top-1 of the stage-1 classifier: {100 * steps.state['done']['confusions']['top1']:.1f}%")
 
     t0 = time.perf_counter()
-    cfg2 = load_config(S2_RECIPE, _overrides(m, data, runs / "stage2", seed, m.s2_epochs,
-                                             {**m.s2, "model.init": str(runs / "stage1" / "final"),
-                                              "data.confusions": str(confusions)}, im_size=m.s2_im_size))
+    over2 = _overrides(m, data, runs / "stage2", seed, m.s2_epochs,
+                       {**m.s2, "model.init": str(runs / "stage1" / "final"), "data.confusions": str(confusions)},
+                       im_size=m.s2_im_size)
+    cfg2 = load_config(S2_RECIPE, _nest(over2))
     say(f"[5/{n_steps}] fine-tune, stage 2: MadaCos + local triplets on tuples with hard negatives "
         f"({S2_RECIPE}, {m.s2_epochs} epoch(s))")
     if not steps.done("stage2"):
@@ -284,7 +286,7 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
         "val_before": val_before,
         "seconds": seconds,
     }
-    commands = reproduce_commands(out, m, cfg1, cfg2, seed)
+    commands = reproduce_commands(out, m, over1, over2)
     write_report(out, summary=summary, gnd=gnd, data=data, before=before, after=after, hits=hits,
                  runs=runs, commands=commands)
     atomic_write_json(out / "summary.json", summary)
@@ -366,7 +368,7 @@ def _overrides(m: Mode, data, out_dir: Path, seed: int, epochs: int, extra: dict
         "benchmark.scales": list(m.scales),
     }
     over.update(extra)
-    return _nest(over)
+    return over
 
 
 def _nest(flat: dict) -> dict:
@@ -413,15 +415,20 @@ def _comparison(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def reproduce_commands(out: Path, m: Mode, cfg1: dict, cfg2: dict, seed: int) -> dict[str, str]:
-    """The CLI commands that redo each step by hand on the data in ``out``."""
+def _cli_overrides(over: dict) -> str:
+    def value(v):
+        if isinstance(v, (list, tuple)):
+            return "'[" + ", ".join(str(x) for x in v) + "]'"
+        return str(v)
+    return " ".join(f"{k}={value(v)}" for k, v in over.items())
+
+
+def reproduce_commands(out: Path, m: Mode, over1: dict, over2: dict) -> dict[str, str]:
+    """The CLI commands that redo each step by hand on the data in ``out`` (the demo's exact overrides)."""
     d = out / "data"
     bench = d / "benchmarks"
     scales = " ".join(str(s) for s in m.scales)
     s1, s2 = out / "runs" / "stage1", out / "runs" / "stage2"
-    ov1 = (f"data.root={d / 'train'} data.train_list={d / 'train' / 'train_list.txt'} data.im_size={m.im_size} "
-           f"data.test_size={m.im_size} loss.num_classes={cfg1['loss']['num_classes']} "
-           f"optim.epochs={cfg1['optim']['epochs']} train.seed={seed} benchmark.root={bench}")
     gnd = bench / "demo" / "gnd_demo.pkl"
     ext = f"--gnd {gnd} --root {bench / 'demo'} --scales '{scales}' --crop-rule round"
     st = {name: out / "stores" / name for name in ("before", "after")}
@@ -431,14 +438,11 @@ def reproduce_commands(out: Path, m: Mode, cfg1: dict, cfg2: dict, seed: int) ->
                           f"cfcd extract --model {MODEL} {ext} --out {st['before'] / 'database'}",
         "evaluate_before": f"cfcd evaluate --gnd {gnd} --queries {st['before'] / 'queries'} "
                            f"--database {st['before'] / 'database'}",
-        "stage1": f"cfcd train --config {S1_RECIPE} {ov1} train.out_dir={s1}",
-        "confusions": f"cfcd train confusions --config {S1_RECIPE} {ov1} --weights {s1 / 'final'} "
+        "stage1": f"cfcd train --config {S1_RECIPE} {_cli_overrides(over1)}",
+        "confusions": f"cfcd train confusions --config {S1_RECIPE} {_cli_overrides(over1)} --weights {s1 / 'final'} "
                       f"--list {d / 'train' / 'train_list.txt'} --root {d / 'train'} "
                       f"--out {out / 'runs' / 'landmark_scores.txt'}",
-        "stage2": f"cfcd train --config {S2_RECIPE} {ov1} optim.epochs={cfg2['optim']['epochs']} "
-                  f"data.im_size={m.s2_im_size} data.test_size={m.s2_im_size} "
-                  f"model.init={s1 / 'final'} data.confusions={out / 'runs' / 'landmark_scores.txt'} "
-                  f"train.out_dir={s2}",
+        "stage2": f"cfcd train --config {S2_RECIPE} {_cli_overrides(over2)}",
         "extract_after": f"cfcd extract --model {MODEL} --weights {s2 / 'final'} {ext} --queries "
                          f"--out {st['after'] / 'queries'} && cfcd extract --model {MODEL} --weights {s2 / 'final'} "
                          f"{ext} --out {st['after'] / 'database'}",
