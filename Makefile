@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cfcd-installed
 
-.PHONY: demo demo-quick test install selfcheck clean-venv
+.PHONY: demo demo-quick test install selfcheck clean-venv chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	# torch 2.13.0 matches torchvision 0.28.0; pinning both first keeps pip from
 	# pulling a newer torch with several GB of CUDA libraries on CPU-only machines.
 	$(BIN)/python -m pip install -q "torch==2.13.0" "torchvision==0.28.0"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,8 +38,17 @@ demo-quick:
 selfcheck: $(STAMP)
 	$(BIN)/cfcd selfcheck
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The browser test drives Debian's chromium (Playwright from PyPI never downloads a browser here).
+# Installed when missing, apt-get is there and we are root; otherwise that one test is skipped.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq chromium) || \
+	    echo "chromium could not be installed: tests/test_serve_browser.py will be skipped"; \
+	  else echo "no chromium (and no root apt-get): tests/test_serve_browser.py will be skipped"; fi; }
 
 clean-venv:
 	rm -rf $(VENV)

@@ -42,12 +42,12 @@ def main() -> None:
     print(f"{'model':<24} {'path':<16} {'img/s':>8} {'ratio':>6} {'max|d|':>9} {'min cos':>8}")
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     for name in args.models:
-        model = M.create(name)
+        model = M.create(name, weights=None if M.has_embedded_weights(name) else "random")
         with torch.no_grad():
             ref = model(x)
             results = {}
             results["eager fp32"] = (timed(lambda: model(x), args.reps), ref)
-            cl_model = M.create(name).to(memory_format=torch.channels_last)
+            cl_model = M.create(name, weights=None if M.has_embedded_weights(name) else "random").to(memory_format=torch.channels_last)
             cl_model.load_state_dict(model.state_dict())
             xc = x.contiguous(memory_format=torch.channels_last)
             results["channels_last"] = (timed(lambda: cl_model(xc), args.reps), cl_model(xc))

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     full = full.subset([i for i, image_id in enumerate(full.ids) if image_id.startswith("photo_")][: args.n])
     warm = full.subset(range(min(len(full), 4)))
 
-    model = cfcd.models.create(args.model, weights=args.weights)
+    weights = args.weights or (None if cfcd.models.has_embedded_weights(args.model) else "random")  # speed only
+    model = cfcd.models.create(args.model, weights=weights)
     recipe = parse_scales(args.scales)
     common = dict(scales=recipe, max_size=args.max_size, device=args.device, progress=False)
     if args.batch_size is None:

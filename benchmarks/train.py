@@ -116,7 +116,7 @@ def run_plain(args) -> dict:
 
     dev = torch.device(args.device)
     torch.manual_seed(0)
-    model = models.create(args.model).to(dev).train()
+    model = models.create(args.model, weights=None if models.has_embedded_weights(args.model) else "random").to(dev).train()
     head = MadaCos(model.embedding_dim, args.num_classes, alpha=0.02).to(dev)
     opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=1e-3, momentum=0.9,
                           nesterov=True, weight_decay=1e-4)

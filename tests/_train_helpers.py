@@ -171,9 +171,11 @@ def free_port() -> int:
 
 @torch.no_grad()
 def fixed_tuples_local_loss(model, root: Path, list_name: str = "train_list.txt", size: int = 96,
-                            pairs: int = 3) -> float:
-    """CFCD local triplet loss (eval mode, no augmentation) on fixed tuples: for each class, views
-    (2k, 2k+1) as anchor/positive and the k-th view of the next 6 classes as negatives."""
+                            pairs: int = 3, batch_statistics: bool = False) -> float:
+    """CFCD local triplet loss (no augmentation) on fixed tuples: for each class, views (2k, 2k+1)
+    as anchor/positive and the k-th view of the next 6 classes as negatives. ``batch_statistics``
+    normalises with the batch's BN statistics, as in training (the model is not changed)."""
+    import copy
     from cfcd.data.training import TrainingDataset, ValTransform, read_labelled_list
     from cfcd.losses import LocalTripletLoss
 
@@ -185,6 +187,9 @@ def fixed_tuples_local_loss(model, root: Path, list_name: str = "train_list.txt"
     for k, c in enumerate(classes):
         for t in range(pairs):
             idx += by_class[c][2 * t:2 * t + 2] + [by_class[classes[(k + j) % len(classes)]][t] for j in range(1, 7)]
-    model.eval()
+    if batch_statistics:
+        model = copy.deepcopy(model).train()
+    else:
+        model.eval()
     x = torch.stack([ds[i][0] for i in idx])
     return float(LocalTripletLoss()(model.forward_features(x)["local"].float(), tuple_size=8))

@@ -42,7 +42,7 @@ def _same_output(a, b, x=X):
 
 @pytest.fixture(scope="module")
 def cfcd_model():
-    return _perturb(M.create("cfcd_r50"), 1)
+    return _perturb(M.create("cfcd_r50", weights="random"), 1)
 
 
 def test_pycls_key_mapping_follows_spec():
@@ -56,14 +56,14 @@ def test_pycls_key_mapping_follows_spec():
 
 def test_pycls_imagenet_checkpoint(tmp_path, cfcd_model):
     state = pycls_state(cfcd_model)
-    assert len(state) == 318  # R-50 backbone keys with num_batches_tracked (spec 1.2)
+    assert len(state) == 318  # R-50 backbone keys with num_batches_tracked (pycls core/model/resnet.py)
     state["head.fc.weight"] = torch.randn(1000, 2048)
     state["head.fc.bias"] = torch.randn(1000)
     path = tmp_path / "R-50-1x64d_dds_8gpu.pyth"
     torch.save({"epoch": 99, "model_state": state, "optimizer_state": {}, "cfg": "MODEL:\n  TYPE: resnet\n"}, path)
     assert read_checkpoint(path).format == "pycls"
 
-    fresh = M.create("cfcd_r50")
+    fresh = M.create("cfcd_r50", weights="random")
     with pytest.raises(CfcdError, match="fc.weight"):  # the FC/BN head is missing: strict load refuses
         M.load_weights(fresh, path)
     report = M.load_backbone_weights(fresh, path)
@@ -80,14 +80,14 @@ def test_pycls_imagenet_checkpoint(tmp_path, cfcd_model):
     assert config["backbone_only"] and config["source_format"] == "pycls" and "incomplete_load" not in config
     with pytest.raises(CfcdError, match="fc.weight"):  # only the backbone was written
         M.create("cfcd_r50", weights=out)
-    again = M.create("cfcd_r50")
+    again = M.create("cfcd_r50", weights="random")
     assert M.load_backbone_weights(again, out).loaded == 318  # no pickle involved any more
     assert torch.equal(again.backbone.conv1.weight, cfcd_model.backbone.conv1.weight)
 
 
 def test_cfcd_official_checkpoint_roundtrip(tmp_path, cfcd_model):
     ckpt = official_cfcd(cfcd_model)
-    assert len(ckpt["model_state"]) == 326  # spec 7.2, R-50
+    assert len(ckpt["model_state"]) == 326  # an R-50 MODEL_S2 .pyth (CFCD core/checkpoint.py save_checkpoint)
     path = tmp_path / "model_s2_0050.pyth"
     torch.save(ckpt, path)
     loaded = M.create("cfcd_r50", weights=path)
@@ -104,7 +104,7 @@ def test_cfcd_official_checkpoint_roundtrip(tmp_path, cfcd_model):
 
 @pytest.mark.parametrize("learnable_p,module_prefix", [(True, True), (False, False)])
 def test_dolg_official_checkpoint(tmp_path, learnable_p, module_prefix):
-    model = _perturb(M.create("dolg_r50", backbone=SMALL, learnable_p=learnable_p), 2)
+    model = _perturb(M.create("dolg_r50", backbone=SMALL, learnable_p=learnable_p, weights="random"), 2)
     if learnable_p:
         model.pool.p.data.fill_(3.4)
     ckpt = official_dolg(model, module_prefix=module_prefix)
@@ -118,7 +118,7 @@ def test_dolg_official_checkpoint(tmp_path, learnable_p, module_prefix):
 
 
 def test_dolg_cfcd_copy_with_aspp_and_bn(tmp_path):
-    model = _perturb(M.create("dolg_r50", backbone=SMALL, with_aspp=True, with_bn=True), 3)
+    model = _perturb(M.create("dolg_r50", backbone=SMALL, with_aspp=True, with_bn=True, weights="random"), 3)
     path = tmp_path / "dolg_aspp.pyth"
     torch.save(official_dolg(model), path)
     ckpt = read_checkpoint(path)
@@ -129,7 +129,7 @@ def test_dolg_cfcd_copy_with_aspp_and_bn(tmp_path):
 
 
 def test_cirtorch_checkpoint_with_numpy_lw(tmp_path):
-    model = _perturb(M.create("gem_resnet18", whitening="cirtorch"), 4)
+    model = _perturb(M.create("gem_resnet18", whitening="cirtorch", weights="random"), 4)
     model.pool.p.data.fill_(2.8)
     ckpt = official_cirtorch(model, architecture="resnet18")
     path = tmp_path / "rSfM120k-tl-resnet18-gem-w.pth"
@@ -148,7 +148,7 @@ def test_dirtorch_checkpoint_with_pickled_sklearn_pca(tmp_path):
     import numpy as np
     from sklearn.decomposition import PCA
 
-    model = _perturb(M.create("gem_resnet18", whitening="dirtorch", out_dim=256), 5)
+    model = _perturb(M.create("gem_resnet18", whitening="dirtorch", out_dim=256, weights="random"), 5)
     pca = PCA(whiten=True).fit(np.random.default_rng(0).standard_normal((64, 16)))
     path = tmp_path / "Resnet18-AP-GeM.pt"
     torch.save(official_dirtorch(model, pca=pca, arch="resnet18_rmac"), path)
@@ -164,14 +164,14 @@ def test_dirtorch_checkpoint_with_pickled_sklearn_pca(tmp_path):
 
 
 def test_torchvision_state_dict(tmp_path):
-    model = _perturb(M.create("gem_resnet18"), 6)
+    model = _perturb(M.create("gem_resnet18", weights="random"), 6)
     state = backbone_state(model)
     state["fc.weight"] = torch.randn(1000, 512)
     state["fc.bias"] = torch.randn(1000)
     path = tmp_path / "resnet50.pth"
     torch.save(state, path)
     assert detect_format(state) == "torchvision"
-    fresh = M.create("gem_resnet18")
+    fresh = M.create("gem_resnet18", weights="random")
     report = M.load_weights(fresh, path, allow_missing=("pool.",))
     assert "imagenet_head.fc.weight" in report.extra
     fresh.pool.p.data.copy_(model.pool.p.data)
@@ -261,9 +261,9 @@ def test_helper_inverse_mapping_is_consistent():
 
 
 def test_own_state_dict_is_detected_as_cfcd_names():
-    model = M.create("dolg_r50", backbone=SMALL)
+    model = M.create("dolg_r50", backbone=SMALL, weights="random")
     assert detect_format(model.state_dict()) == "cfcd-safetensors"  # not mistaken for official DOLG (fc_t.)
-    report = M.load_weights(M.create("dolg_r50", backbone=SMALL), model.state_dict())
+    report = M.load_weights(M.create("dolg_r50", backbone=SMALL, weights="random"), model.state_dict())
     assert report.complete and report.loaded == len(model.state_dict())
 
 

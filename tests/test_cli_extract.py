@@ -67,6 +67,21 @@ def test_extract_directory_resume_and_errors(tmp_path, capsys):
     assert main(["extract", "--model", "no_such_model", "--images", str(images), "--out", str(tmp_path / "y")]) == 2
     assert "unknown model" in capsys.readouterr().err
     assert main(["extract", *MODEL, "--images", str(images), "--out", str(tmp_path / "z"), "--scales", "big"]) == 2
+    capsys.readouterr()
+
+
+def test_extract_refuses_silent_random_weights(tmp_path, capsys):
+    images = tmp_path / "photos"
+    write_photo_dir(images, count=2, long_side=48)
+    out = tmp_path / "s"
+    assert main(["extract", "--model", "gem_resnet18", "--images", str(images), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "no embedded weights" in err and "--weights random" in err and not out.exists()
+    assert main(["extract", "--model", "gem_resnet18", "--weights", "random", "--images", str(images),
+                 "--out", str(out), *FAST]) == 0
+    assert "RANDOM weights" in capsys.readouterr().err
+    meta = open_store(out).meta
+    assert meta["weights"] == "random" and meta["weights_sha256"] is None
 
 
 def test_benchmark_end_to_end(tmp_path, capsys):
@@ -114,7 +129,8 @@ def test_benchmark_end_to_end(tmp_path, capsys):
     assert main(["extract", *MODEL, "--images", str(distractor_dir), "--out", str(other), *FAST, "--max-size", "64"]) == 0
     assert main(["benchmark", *MODEL, "--dataset", "toyoxf", "--root", str(root), "--out", str(out),
                  "--distractors", str(other), *FAST]) == 2
-    assert "other settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "live in different embedding spaces" in err and "max_size" in err
 
 
 def test_torchrun_two_ranks(tmp_path):
@@ -143,7 +159,7 @@ def test_extract_with_converted_weights_dir_and_timm_name(tmp_path, capsys):
 
     photos = tmp_path / "photos"
     write_photo_dir(photos, count=4, long_side=64)
-    model = cfcd.models.create("gem_resnet18")
+    model = cfcd.models.create("gem_resnet18", weights="random")
     src = tmp_path / "resnet18_gem.pth"
     torch.save(model.state_dict(), src)
     converted = tmp_path / "converted"
@@ -156,3 +172,31 @@ def test_extract_with_converted_weights_dir_and_timm_name(tmp_path, capsys):
     assert store.meta["weights_sha256"] == sha256_file(converted / "model.safetensors")
     assert main(["extract", "--model", "gem_no_such_net", "--images", str(photos), "--out", str(tmp_path / "x")]) == 2
     assert "unknown model 'gem_no_such_net'" in capsys.readouterr().err
+
+
+def test_killed_extraction_keeps_work_flushed_by_time(tmp_path, capsys):
+    # default --shard-size 1024: before, a kill at 3 of 6 images left nothing on disk
+    images = tmp_path / "photos"
+    write_photo_dir(images, count=6, long_side=48)
+    out = tmp_path / "s"
+    args = ["extract", *MODEL, "--images", str(images), "--out", str(out), *FAST, "--flush-seconds", "0"]
+    assert main([*args, "--stop-after", "3"]) == 3
+    capsys.readouterr()
+    assert main(["store", "info", str(out)]) == 0
+    assert "3 rows" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "resuming, 3 image(s) of this rank already done, 3 to go" in capsys.readouterr().err
+    assert len(open_store(out)) == 6
+
+
+def test_extraction_where_every_image_fails(tmp_path, capsys):
+    images = tmp_path / "bad"
+    images.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (images / name).write_bytes(b"not an image")
+    out = tmp_path / "s"
+    assert main(["extract", *MODEL, "--images", str(images), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "every one of the 2 image(s) failed" in err and "fix the inputs" in err
+    assert main(["store", "info", str(out)]) == 1
+    assert "FAILED" in capsys.readouterr().out

@@ -46,7 +46,7 @@ def rparis(revisitop_gnd_dir):
     return load_gnd(revisitop_gnd_dir / "gnd_rparis6k.pkl")
 
 
-# --------------------------------------------------------------------------- the spec vector
+# --------------------------------------------------------------------------- a hand-computed vector
 
 
 def test_spec_test_vector():

@@ -31,7 +31,7 @@ def test_cli_exports_embedded_lite0_at_224(tmp_path, capsys):
 
 
 def test_dynamic_export_of_cfcd_runs_at_other_sizes(tmp_path):
-    model = M.create("cfcd_r50", backbone="resnet18")
+    model = M.create("cfcd_r50", backbone="resnet18", weights="random")
     path = export_onnx(model, tmp_path / "cfcd.onnx", size=(64, 64), dynamic=True)
     g = torch.Generator().manual_seed(4)
     for shape in [(1, 3, 64, 64), (2, 3, 96, 128)]:
@@ -39,13 +39,13 @@ def test_dynamic_export_of_cfcd_runs_at_other_sizes(tmp_path):
 
 
 def test_fixed_export_of_dolg_with_learnable_p(tmp_path):
-    model = M.create("dolg_r50", backbone="resnet18", learnable_p=True)
+    model = M.create("dolg_r50", backbone="resnet18", learnable_p=True, weights="random")
     path = export_onnx(model, tmp_path / "dolg.onnx", size=(64, 96))
     assert onnx_max_abs_diff(model, path, torch.randn(1, 3, 64, 96)) < 1e-4
 
 
 def test_rmac_refuses_dynamic_export(tmp_path):
-    model = M.create("gem_resnet18", pooling="rmac")
+    model = M.create("gem_resnet18", pooling="rmac", weights="random")
     with pytest.raises(CfcdError, match="R-MAC"):
         export_onnx(model, tmp_path / "rmac.onnx", dynamic=True)
     path = export_onnx(model, tmp_path / "rmac.onnx", size=(96, 128))

@@ -74,8 +74,10 @@ def test_target_sizes_follow_each_reference():
     assert cfcd.target_size(767, 1024, 0.5) == (384, 512)  # round(383.5) = 384 (half to even)
     assert cfcd.target_size(765, 1024, 0.5) == (382, 512)  # round(382.5) = 382
     assert cfcd.target_size(768, 1024, 1.4142) == (1086, 1448)
-    dirt = parse_scales("dirtorch")
+    dirt = parse_scales("dirtorch_relative")
     assert dirt.target_size(765, 1024, 0.5) == (383, 512)  # int(0.5 + 382.5)
+    largest = parse_scales("dirtorch")  # Scale(S, largest=True): the longer side becomes S
+    assert largest.target_size(765, 1024, 724) == (541, 724) and largest.target_size(300, 200, 1024) == (1024, 683)
     cirt = parse_scales("cirtorch")
     assert cirt.target_size(768, 1024, 1 / math.sqrt(2)) == (543, 724)  # floor
     x = torch.zeros(1, 3, 768, 1024)
@@ -99,11 +101,15 @@ def _fast_vs_naive(model, images, recipe, *, batch_size=4):
     return fast, naive
 
 
-@pytest.mark.parametrize("preset", ["cfcd", "cirtorch", "dirtorch"])
+@pytest.mark.parametrize("preset", ["cfcd", "cirtorch", "dirtorch_relative", "dirtorch_small"])
 def test_fast_equals_reference_tiny_net(small_photos, preset):
     model = TinyNet()
     images = [im[..., ::-1].copy() for im in small_photos]  # BGR, as the model asks
-    fast, naive = _fast_vs_naive(model, images, parse_scales(preset))
+    if preset == "dirtorch_small":  # the dirtorch rules (Pillow on uint8, longer side S) at small sizes
+        recipe = MultiScale((256, 181), "power", 3.0, "largest", True, "x", power_rule="dirtorch", resample="pil")
+    else:
+        recipe = parse_scales(preset)
+    fast, naive = _fast_vs_naive(model, images, recipe)
     assert np.allclose(np.linalg.norm(fast, axis=1), 1, atol=1e-5)
     assert _cos(fast, naive).min() >= 0.99999
 
@@ -114,8 +120,8 @@ def test_power_combination_formula(small_photos):
     image = small_photos[0][..., ::-1].copy()
     got = describe_reference(model, image, recipe, model.preprocess)
     per_scale = [describe_reference(model, image, parse_scales([s]), model.preprocess) for s in (1.0, 0.5)]
-    sympow = lambda v, p: np.sign(v) * np.maximum(np.abs(v), 1e-6) ** p  # noqa: E731
-    expected = sympow((sympow(per_scale[0], 3) + sympow(per_scale[1], 3)) / 2, 1 / 3)
+    power = lambda v, p: np.sign(v) * np.abs(v) ** p  # noqa: E731 - a list of scales: cirtorch's rule
+    expected = power((power(per_scale[0], 3) + power(per_scale[1], 3)) / 2, 1 / 3)
     assert np.allclose(got, expected / np.linalg.norm(expected), atol=1e-6)
     mean = (per_scale[0] + per_scale[1]) / 2
     got_mean = describe_reference(model, image, parse_scales("1 0.5"), model.preprocess)
@@ -127,7 +133,7 @@ def test_fast_equals_reference_real_models(small_photos):
 
     torch.manual_seed(0)
     for name in ("cfcd_r50", "gem_efficientnet_lite0"):
-        model = cfcd.models.create(name)
+        model = cfcd.models.create(name, weights=None if cfcd.models.has_embedded_weights(name) else "random")
         order = model.preprocess.channel_order
         images = [im[..., ::-1].copy() if order == "BGR" else im for im in small_photos]
         # two photos of the same size: batched together in the fast path, one by one in the reference

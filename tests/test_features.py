@@ -403,3 +403,61 @@ def test_transform_store_streams_blocks(tmp_path):
     assert sum(calls) == 3000 and out.meta["note"] == 1
     with pytest.raises(CfcdError, match="must differ"):
         transform_store(src, tmp_path / "a", fn, out_dim=3)
+
+
+def test_writer_flushes_by_time_as_well_as_by_count(tmp_path):
+    from cfcd.features import StoreWriter, store_summary
+
+    now = [0.0]
+    writer = StoreWriter(tmp_path / "s", dim=4, shard_size=1024, flush_seconds=30.0, clock=lambda: now[0])
+    rows = np.ones((1, 4), np.float32)
+    writer.append(["a"], rows)
+    now[0] = 29.0
+    writer.append(["b"], rows)
+    assert store_summary(tmp_path / "s")["rows_written"] == 0  # under 30 s: still buffered
+    now[0] = 31.0
+    writer.append(["c"], rows)  # 31 s since the writer started: a shard, far below shard_size
+    assert store_summary(tmp_path / "s")["rows_written"] == 3
+    now[0] = 40.0
+    writer.append(["d"], rows)
+    assert store_summary(tmp_path / "s")["rows_written"] == 3  # the clock restarts at each write
+    never = StoreWriter(tmp_path / "n", dim=4, shard_size=1024, flush_seconds=None, clock=lambda: 1e9)
+    never.append(["a"], rows)
+    assert store_summary(tmp_path / "n")["rows_written"] == 0
+
+
+def test_all_images_failed_marks_the_store_failed(tmp_path, capsys):
+    from cfcd.cli import main
+    from cfcd.features import StoreWriter, store_summary
+
+    writer = StoreWriter(tmp_path / "s", dim=4)
+    writer.add_failure("a", "not an image")
+    writer.add_failure("b", "empty file")
+    with pytest.raises(CfcdError, match=r"FAILED.*every one of the 2 image\(s\) failed.*a: not an image"):
+        finalize_store(tmp_path / "s", order=["a", "b"])
+    summary = store_summary(tmp_path / "s")
+    assert summary["failed"] and not summary["complete"]
+    assert main(["store", "info", str(tmp_path / "s")]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "INCOMPLETE" not in out and "a: not an image" in out
+    StoreWriter(tmp_path / "s", dim=4)  # a new attempt clears the mark
+    assert not store_summary(tmp_path / "s")["failed"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_files_respect_the_umask(tmp_path, umask):
+    from cfcd.utils.io import atomic_write_json
+
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "x.json", {"a": 1})
+        write_store(tmp_path / "s", ["a"], np.ones((1, 4), np.float32))
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(old)
+    expected = plain.stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for path in (tmp_path / "x.json", tmp_path / "s" / "descriptors.npy", tmp_path / "s" / "meta.json",
+                 tmp_path / "s" / "images.txt"):
+        assert path.stat().st_mode & 0o777 == expected, path

@@ -26,7 +26,7 @@ from cfcd.errors import InputError
 
 from _eval_helpers import tiny_gnd, write_gnd
 
-# totals from the published files (retrieval_baselines.md 1.2)
+# totals from the published files (revisitop gnd_roxford5k.pkl / gnd_rparis6k.pkl)
 TOTALS = {
     "roxford5k": dict(db=4993, easy=3029, hard=2497, junk=1356, empty_easy=[11, 66]),
     "rparis6k": dict(db=6322, easy=6874, hard=10350, junk=7153, empty_easy=[]),

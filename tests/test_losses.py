@@ -20,7 +20,7 @@ ALPHA = 0.02
 # ----------------------------------------------------------------------------------------------
 def ref_madacos(cos: torch.Tensor, labels: torch.Tensor, alpha: float = ALPHA, training: bool = True,
                 k: float = 9_999_999, dtype=torch.float64):
-    """The spec's formulas, naively: exp-sum for B (no logsumexp), lower median by sorting."""
+    """CFCD's formulas (core/model/madacos.py lines 16-62), naively: exp-sum for B (no logsumexp), lower median by sorting."""
     cos = cos.detach().to(dtype)
     n = cos.shape[0]
     t = cos[torch.arange(n), labels]
@@ -116,7 +116,7 @@ def test_madacos_margin_zero_when_negative_and_at_init():
     torch.manual_seed(5)
     head = L.MadaCos(64, 1000)
     labels = torch.randint(0, 1000, (32,))
-    head.logits(torch.randn(32, 64), labels)  # random init: med ~ 0, m ~ -0.26 in the spec
+    head.logits(torch.randn(32, 64), labels)  # random init: med ~ 0, so m < 0 (clamped to 0)
     st = head.last_stats
     assert st["scale"] == 32.0
     assert st["raw_margin"] < 0 and st["margin"] == 0.0

@@ -26,15 +26,27 @@ def test_registry_names_and_errors():
     with pytest.raises(CfcdError, match="no embedded weights"):
         M.create("gem_resnet18", pretrained=True)
     with pytest.raises(CfcdError, match="cannot build"):
-        M.create("gem_timm", backbone="resnet18", whitening="bogus")
+        M.create("gem_timm", backbone="resnet18", whitening="bogus", weights="random")
+
+
+def test_random_weights_only_when_asked():
+    # no weights and nothing embedded: refused, with the way out in the message
+    with pytest.raises(CfcdError, match=r"cfcd_r50 has no embedded weights.*weights='random'"):
+        M.create("cfcd_r50")
+    with pytest.raises(CfcdError, match="contradicts"):
+        M.create("gem_resnet18", weights="random", pretrained=True)
+    a = M.create("gem_resnet18", weights="random")
+    b = M.create("gem_resnet18", pretrained=False)  # timm's spelling is explicit too
+    assert a.embedding_dim == b.embedding_dim == 512
+    assert "gem_efficientnet_lite0" in M.embedded_models() and "cfcd_r50" not in M.embedded_models()
 
 
 def test_gem_timm_pattern_and_config_roundtrip():
-    model = M.create("gem_resnet18", pooling="mac")
+    model = M.create("gem_resnet18", pooling="mac", weights="random")
     assert model.embedding_dim == 512 and isinstance(model.pool, MAC)
-    again = M.create(model.model_config["name"], **model.model_config["kwargs"])
+    again = M.create(model.model_config["name"], **model.model_config["kwargs"], weights="random")
     assert [k for k in again.state_dict()] == [k for k in model.state_dict()]
-    by_kwarg = M.create("gem_timm", backbone="resnet18")
+    by_kwarg = M.create("gem_timm", backbone="resnet18", weights="random")
     assert by_kwarg.model_config["kwargs"]["backbone"] == "resnet18"
     assert not model.training  # create() returns eval mode
 
@@ -74,11 +86,11 @@ def test_rmac_value_is_sum_of_normalised_region_maxima():
     for y, x0, s in rmac_regions(24, 32):
         expect = expect + l2n(x[:, :, y:y + s, x0:x0 + s].amax(dim=(2, 3)))
     assert torch.allclose(RMAC()(x), expect, atol=1e-6)
-    assert M.create("gem_resnet18", pooling="rmac")(X).shape == (2, 512)
+    assert M.create("gem_resnet18", pooling="rmac", weights="random")(X).shape == (2, 512)
 
 
 def test_cfcd_forward_is_bn_fc_gem_of_stage4():
-    model = M.create("cfcd_r50")
+    model = M.create("cfcd_r50", weights="random")
     assert model.preprocess.channel_order == "BGR" and model.preprocess.mean == (0.406, 0.456, 0.485)
     assert model.embedding_dim == 512 and "pool.p" not in model.state_dict()
     with torch.no_grad():
@@ -116,7 +128,7 @@ def _dolg_reference(model, x):
 
 @pytest.mark.parametrize("kwargs", [{}, {"backbone": "resnet18", "learnable_p": True, "with_aspp": True}])
 def test_dolg_matches_original_forward_and_fusion_is_orthogonal(kwargs):
-    model = M.create("dolg_r50", **kwargs)
+    model = M.create("dolg_r50", **kwargs, weights="random")
     torch.nn.init.normal_(model.fc_t.weight, std=0.05)
     with torch.no_grad():
         ref, fg, fo = _dolg_reference(model, X)
@@ -132,13 +144,13 @@ def test_dolg_matches_original_forward_and_fusion_is_orthogonal(kwargs):
 
 
 def test_dolg_cfcd_copy_has_bn():
-    model = M.create("dolg_r50", backbone="resnet18", with_bn=True)
+    model = M.create("dolg_r50", backbone="resnet18", with_bn=True, weights="random")
     assert "bn.running_var" in model.state_dict() and model(X).shape == (2, 512)
 
 
 def test_preprocess_orders_and_normalises():
     rgb = torch.rand(1, 3, 4, 4, generator=G)
-    bgr_model = M.create("cfcd_r50").preprocess
+    bgr_model = M.create("cfcd_r50", weights="random").preprocess
     expect = (rgb.flip(1) - torch.tensor([0.406, 0.456, 0.485]).view(1, 3, 1, 1)) / torch.tensor(
         [0.225, 0.224, 0.229]).view(1, 3, 1, 1)
     assert torch.allclose(bgr_model(rgb), expect)
@@ -148,7 +160,7 @@ def test_preprocess_orders_and_normalises():
 
 
 def test_channels_last_and_bf16_autocast():
-    model = M.create("dolg_r50", backbone="resnet18", with_aspp=True)
+    model = M.create("dolg_r50", backbone="resnet18", with_aspp=True, weights="random")
     with torch.no_grad():
         ref = model(X)
         cl = model.to(memory_format=torch.channels_last)(X.contiguous(memory_format=torch.channels_last))
@@ -214,3 +226,21 @@ def test_gem_descriptor_matches_flipped_resized_copy_better_than_other_photo():
     same, different = float(a @ b.T), float(a @ c.T)
     assert same > different + 0.1, (same, different)
     assert abs(float(a.norm()) - 1) < 1e-5
+
+
+def test_cfcd_models_lists_every_model(capsys):
+    import json
+
+    from cfcd.cli import main
+
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(M.list_models()) <= set(rows)
+    assert rows["cfcd_r50"]["dim"] == 512 and rows["cfcd_r50"]["channel_order"] == "BGR"
+    assert not rows["cfcd_r50"]["embedded_weights"]
+    lite = rows["gem_efficientnet_lite2"]
+    assert lite["embedded_weights"] and lite["dim"] == 1280 and lite["mean"] == [0.5] * 3 and lite["input_size"] == 260
+    assert all(r["description"] for r in rows.values())
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "gem_efficientnet_lite2 (default)" in out and "embedded" in out and "--weights random" in out

@@ -1,5 +1,6 @@
 """Samplers: global order independent of world size / accumulation, reference-exact tuples,
-tuple invariants and the hard-negative probabilities of CFCD's HEM sampler (spec §4.3)."""
+tuple invariants and the hard-negative probabilities of CFCD's HEM sampler
+(datasets/distributed_tuple_hem_sampler.py)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ a killed run resumes to the same weights, checkpoints/recipes/CLI behave."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,10 +109,22 @@ def test_stage2_from_stage1_with_confusions(stage1, data, tmp_path, capsys):
     rows = read_log(out / "log.jsonl", "train")
     assert len(rows) == 4 * 9 and all(np.isfinite(r["loss_local"]) and np.isfinite(r["loss"]) for r in rows)
     assert sum(r["loss_local"] > 0 for r in rows) > 9
-    # the local triplet term falls over stage 2 (the MadaCos term need not: its scale and margin
-    # grow with the median target cosine, by design)
-    local = np.array([r["loss_local"] for r in rows])
-    assert local[-9:].mean() < 0.8 * local[:9].mean(), local
+    # The local triplet term is what stage 2 adds, so measure its effect in a paired run: the same
+    # init, seed and tuples, with the local weight set to 0. The first-vs-last trend of the logged
+    # term is not a robust signal (on a CPU with other kernels, e.g. AVX2 only, the same run went
+    # 0.25 -> 0.22 instead of 0.36 -> 0.12); the paired gap was 0.55-0.72 under AVX-512, AVX2 and
+    # baseline kernels (ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY).
+    ctrl_cfg = H.tiny_config(data, tmp_path / "s2_ctrl", stage=2, model={"init": str(stage1["out"] / "final")},
+                             loss={"local": "local_triplet", "local_weight": 0.0},
+                             data={"sampler": "tuple", "confusions": str(scores), "im_size": 96, "test_size": 104},
+                             optim={"epochs": 4, "lr": 0.01})
+    control = Trainer(ctrl_cfg, resume=False)
+    control.build()
+    control.fit()
+    control.close()
+    with_local = H.fixed_tuples_local_loss(trainer.model, data, batch_statistics=True)
+    without_local = H.fixed_tuples_local_loss(control.model, data, batch_statistics=True)
+    assert with_local < 0.85 * without_local, (with_local, without_local)
     # every micro-batch the trainer loaded was made of whole tuples, with hard negatives in them
     labels = trainer.train_list.labels
     gt, pred = trainer.sampler.gt_pred
@@ -314,7 +327,24 @@ def test_cli_train_with_overrides_and_resume(data, tmp_path, capsys):
     recipe.write_text(yaml.safe_dump(cfg))
     args = ["train", "--config", str(recipe), "optim.epochs=1", "train.max_steps_per_epoch=2", "data.val_list=null"]
     assert cli_main(args) == 0
-    assert json.loads(capsys.readouterr().out)["train_loss"] > 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["train_loss"] > 0
+    # one summary line per epoch, and where the weights went
+    assert re.search(r"^epoch 1/1  loss \d+\.\d{4}  top-1 [\d.]+%  s [\d.]+ m [\d.]+  .* img/s\)$", err, re.M), err
+    assert f"final weights: {tmp_path / 'run' / 'final'}" in err
+    # the tiny list has 12 classes; a 20-row classifier is reported with both numbers
+    assert cli_main(["train", "--config", str(recipe), "optim.epochs=1", "train.max_steps_per_epoch=1",
+                     "data.val_list=null", "loss.num_classes=20", f"train.out_dir={tmp_path / 'run20'}"]) == 0
+    assert "has 12 classes but loss.num_classes is 20" in capsys.readouterr().err
+    # a training checkpoint names its model: convert needs no --model
+    assert cli_main(["convert", str(tmp_path / "run/checkpoints/epoch_0001.pt"), "--out", str(tmp_path / "conv")]) == 0
+    assert f"model   {H.TINY_MODEL}" in capsys.readouterr().out
+    # wrong value types: the override parser's message, for training and print-config alike
+    for action in ([], ["print-config"]):
+        assert cli_main(["train", *action, "--config", str(recipe), "optim.lr=abc"]) == 2
+        assert "optim.lr must be a number (like the default 0.005), got 'abc' (a string)" in capsys.readouterr().err
+    assert cli_main(["train", "print-config", "--config", str(recipe), "optim.epochs=2.5"]) == 2
+    assert "optim.epochs must be an integer" in capsys.readouterr().err
     assert (tmp_path / "run/checkpoints/epoch_0001.pt").is_file() and (tmp_path / "run/final/config.json").is_file()
     saved = load_config(tmp_path / "run/config.yaml")  # the resolved config documents the run
     assert saved["optim"]["epochs"] == 1 and saved["train"]["max_steps_per_epoch"] == 2
@@ -342,12 +372,12 @@ def test_stage2_init_from_an_official_stage1_pyth(tmp_path):
     import cfcd.models as models
     from cfcd.train.trainer import init_from_checkpoint
 
-    source = models.create("cfcd_r50")
+    source = models.create("cfcd_r50", weights="random")
     official = MH.official_cfcd(source, num_classes=7)
     path = tmp_path / "model_s1_0050.pyth"
     torch.save(official, path)
 
-    model = models.create("cfcd_r50")
+    model = models.create("cfcd_r50", weights="random")
     head = losses.create("madacos", embedding_dim=512, num_classes=7)
     init_from_checkpoint(model, head, str(path), strict=True)
     for key, value in source.state_dict().items():
@@ -356,5 +386,13 @@ def test_stage2_init_from_an_official_stage1_pyth(tmp_path):
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(model.eval()(x), source.eval()(x))
     with pytest.raises(InputError):  # a head of the wrong class count is a clear error
-        init_from_checkpoint(models.create("cfcd_r50"), losses.create("madacos", embedding_dim=512, num_classes=9),
+        init_from_checkpoint(models.create("cfcd_r50", weights="random"), losses.create("madacos", embedding_dim=512, num_classes=9),
                              str(path), strict=True)
+
+
+def test_recipes_print_whole_first_sentences(capsys):
+    assert cli_main(["train", "recipes"]) == 0
+    out = capsys.readouterr().out
+    joined = " ".join(line.strip() for line in out.splitlines())
+    assert "(bassyess/CFCD configs/resnet50_cfcd_s2_8gpu.yaml)." in joined  # spans two recipe lines
+    assert "minutes on a CPU with a few hundred images, used by the tests and the demo." in joined

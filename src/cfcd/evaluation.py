@@ -1,63 +1,8 @@
 """The exact revisitop evaluation (Revisited Oxford/Paris, +1M distractors): mAP and mP@k, Easy/Medium/Hard.
 
-Protocol (``revisitop:python/example_evaluate.py`` and ``evaluate.py``):
-
-======  ====================  =====================
-setup   positives (``ok``)    ignored (``junk``)
-======  ====================  =====================
-easy    easy                  junk + hard
-medium  easy + hard           junk
-hard    hard                  junk + easy
-======  ====================  =====================
-
-All other database images (and every distractor) are negatives. AP is the trapezoidal area under
-the precision-recall curve after the junk images are removed from the ranking; a query without
-positives is skipped (its AP is NaN and it does not count in the mean). mP@k takes, per query,
-the precision at ``min(k, rank of the last positive)`` (so two positives at ranks 1 and 2 give
-P@10 = 1).  The classic Oxford5k/Paris6k files (``ok``/``junk``) give one setup, ``classic``.
-
-**Reference.** :func:`reference_compute_map` and :func:`reference_compute_ap` are revisitop's code
-verbatim (``np.isin`` instead of the removed ``np.in1d``); they take a full ranking
-``argsort(-X @ Q.T, axis=0)`` and are kept for tests and the benchmark.
-
-**Fast path.** No full ranking (an N x nq argsort of indices) and no per-query membership scans
-over N are needed: the metrics depend only on the positions of the few hundred *labelled* images
-(easy + hard + junk, the same set for all three setups). The position of a labelled image ``m``
-with score ``t`` is the number of images scoring strictly higher, plus (tie policy, below) the
-number of equal-scoring images with a lower index. Scores are computed in row chunks (float32
-BLAS, ``Q @ chunk.T``: the reference's dot products); per chunk, each query's score *values* are
-sorted once (numpy's SIMD sort, a few ns per score, in worker threads) and the labelled scores
-are located in them by binary search. Nothing of size N x nq is ever held, and the database,
-``.npy`` memory maps and the distractors are streamed without being concatenated.
-
-**Tie policy.** Equal scores are ranked by database index, lower first (what a *stable*
-``argsort(-s)`` gives; distractors come after the database). revisitop's ``np.argsort`` is not
-stable, so on exact ties either order is "correct"; with the stable order the two agree exactly.
-
-**Numerics.** The fast path computes the scores in float32 chunks. BLAS may round a chunked
-product differently from the full ``X @ Q.T`` in the last bits, so two images whose scores are
-within an ulp can swap relative to the reference. Given the *same* score matrix
-(:func:`evaluate_scores`) the results equal the reference exactly; from descriptors they agree to
-well within 1e-6 mAP in practice (tested on the real ground truth).
-
-**Sanity check with published numbers.** revisitop's README evaluates its example features
-(R-[37]-GeM: ResNet101-GeM trained on rSfM120k, ``<ds>_resnet_rsfm120k_gem.mat`` with ``Q`` D x nq
-and ``X`` D x n, from ``http://cmp.felk.cvut.cz/revisitop/data/features/``) and prints
-
-=========  =======================  ===================  ===================  ===================
-dataset    mAP E / M / H            mP@1,5,10 E          mP@1,5,10 M          mP@1,5,10 H
-=========  =======================  ===================  ===================  ===================
-roxford5k  84.81 / 64.67 / 38.47    97.06 92.06 86.49    97.14 90.67 84.67    81.43 63.00 53.00
-rparis6k   92.12 / 77.20 / 56.32    100.00 97.14 96.14   100.00 98.86 98.14   94.29 90.29 89.14
-=========  =======================  ===================  ===================  ===================
-
-(E mP@1 97.06 = 66/68: roxford5k queries 11 and 66 have no easy positives.) To reproduce::
-
-    cfcd evaluate --dataset roxford5k --root DATA \
-        -q roxford5k_resnet_rsfm120k_gem.mat -x roxford5k_resnet_rsfm120k_gem.mat
-
-(``.mat`` inputs: ``Q`` is read for the queries and ``X`` for the database, both D x N; see
-:func:`load_mat_descriptors`.)
+A fast path that never builds the N x nq ranking (only the positions of the labelled images),
+and revisitop's code verbatim as the reference. The protocol, the tie policy, the numerics and
+the published numbers to check against are in ``docs/evaluation.md``.
 """
 
 from __future__ import annotations
@@ -74,6 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from cfcd.errors import InputError
+from cfcd.metrics import Metric, PrecisionAt, compute_ap, default_metrics, parse_metrics
 
 __all__ = [
     "SETUPS",
@@ -272,28 +218,43 @@ def labelled_indices(gnd: Any, setups: Mapping[str, tuple] | None = None) -> lis
 # --------------------------------------------------------------------------- metrics from positions
 
 
-def compute_ap(ranks: np.ndarray, nres: int) -> float:
-    """Vectorised :func:`reference_compute_ap`: trapezoidal AP of ascending 0-based positive ranks."""
-    r = np.asarray(ranks, dtype=np.float64)
-    if r.size == 0:
-        return 0.0
-    j = np.arange(r.size, dtype=np.float64)
-    p0 = np.divide(j, r, out=np.ones_like(r), where=r != 0)  # rank 0 -> precision 1
-    p1 = (j + 1.0) / (r + 1.0)
-    return float(np.sum((p0 + p1) * (1.0 / nres) / 2.0))
-
-
 @dataclass
 class SetupResult:
-    """One setup (easy/medium/hard/classic). Fractions in [0, 1]; NaN where a query is skipped."""
+    """One setup (easy/medium/hard/classic). Fractions in [0, 1]; NaN where a query is skipped.
+
+    ``values`` holds the mean of every metric (``"mAP"``, ``"mP@10"``, ``"mAP@100"``...),
+    ``per_query`` its per-query values (NaN for a query without positives).
+    """
 
     name: str
-    mAP: float
-    mP: np.ndarray  # (len(kappas),) mean precision at each kappa
-    aps: np.ndarray  # (nq,) per-query AP, NaN for a query without positives
-    prs: np.ndarray  # (nq, len(kappas)) per-query precision at each kappa
+    metrics: tuple[Metric, ...]
+    values: dict[str, float]
+    per_query: dict[str, np.ndarray]
     num_evaluated: int  # queries with at least one positive
     num_positives: np.ndarray  # (nq,) len(ok) per query
+
+    def _precisions(self) -> list[Metric]:
+        return [m for m in self.metrics if isinstance(m, PrecisionAt)]
+
+    @property
+    def mAP(self) -> float:
+        return self.values["mAP"]
+
+    @property
+    def aps(self) -> np.ndarray:
+        """(nq,) per-query AP, NaN for a query without positives."""
+        return self.per_query["mAP"]
+
+    @property
+    def mP(self) -> np.ndarray:
+        """(len(kappas),) mean precision at each kappa."""
+        return np.array([self.values[m.name] for m in self._precisions()])
+
+    @property
+    def prs(self) -> np.ndarray:
+        """(nq, len(kappas)) per-query precision at each kappa."""
+        columns = [self.per_query[m.name] for m in self._precisions()]
+        return np.stack(columns, axis=1) if columns else np.zeros((len(self.num_positives), 0))
 
 
 @dataclass
@@ -301,7 +262,7 @@ class EvaluationResult:
     """The result of one evaluation: per-setup metrics, per-query values and timings."""
 
     setups: dict[str, SetupResult]
-    kappas: tuple[int, ...]
+    kappas: tuple[int, ...]  # the k of the mP@k metrics
     num_queries: int
     num_database: int
     num_distractors: int = 0
@@ -311,12 +272,7 @@ class EvaluationResult:
     def metrics(self, percent: bool = True) -> dict[str, dict[str, float | None]]:
         """``{"easy": {"mAP": .., "mP@1": .., ...}, ...}`` (percent by default, None for NaN)."""
         scale = 100.0 if percent else 1.0
-        out = {}
-        for name, s in self.setups.items():
-            values = {"mAP": _num(s.mAP * scale)}
-            values.update({f"mP@{k}": _num(v * scale) for k, v in zip(self.kappas, s.mP)})
-            out[name] = values
-        return out
+        return {name: {k: _num(v * scale) for k, v in s.values.items()} for name, s in self.setups.items()}
 
     def per_query(self, percent: bool = True) -> dict[str, dict[str, Any]]:
         """``{query id: {setup: {"AP": .., "P@1": .., ..., "positives": n}}}``; AP None when skipped."""
@@ -326,8 +282,7 @@ class EvaluationResult:
         for q, qid in enumerate(ids):
             row: dict[str, Any] = {}
             for name, s in self.setups.items():
-                entry = {"AP": _num(s.aps[q] * scale)}
-                entry.update({f"P@{k}": _num(s.prs[q, j] * scale) for j, k in enumerate(self.kappas)})
+                entry: dict[str, Any] = {m.query_name: _num(s.per_query[m.name][q] * scale) for m in s.metrics}
                 entry["positives"] = int(s.num_positives[q])
                 row[name] = entry
             out[qid] = row
@@ -349,16 +304,25 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def _precision_at(pos1: np.ndarray, kappas: Sequence[int]) -> np.ndarray:
-    """revisitop's P@k of 1-based ascending positive positions (k capped at the last positive)."""
-    out = np.zeros(len(kappas))
-    if pos1.size == 0:
-        return out
-    last = int(pos1[-1])
-    for j, k in enumerate(kappas):
-        kq = min(last, int(k))
-        out[j] = np.count_nonzero(pos1 <= kq) / kq
-    return out
+def _chosen_setups(gnd: Any, setups: Mapping[str, tuple] | Sequence[str] | None) -> dict[str, tuple]:
+    all_setups = protocol_setups(gnd)
+    if setups is None:
+        return all_setups
+    if isinstance(setups, Mapping):
+        return dict(setups)
+    unknown = [s for s in setups if s not in all_setups]
+    if unknown:
+        raise ValueError(f"unknown setup(s) {unknown} for this ground truth; choose from {list(all_setups)}")
+    return {s: all_setups[s] for s in setups}
+
+
+def _chosen_metrics(metrics: Sequence[str | Metric] | None, kappas: Sequence[int]) -> tuple[Metric, ...]:
+    if metrics is not None:
+        return parse_metrics(metrics)
+    kappas = tuple(int(k) for k in kappas)
+    if any(k < 1 for k in kappas):
+        raise ValueError(f"kappas must be >= 1, got {kappas}")
+    return default_metrics(kappas)
 
 
 def evaluate_positions(
@@ -368,6 +332,7 @@ def evaluate_positions(
     *,
     setups: Mapping[str, tuple] | Sequence[str] | None = None,
     kappas: Sequence[int] = DEFAULT_KAPPAS,
+    metrics: Sequence[str | Metric] | None = None,
     num_database: int | None = None,
     num_distractors: int = 0,
     query_ids: Sequence[str] | None = None,
@@ -377,52 +342,45 @@ def evaluate_positions(
     ``labelled[i]`` are sorted unique database indices (:func:`labelled_indices`) and
     ``positions[i]`` their positions in query i's full ranking (-1: not in a truncated ranking;
     such positives count as not retrieved). Junk is removed by shifting, as in revisitop.
+    ``metrics``: names or objects of :mod:`cfcd.metrics` (default: mAP and mP@k for ``kappas``).
     """
     entries = _entries(gnd)
-    all_setups = protocol_setups(gnd)
-    if setups is None:
-        chosen = all_setups
-    elif isinstance(setups, Mapping):
-        chosen = dict(setups)
-    else:
-        unknown = [s for s in setups if s not in all_setups]
-        if unknown:
-            raise ValueError(f"unknown setup(s) {unknown} for this ground truth; choose from {list(all_setups)}")
-        chosen = {s: all_setups[s] for s in setups}
-    kappas = tuple(int(k) for k in kappas)
-    if any(k < 1 for k in kappas):
-        raise ValueError(f"kappas must be >= 1, got {kappas}")
+    chosen = _chosen_setups(gnd, setups)
+    chosen_metrics = _chosen_metrics(metrics, kappas)
     nq = len(entries)
     results = {}
     for name, (ok_keys, junk_keys) in chosen.items():
-        aps = np.full(nq, np.nan)
-        prs = np.full((nq, len(kappas)), np.nan)
+        table = np.full((nq, len(chosen_metrics)), np.nan)
         npos = np.zeros(nq, dtype=np.int64)
         for i, entry in enumerate(entries):
             ok = _join(entry, ok_keys)
             npos[i] = ok.size
             if ok.size == 0:
                 continue  # no positive images: skipped from the average, as in revisitop
-            lab, where = labelled[i], positions[i]
-            pos = where[np.searchsorted(lab, np.unique(ok))]
-            pos = np.sort(pos[pos >= 0])
-            junk = _join(entry, junk_keys)
-            if junk.size and pos.size:
-                jpos = where[np.searchsorted(lab, np.unique(junk))]
-                jpos = np.sort(jpos[jpos >= 0])
-                pos = pos - np.searchsorted(jpos, pos, side="left")  # junk strictly before each positive
-            aps[i] = compute_ap(pos, ok.size)  # nres = len(ok), duplicates included, as revisitop
-            prs[i] = _precision_at(pos + 1, kappas)
+            ranks = _positive_ranks(labelled[i], positions[i], ok, _join(entry, junk_keys))
+            table[i] = [metric(ranks, ok.size) for metric in chosen_metrics]  # ok.size: duplicates included
         evaluated = int(np.count_nonzero(npos))
-        if evaluated:
-            m_ap = float(np.nansum(aps) / evaluated)
-            m_p = np.nansum(prs, axis=0) / evaluated
-        else:  # revisitop divides by zero here; report NaN instead
-            m_ap, m_p = float("nan"), np.full(len(kappas), np.nan)
-        results[name] = SetupResult(name, m_ap, m_p, aps, prs, evaluated, npos)
+        # revisitop divides by zero without evaluated queries; report NaN instead
+        means = np.nansum(table, axis=0) / evaluated if evaluated else np.full(len(chosen_metrics), np.nan)
+        results[name] = SetupResult(
+            name, chosen_metrics, {m.name: float(v) for m, v in zip(chosen_metrics, means)},
+            {m.name: table[:, j].copy() for j, m in enumerate(chosen_metrics)}, evaluated, npos,
+        )
     n_db = num_database if num_database is not None else (len(getattr(gnd, "imlist", [])) or 0)
     ids = list(query_ids) if query_ids is not None else (list(getattr(gnd, "qimlist", [])) or None)
-    return EvaluationResult(results, kappas, nq, int(n_db), int(num_distractors), ids)
+    kappas_out = tuple(m.k for m in chosen_metrics if isinstance(m, PrecisionAt))
+    return EvaluationResult(results, kappas_out, nq, int(n_db), int(num_distractors), ids)
+
+
+def _positive_ranks(lab: np.ndarray, where: np.ndarray, ok: np.ndarray, junk: np.ndarray) -> np.ndarray:
+    """Ascending 0-based ranks of the retrieved positives, each lowered by the junk ranked before it."""
+    pos = where[np.searchsorted(lab, np.unique(ok))]
+    pos = np.sort(pos[pos >= 0])
+    if junk.size and pos.size:
+        jpos = where[np.searchsorted(lab, np.unique(junk))]
+        jpos = np.sort(jpos[jpos >= 0])
+        pos = pos - np.searchsorted(jpos, pos, side="left")  # junk strictly before each positive
+    return pos
 
 
 # --------------------------------------------------------------------------- positions: the fast path
@@ -715,13 +673,14 @@ def evaluate(
     distractors: Sequence[np.ndarray] | np.ndarray | None = None,
     setups: Sequence[str] | None = None,
     kappas: Sequence[int] = DEFAULT_KAPPAS,
+    metrics: Sequence[str | Metric] | None = None,
     sources: Sequence[str] | None = None,
     chunk_rows: int | None = None,
     num_threads: int | None = None,
     check: bool = True,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> EvaluationResult:
-    """Evaluate descriptors with the revisitop protocol (fast path; see the module docstring).
+    """Evaluate descriptors with the revisitop protocol (fast path; see ``docs/evaluation.md``).
 
     ``queries`` (nq x D) follow the ground truth's ``qimlist``, ``database`` (N x D) its
     ``imlist``; ``distractors`` (one matrix or a list, e.g. R1M shards) are appended to the
@@ -748,8 +707,8 @@ def evaluate(
     if distractors is not None:
         mats = [distractors] if isinstance(distractors, np.ndarray) else list(distractors)
         n_dis = sum(int(m.shape[0]) for m in mats)
-    return _timed_metrics(lab, pos, gnd, timings, setups=setups, kappas=kappas, num_database=n_db,
-                          num_distractors=n_dis)
+    return _timed_metrics(lab, pos, gnd, timings, setups=setups, kappas=kappas, metrics=metrics,
+                          num_database=n_db, num_distractors=n_dis)
 
 
 def _timed_metrics(lab, pos, gnd, timings: dict[str, float], **kwargs) -> EvaluationResult:
@@ -768,6 +727,7 @@ def evaluate_scores(
     *,
     setups: Sequence[str] | None = None,
     kappas: Sequence[int] = DEFAULT_KAPPAS,
+    metrics: Sequence[str | Metric] | None = None,
     num_database: int | None = None,
     chunk_rows: int | None = None,
     num_threads: int | None = None,
@@ -797,8 +757,8 @@ def evaluate_scores(
         [block], lab, nq=len(entries), chunk_rows=_auto_chunk_rows(len(entries), chunk_rows),
         num_threads=num_threads or _default_threads(), check=False, timings=timings, dtype=dtype,
     )
-    return _timed_metrics(lab, pos, gnd, timings, setups=setups, kappas=kappas, num_database=n_db,
-                          num_distractors=scores.shape[0] - n_db)
+    return _timed_metrics(lab, pos, gnd, timings, setups=setups, kappas=kappas, metrics=metrics,
+                          num_database=n_db, num_distractors=scores.shape[0] - n_db)
 
 
 def evaluate_ranking(
@@ -807,6 +767,7 @@ def evaluate_ranking(
     *,
     setups: Sequence[str] | None = None,
     kappas: Sequence[int] = DEFAULT_KAPPAS,
+    metrics: Sequence[str | Metric] | None = None,
     num_database: int | None = None,
     num_distractors: int = 0,
 ) -> EvaluationResult:
@@ -820,7 +781,8 @@ def evaluate_ranking(
     pos = positions_from_ranking(ranks, lab)
     n_db = num_database if num_database is not None else _gnd_size(gnd, np.asarray(ranks).shape[0])
     return evaluate_positions(
-        lab, pos, gnd, setups=setups, kappas=kappas, num_database=n_db, num_distractors=num_distractors
+        lab, pos, gnd, setups=setups, kappas=kappas, metrics=metrics, num_database=n_db,
+        num_distractors=num_distractors,
     )
 
 
@@ -834,25 +796,40 @@ def _around(x: float | np.ndarray):
 def format_table(result: EvaluationResult, dataset: str = "") -> str:
     """A readable table plus revisitop's own two ``>>`` lines (``np.around(x*100, 2)``)."""
     names = list(result.setups)
-    head = [f"{'setup':<8}{'mAP':>8}"] + [f"{'mP@' + str(k):>8}" for k in result.kappas]
+    metrics = result.setups[names[0]].metrics if names else ()
+    head = [f"{'setup':<8}"] + [f"{m.name:>8}" for m in metrics]
     lines = ["".join(head)]
     for name in names:
         s = result.setups[name]
-        cells = [f"{name:<8}", _cell(s.mAP)] + [_cell(v) for v in s.mP]
+        cells = [f"{name:<8}"] + [_cell(s.values[m.name]) for m in metrics]
         skipped = result.num_queries - s.num_evaluated
         lines.append("".join(cells) + (f"   ({skipped} quer{'y' if skipped == 1 else 'ies'} without positives)" if skipped else ""))
     label = dataset or "dataset"
     extra = f" +{result.num_distractors} distractors" if result.num_distractors else ""
     title = f"{label}: {result.num_queries} queries, {result.num_database} database images{extra}"
     short = {"easy": "E", "medium": "M", "hard": "H"}
-    maps = ", ".join(f"{short.get(n, n)}: {_around(result.setups[n].mAP)}" for n in names)
-    mps = ", ".join(f"{short.get(n, n)}: {_around(result.setups[n].mP)}" for n in names)
-    revisitop = [f">> {label}: mAP {maps}", f">> {label}: mP@k{list(result.kappas)} {mps}"]
+    revisitop = []
+    if any(m.name == "mAP" for m in metrics):
+        maps = ", ".join(f"{short.get(n, n)}: {_around(result.setups[n].mAP)}" for n in names)
+        revisitop.append(f">> {label}: mAP {maps}")
+    if result.kappas:
+        mps = ", ".join(f"{short.get(n, n)}: {_around(result.setups[n].mP)}" for n in names)
+        revisitop.append(f">> {label}: mP@k{list(result.kappas)} {mps}")
     return "\n".join([title, *lines, "", *revisitop])
 
 
+MISSING = "n/a"  # the one placeholder for a value that cannot be computed (e.g. no query has positives)
+
+
+def format_percent(x: float | None, width: int = 8) -> str:
+    """A fraction as a percentage with 2 decimals, or :data:`MISSING`, right-aligned in ``width``."""
+    if x is None or math.isnan(x):
+        return f"{MISSING:>{width}}"
+    return f"{x * 100:>{width}.2f}"
+
+
 def _cell(x: float) -> str:
-    return f"{'n/a':>8}" if math.isnan(x) else f"{x * 100:>8.2f}"
+    return format_percent(x)
 
 
 # --------------------------------------------------------------------------- files: what `cfcd evaluate` runs
@@ -962,10 +939,12 @@ def evaluate_files(
     queries: str | os.PathLike,
     database: str | os.PathLike,
     distractors: Sequence[str | os.PathLike] | str | os.PathLike = (),
-    whiten: str | os.PathLike | None = None,
+    whiten: str | os.PathLike | Any | None = None,  # or a cfcd.postprocess.Whitening
     qe: tuple[int, float] | None = None,
     dba: tuple[int, float] | None = None,
+    setups: Sequence[str] | None = None,
     kappas: Sequence[int] = DEFAULT_KAPPAS,
+    metrics: Sequence[str | Metric] | None = None,
     chunk_rows: int | None = None,
     num_threads: int | None = None,
 ) -> tuple[EvaluationResult, dict[str, Any]]:
@@ -980,7 +959,7 @@ def evaluate_files(
     :class:`~cfcd.errors.InputError` naming the file.
     """
     from cfcd import __version__
-    from cfcd.features import load_descriptors, open_store
+    from cfcd.features import check_compatible, load_descriptors, open_store
     from cfcd.utils.io import sha256_file
 
     t_load = time.perf_counter()
@@ -1010,6 +989,8 @@ def evaluate_files(
         if x.shape[1] != dim:
             raise InputError(f"{where}: descriptors are {x.shape[1]}-D but the queries are {dim}-D")
         dstores.append(store)
+    for other in (qstore, *dstores):  # one embedding space, or a clear refusal (not a silent mAP)
+        check_compatible(xstore, other)
     q = np.asarray(qstore.descriptors, dtype=np.float32)
     x = np.asarray(xstore.descriptors, dtype=np.float32)
     dmats: list[np.ndarray] = [s.descriptors for s in dstores]
@@ -1019,10 +1000,10 @@ def evaluate_files(
     if whiten is not None:
         from cfcd.postprocess import load_whitening
 
-        w = load_whitening(whiten)
+        w = load_whitening(whiten)  # a path, or a Whitening (cfcd.postprocess.resolve_whitening)
         desc = w.describe() if hasattr(w, "describe") else {}
-        post["whitening"] = {"path": str(whiten), **desc}
-        if Path(whiten).is_file():
+        post["whitening"] = {"path": str(w.info.get("file", whiten) if not isinstance(whiten, (str, os.PathLike)) else whiten), **desc}
+        if isinstance(whiten, (str, os.PathLike)) and Path(whiten).is_file():
             post["whitening"].setdefault("sha256", sha256_file(whiten))
         q = w.transform(q)
         transform = w.transform  # database and distractors: whitened chunk by chunk while scoring
@@ -1047,7 +1028,7 @@ def evaluate_files(
     load_seconds = time.perf_counter() - t_load
 
     result = evaluate(
-        q, x, gnd, distractors=dmats or None, kappas=kappas, sources=names,
+        q, x, gnd, distractors=dmats or None, setups=setups, kappas=kappas, metrics=metrics, sources=names,
         chunk_rows=chunk_rows, num_threads=num_threads, check=True, transform=transform,
     )
     result.timings["load"] = load_seconds
@@ -1057,7 +1038,7 @@ def evaluate_files(
         # descriptors whitened beforehand (`cfcd whiten --apply`): say so, from the stores' meta
         post["whitening"] = {"applied_before": True, "queries": qfields.get("whitening"),
                              "database": xfields.get("whitening")}
-    setups = protocol_setups(gnd)
+    setups = _chosen_setups(gnd, setups)
     protocol = {
         "dataset": gnd.dataset,
         "gnd": str(gnd.path),
@@ -1068,6 +1049,7 @@ def evaluate_files(
         "num_distractors": result.num_distractors,
         "setups": {n: {"positives": "+".join(ok), "junk": "+".join(junk)} for n, (ok, junk) in setups.items()},
         "kappas": list(result.kappas),
+        "metrics": [m.name for m in next(iter(result.setups.values())).metrics] if result.setups else [],
         "metric": "revisitop compute_map: trapezoidal AP, junk removed from the ranking, queries without positives skipped; values in percent",
         "similarity": "float32 inner product (cosine for L2-normalised descriptors)",
         "tie_policy": TIE_POLICY,

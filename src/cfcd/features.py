@@ -32,22 +32,21 @@ Reading: :func:`open_store` (no checks beyond the structure, memory-mapped) and
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from cfcd import __version__
 from cfcd.errors import CfcdError, InputError
-from cfcd.utils.io import atomic_save_npy, atomic_write_json, atomic_write_text
+from cfcd.utils.io import atomic_save_npy, atomic_write_json, atomic_write_text, make_temp_file, utc_timestamp
 
 __all__ = [
     "STORE_FORMAT",
@@ -63,6 +62,12 @@ __all__ = [
     "store_summary",
     "iter_blocks",
     "transform_store",
+    "link_or_copy",
+    "load_npy",
+    "read_ids",
+    "write_ids",
+    "write_meta",
+    "utc_timestamp",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +80,8 @@ META_FILE = "meta.json"
 PARTIAL_DIR = ".partial"
 WRITER_FILE = "writer.json"
 FAILURES_FILE = "failures.jsonl"
+FAILED_FILE = "FAILED.json"  # in .partial: the job ended with every image failed
+DEFAULT_FLUSH_SECONDS = 30.0  # a kill loses at most this much work, whatever the shard size
 BASE_PART = "_base"  # a finalised store's rows, hard-linked in when new shards are merged into it
 SUPPORTED_DTYPES = ("float32", "float16")
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.(npy|txt)$")
@@ -118,8 +125,16 @@ class DescriptorStore:
 # --------------------------------------------------------------------------- small helpers
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+def write_meta(directory: Path, meta: dict, *, count: int, dim: int, dtype: str) -> dict:
+    """Write ``directory/meta.json``: ``meta`` (``failures`` defaulting to none) under the store's
+    header (format, version, count, dim, dtype, cfcd_version, created). Written atomically and
+    last by every writer, so a reader never takes a half-written store for a complete one."""
+    out = dict(meta)
+    out.setdefault("failures", [])
+    out.update(format=STORE_FORMAT, version=STORE_VERSION, count=int(count), dim=int(dim), dtype=str(dtype),
+               cfcd_version=__version__, created=utc_timestamp())
+    atomic_write_json(directory / META_FILE, out)
+    return out
 
 
 def _few(items: Sequence, n: int = 5) -> str:
@@ -149,11 +164,11 @@ def _check_ids(ids: Sequence[str], where: str) -> list[str]:
     return out
 
 
-def _write_ids(path: Path, ids: Sequence[str]) -> None:
+def write_ids(path: Path, ids: Sequence[str]) -> None:
     atomic_write_text(path, "".join(f"{i}\n" for i in ids))
 
 
-def _read_ids(path: Path) -> list[str]:
+def read_ids(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -161,7 +176,7 @@ def _read_ids(path: Path) -> list[str]:
     return text.split("\n")[:-1] if text.endswith("\n") else (text.split("\n") if text else [])
 
 
-def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+def load_npy(path: Path, mmap: bool) -> np.ndarray:
     """np.load with every failure turned into a CfcdError that names the file."""
     if not path.is_file():
         raise InputError(f"{path}: descriptor file not found")
@@ -234,11 +249,11 @@ def open_store(path: str | os.PathLike, mmap: bool = True) -> DescriptorStore:
             raise InputError(f"{meta_path}: not valid JSON: {exc}") from None
         if not isinstance(meta, dict):
             raise InputError(f"{meta_path}: expected a JSON object")
-        descriptors = _load_npy(path / DESCRIPTORS_FILE, mmap)
+        descriptors = load_npy(path / DESCRIPTORS_FILE, mmap)
         ids_path = path / IDS_FILE
         if not ids_path.is_file():
             raise InputError(f"{ids_path}: image id list not found")
-        ids = _read_ids(ids_path)
+        ids = read_ids(ids_path)
         if descriptors.ndim != 2:
             raise InputError(f"{path / DESCRIPTORS_FILE}: expected an N x D matrix, got shape {descriptors.shape}")
         if len(ids) != descriptors.shape[0]:
@@ -247,7 +262,7 @@ def open_store(path: str | os.PathLike, mmap: bool = True) -> DescriptorStore:
             )
         return DescriptorStore(path=path, descriptors=descriptors, ids=ids, meta=meta)
     if path.is_file():
-        descriptors = _load_npy(path, mmap)
+        descriptors = load_npy(path, mmap)
         if descriptors.ndim != 2:
             raise InputError(f"{path}: expected an N x D matrix, got shape {descriptors.shape}")
         return DescriptorStore(path=path, descriptors=descriptors, ids=None, meta={})
@@ -365,7 +380,7 @@ def _scan_shards(partial: Path) -> list[_Shard]:
                 continue  # .txt without .npy cannot come from our writer; ignore it
             try:
                 rows = np.load(npy, mmap_mode="r", allow_pickle=False).shape[0]
-                n_ids = len(_read_ids(txt))
+                n_ids = len(read_ids(txt))
             except Exception as exc:
                 logger.warning("ignoring unreadable shard %s: %s", npy, exc)
                 continue
@@ -418,8 +433,12 @@ class StoreWriter:
         dtype: str = "float32",
         part: str = "main",
         shard_size: int = 1024,
+        flush_seconds: float | None = DEFAULT_FLUSH_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = Path(path)
+        self.flush_seconds = None if flush_seconds is None else float(flush_seconds)
+        self._clock = clock
         self.dim = int(dim)
         self.dtype = _normalise_dtype(dtype)
         if not _PART_RE.match(part) or part == BASE_PART:
@@ -438,6 +457,9 @@ class StoreWriter:
         self._buffer_rows: list[np.ndarray] = []
         self._buffered = 0
         self._next = self._next_shard_number()
+        self._last_write = clock()
+        with contextlib.suppress(FileNotFoundError):
+            (self.partial / FAILED_FILE).unlink()  # a new attempt: no longer failed
 
     def _check_config(self) -> None:
         if is_store(self.path):
@@ -471,9 +493,9 @@ class StoreWriter:
         """Ids already written by earlier runs, in every part, plus those of a finalised store here."""
         done: set[str] = set()
         if is_store(self.path):
-            done.update(_read_ids(self.path / IDS_FILE))
+            done.update(read_ids(self.path / IDS_FILE))
         for shard in _scan_shards(self.partial):
-            done.update(_read_ids(shard.txt))
+            done.update(read_ids(shard.txt))
         done.update(self._buffer_ids)
         return done
 
@@ -505,6 +527,10 @@ class StoreWriter:
         self._buffered += len(ids)
         while self._buffered >= self.shard_size:
             self._write_shard(self.shard_size)
+        # slow jobs (a CPU, huge images) also write by time, so a kill never loses more than
+        # flush_seconds of work
+        if self._buffered and self.flush_seconds is not None and self._clock() - self._last_write >= self.flush_seconds:
+            self.flush()
 
     def add_failure(self, image_id: str, reason: str) -> None:
         """Record that ``image_id`` could not be processed (appended and flushed at once)."""
@@ -525,8 +551,9 @@ class StoreWriter:
         shard, rest = rows[:n], rows[n:]
         stem = self.part_dir / f"shard-{self._next:05d}"
         atomic_save_npy(stem.with_suffix(".npy"), np.ascontiguousarray(shard))
-        _write_ids(stem.with_suffix(".txt"), ids)  # the .txt last: it makes the shard visible
+        write_ids(stem.with_suffix(".txt"), ids)  # the .txt last: it makes the shard visible
         self._next += 1
+        self._last_write = self._clock()
         self._buffer_ids = rest_ids
         self._buffer_rows = [rest] if len(rest_ids) else []
         self._buffered = len(rest_ids)
@@ -539,7 +566,7 @@ class StoreWriter:
             self.flush()
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         dst.unlink()
@@ -564,7 +591,7 @@ def _fsync_dir(path: Path) -> None:
 def _descriptor_memmap(directory: Path, dtype, shape: tuple[int, int]) -> Iterator[np.ndarray]:
     """A memory-mapped ``descriptors.npy`` written under a temporary name in ``directory``;
     flushed, fsynced and renamed into place when the block exits without an error."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{DESCRIPTORS_FILE}.", suffix=".tmp", dir=directory)
+    fd, tmp_name = make_temp_file(directory, prefix=f".{DESCRIPTORS_FILE}.")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -606,93 +633,139 @@ def finalize_store(
     if is_store(path):
         existing = open_store(path)
         old_meta = dict(existing.meta)
-        has_new = bool(_scan_shards(partial))
-        if not has_new and (order is None or list(order) == existing.ids):
-            if meta:
-                new_meta = {**old_meta, **meta, "count": old_meta.get("count", len(existing))}
-                atomic_write_json(path / META_FILE, new_meta)
-                old_meta = new_meta
-            if partial.exists():
-                shutil.rmtree(partial)
-            return open_store(path)
-        # Keep the finalised rows as the first "shard" before anything destructive happens:
-        # a kill from here on leaves a store without meta.json that is finalised again from shards.
-        base = partial / BASE_PART
-        _link_or_copy(path / DESCRIPTORS_FILE, base / "shard-00000.npy")
-        _link_or_copy(path / IDS_FILE, base / "shard-00000.txt")
-        atomic_write_json(partial / "base_meta.json", old_meta)
-        _fsync_dir(base)
-        (path / META_FILE).unlink()
-        _fsync_dir(path)
+        if not _scan_shards(partial) and (order is None or list(order) == existing.ids):
+            return _update_meta_only(path, old_meta, meta, count=len(existing))
+        _keep_finalised_rows_as_base(path, partial, old_meta)
     elif (partial / "base_meta.json").is_file():
         old_meta = json.loads((partial / "base_meta.json").read_text(encoding="utf-8"))
 
     if not path.is_dir():
         raise InputError(f"{path}: no such store directory")
     shards = _scan_shards(partial)
-    writer_cfg = {}
-    if (partial / WRITER_FILE).is_file():
-        writer_cfg = json.loads((partial / WRITER_FILE).read_text(encoding="utf-8"))
+    source, shard_ids, duplicates = _row_sources(shards)
+    if duplicates:
+        logger.warning("%s: %d duplicate ids across shards; the last written row of each was kept", path, duplicates)
+    failures = _unresolved_failures(old_meta, partial, source)
+    final_ids, failures = _final_ids(path, order, source, failures)
+    dim, dtype = _shard_shape(path, shards, partial)
+    if not final_ids:
+        _fail_without_rows(path, partial, failures)
+    _copy_rows(path, shards, shard_ids, source, final_ids, dim, dtype)
+    write_ids(path / IDS_FILE, final_ids)
 
-    # Resolve where each id's row comes from: the last occurrence wins.
+    new_meta = {**old_meta, **(meta or {}), "failures": failures}
+    if duplicates:
+        new_meta["duplicates_resolved"] = int(new_meta.get("duplicates_resolved", 0)) + duplicates
+    write_meta(path, new_meta, count=len(final_ids), dim=dim, dtype=dtype)
+    _fsync_dir(path)
+    shutil.rmtree(partial, ignore_errors=True)
+    if failures:
+        logger.warning("%s: %d images failed and are not in the store (listed in meta.json)", path, len(failures))
+    return open_store(path)
+
+
+def _fail_without_rows(path: Path, partial: Path, failures: list[dict]) -> None:
+    """Every image failed (or the list was empty): mark the job failed and say why."""
+    reasons = _few([f["id"] + ": " + f["reason"] for f in failures], 3)
+    if failures:
+        atomic_write_json(partial / FAILED_FILE, {"failures": len(failures), "first": failures[:10],
+                                                  "time": utc_timestamp()})
+    raise InputError(
+        f"{path}: FAILED, no descriptor was written: every one of the {len(failures)} image(s) failed "
+        f"(first: {reasons}). The store is marked failed ('cfcd store info' shows it); a rerun retries "
+        "every image, so fix the inputs (paths, --root, file formats) first"
+        if failures else f"{path}: no descriptor was written and nothing failed: the image list is empty"
+    )
+
+
+def _update_meta_only(path: Path, old_meta: dict, meta: dict | None, *, count: int) -> DescriptorStore:
+    """A finalised store and no new shard: only ``meta`` changes (and ``.partial`` goes)."""
+    if meta:
+        atomic_write_json(path / META_FILE, {**old_meta, **meta, "count": old_meta.get("count", count)})
+    partial = path / PARTIAL_DIR
+    if partial.exists():
+        shutil.rmtree(partial)
+    return open_store(path)
+
+
+def _keep_finalised_rows_as_base(path: Path, partial: Path, old_meta: dict) -> None:
+    """Keep the finalised rows as the first "shard" before anything destructive happens: a kill
+    from here on leaves a store without meta.json that is finalised again from shards."""
+    base = partial / BASE_PART
+    link_or_copy(path / DESCRIPTORS_FILE, base / "shard-00000.npy")
+    link_or_copy(path / IDS_FILE, base / "shard-00000.txt")
+    atomic_write_json(partial / "base_meta.json", old_meta)
+    _fsync_dir(base)
+    (path / META_FILE).unlink()
+    _fsync_dir(path)
+
+
+def _row_sources(shards: list[_Shard]) -> tuple[dict[str, tuple[int, int]], list[list[str]], int]:
+    """Where each id's row comes from, ``{id: (shard, row)}`` (the last occurrence wins), every
+    shard's ids, and how many ids occurred more than once."""
     source: dict[str, tuple[int, int]] = {}
     duplicates = 0
     shard_ids: list[list[str]] = []
     for s, shard in enumerate(shards):
-        ids = _read_ids(shard.txt)
+        ids = read_ids(shard.txt)
         shard_ids.append(ids)
         for row, image_id in enumerate(ids):
             if image_id in source:
                 duplicates += 1
             source[image_id] = (s, row)
-    if duplicates:
-        logger.warning("%s: %d duplicate ids across shards; the last written row of each was kept", path, duplicates)
+    return source, shard_ids, duplicates
 
+
+def _unresolved_failures(old_meta: dict, partial: Path, source: dict) -> list[dict]:
+    """Failed ids that no shard wrote after all; a newer record of an id wins."""
     # failures of a previously finalised store first, so that newer records of an id win
     failures_all = [f for f in old_meta.get("failures", []) if isinstance(f, dict) and "id" in f]
     failures_all += _read_failures(partial)
     failed_reason: dict[str, str] = {}
     for record in failures_all:
         failed_reason[record["id"]] = record["reason"]
-    failures = [{"id": i, "reason": r} for i, r in failed_reason.items() if i not in source]
+    return [{"id": i, "reason": r} for i, r in failed_reason.items() if i not in source]
+
+
+def _final_ids(path: Path, order: Sequence[str] | None, source: dict, failures: list[dict]) -> tuple[list[str], list[dict]]:
+    """The store's rows in ``order`` (checked against the shards and failures), else shard order."""
+    if order is None:
+        return list(source), failures  # dict keeps first-insertion order; values are the last occurrence
+    order = _check_ids(list(order), f"{path} (finalize order)")
+    if len(set(order)) != len(order):
+        raise InputError(f"{path}: the image order given to finalize has duplicate ids: {_few(_duplicates(order))}")
+    order_set = set(order)
     failed = {f["id"] for f in failures}
+    missing = [i for i in order if i not in source and i not in failed]
+    if missing:
+        raise InputError(
+            f"{path}: {len(missing)} ids of the image list have no descriptor and no recorded failure "
+            f"(job not finished? rerun it to resume): {_few(missing)}"
+        )
+    extra = [i for i in source if i not in order_set]
+    if extra:
+        raise InputError(
+            f"{path}: {len(extra)} ids in the shards are not in the image list: {_few(extra)} "
+            "(did the image list change since the job started? use another output directory)"
+        )
+    return [i for i in order if i in source], [f for f in failures if f["id"] in order_set]
 
-    if order is not None:
-        order = _check_ids(list(order), f"{path} (finalize order)")
-        if len(set(order)) != len(order):
-            raise InputError(f"{path}: the image order given to finalize has duplicate ids: {_few(_duplicates(order))}")
-        order_set = set(order)
-        missing = [i for i in order if i not in source and i not in failed]
-        if missing:
-            raise InputError(
-                f"{path}: {len(missing)} ids of the image list have no descriptor and no recorded failure "
-                f"(job not finished? rerun it to resume): {_few(missing)}"
-            )
-        extra = [i for i in source if i not in order_set]
-        if extra:
-            raise InputError(
-                f"{path}: {len(extra)} ids in the shards are not in the image list: {_few(extra)} "
-                "(did the image list change since the job started? use another output directory)"
-            )
-        final_ids = [i for i in order if i in source]
-        failures = [f for f in failures if f["id"] in order_set]
-    else:
-        final_ids = list(source)  # dict keeps first-insertion order; values are the last occurrence
 
+def _shard_shape(path: Path, shards: list[_Shard], partial: Path) -> tuple[int, str]:
+    """``(dim, dtype)`` of the shards, or of the writer's record when there is none."""
     if shards:
         first = np.load(shards[0].npy, mmap_mode="r", allow_pickle=False)
-        dim, dtype = int(first.shape[1]), first.dtype.name
-    elif writer_cfg:
-        dim, dtype = int(writer_cfg["dim"]), str(writer_cfg["dtype"])
-    else:
-        raise InputError(f"{path}: nothing to finalize (no shards in {partial} and no existing store)")
-    if not final_ids:
-        raise InputError(
-            f"{path}: no descriptor was written ({len(failures)} failures, first: "
-            f"{_few([f['id'] + ': ' + f['reason'] for f in failures], 3)})"
-        )
+        return int(first.shape[1]), first.dtype.name
+    if (partial / WRITER_FILE).is_file():
+        writer_cfg = json.loads((partial / WRITER_FILE).read_text(encoding="utf-8"))
+        if writer_cfg:
+            return int(writer_cfg["dim"]), str(writer_cfg["dtype"])
+    raise InputError(f"{path}: nothing to finalize (no shards in {partial} and no existing store)")
 
-    # Stream the rows into a memory-mapped temporary file, one shard at a time.
+
+def _copy_rows(path: Path, shards: list[_Shard], shard_ids: list[list[str]], source: dict,
+               final_ids: list[str], dim: int, dtype: str) -> None:
+    """Stream the kept rows into a memory-mapped ``descriptors.npy``, one shard at a time."""
     row_of = {image_id: r for r, image_id in enumerate(final_ids)}
     with _descriptor_memmap(path, dtype, (len(final_ids), dim)) as out:
         for s, shard in enumerate(shards):
@@ -711,29 +784,6 @@ def finalize_store(
             step = _block_rows(dim)
             for start in range(0, len(src), step):
                 out[dst[start : start + step]] = np.asarray(data[src[start : start + step]], dtype=dtype)
-    _write_ids(path / IDS_FILE, final_ids)
-
-    new_meta = {**old_meta, **(meta or {})}
-    new_meta.update(
-        {
-            "format": STORE_FORMAT,
-            "version": STORE_VERSION,
-            "count": len(final_ids),
-            "dim": dim,
-            "dtype": dtype,
-            "failures": failures,
-            "cfcd_version": __version__,
-            "created": _now(),
-        }
-    )
-    if duplicates:
-        new_meta["duplicates_resolved"] = int(new_meta.get("duplicates_resolved", 0)) + duplicates
-    atomic_write_json(path / META_FILE, new_meta)
-    _fsync_dir(path)
-    shutil.rmtree(partial, ignore_errors=True)
-    if failures:
-        logger.warning("%s: %d images failed and are not in the store (listed in meta.json)", path, len(failures))
-    return open_store(path)
 
 
 def write_store(
@@ -767,21 +817,8 @@ def write_store(
     with contextlib.suppress(FileNotFoundError):
         (path / META_FILE).unlink()
     atomic_save_npy(path / DESCRIPTORS_FILE, np.ascontiguousarray(x))
-    _write_ids(path / IDS_FILE, ids)
-    new_meta = dict(meta or {})
-    new_meta.setdefault("failures", [])
-    new_meta.update(
-        {
-            "format": STORE_FORMAT,
-            "version": STORE_VERSION,
-            "count": int(x.shape[0]),
-            "dim": int(x.shape[1]),
-            "dtype": x.dtype.name,
-            "cfcd_version": __version__,
-            "created": _now(),
-        }
-    )
-    atomic_write_json(path / META_FILE, new_meta)
+    write_ids(path / IDS_FILE, ids)
+    write_meta(path, dict(meta or {}), count=x.shape[0], dim=x.shape[1], dtype=x.dtype.name)
     return open_store(path)
 
 
@@ -815,34 +852,25 @@ def transform_store(
             if y.shape != (block.shape[0], int(out_dim)):
                 raise CfcdError(f"transform returned shape {y.shape}, expected {(block.shape[0], int(out_dim))}")
             mm[start : start + block.shape[0]] = y
-    _write_ids(out / IDS_FILE, source.ids)
-    new_meta = dict(meta or {})
-    new_meta.setdefault("failures", [])
-    new_meta.update(
-        {
-            "format": STORE_FORMAT,
-            "version": STORE_VERSION,
-            "count": len(source),
-            "dim": int(out_dim),
-            "dtype": dtype,
-            "cfcd_version": __version__,
-            "created": _now(),
-        }
-    )
-    atomic_write_json(out / META_FILE, new_meta)
+    write_ids(out / IDS_FILE, source.ids)
+    write_meta(out, dict(meta or {}), count=len(source), dim=out_dim, dtype=dtype)
     return open_store(out)
 
 
 # Provenance keys that must agree for descriptors to be comparable (combining them otherwise is
 # a silent accuracy bug: the rows would live in different embedding spaces).
-PROVENANCE_KEYS = ("model", "weights_sha256", "preprocess", "scales", "extract.scales", "whitening")
+PROVENANCE_KEYS = ("model", "weights_sha256", "extract.settings.model.state_sha256", "preprocess", "scales",
+                   "extract.scales", "extract.settings.options.max_size", "whitening")
 
 
-def _meta_get(meta: dict, dotted: str):
+_ABSENT = object()
+
+
+def _meta_get(meta: dict, dotted: str, default=None):
     value = meta
     for key in dotted.split("."):
         if not isinstance(value, dict) or key not in value:
-            return None
+            return default
         value = value[key]
     return value
 
@@ -865,11 +893,16 @@ def check_compatible(a, b) -> None:
     """
     name_a, meta_a = _provenance_of(a)
     name_b, meta_b = _provenance_of(b)
+    state = "extract.settings.model.state_sha256"
+    same_state = _meta_get(meta_a, state) is not None and _meta_get(meta_a, state) == _meta_get(meta_b, state)
     for key in PROVENANCE_KEYS:
-        va, vb = _meta_get(meta_a, key), _meta_get(meta_b, key)
-        if key == "whitening" and meta_a and meta_b and (va is None) != (vb is None):
-            va, vb = (va or "none"), (vb or "none")
-        if va is not None and vb is not None and va != vb:
+        if key == "weights_sha256" and same_state:
+            continue  # the same tensors, whatever file they were read from
+        va, vb = _meta_get(meta_a, key, _ABSENT), _meta_get(meta_b, key, _ABSENT)
+        if key == "whitening" and meta_a and meta_b:
+            va, vb = (va or "none"), (vb or "none")  # absent and None both mean unwhitened
+        # a key missing on one side is not compared; a recorded None (e.g. no --max-size) is a value
+        if va is not _ABSENT and vb is not _ABSENT and va != vb:
             raise InputError(
                 f"{name_b}: meta {key!r} = {vb!r} differs from {name_a} ({va!r}); descriptors from different "
                 "models or settings live in different embedding spaces and cannot be compared or searched "
@@ -924,24 +957,11 @@ def merge_stores(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
                 mm[offset + start : offset + start + block.shape[0]] = block
             offset += len(s)
     all_ids = [i for s in stores for i in s.ids]
-    _write_ids(out / IDS_FILE, all_ids)
+    write_ids(out / IDS_FILE, all_ids)
     meta = {k: v for k, v in stores[0].meta.items() if k not in ("failures", "merged_from", "duplicates_resolved")}
-    meta.update(
-        {
-            "format": STORE_FORMAT,
-            "version": STORE_VERSION,
-            "count": total,
-            "dim": dim,
-            "dtype": dtype,
-            "failures": [f for s in stores for f in s.meta.get("failures", [])],
-            "merged_from": [
-                {"path": str(s.path), "count": len(s), "created": s.meta.get("created")} for s in stores
-            ],
-            "cfcd_version": __version__,
-            "created": _now(),
-        }
-    )
-    atomic_write_json(out / META_FILE, meta)
+    meta["failures"] = [f for s in stores for f in s.meta.get("failures", [])]
+    meta["merged_from"] = [{"path": str(s.path), "count": len(s), "created": s.meta.get("created")} for s in stores]
+    write_meta(out, meta, count=total, dim=dim, dtype=dtype)
     return open_store(out)
 
 
@@ -965,8 +985,14 @@ def store_summary(path: str | os.PathLike) -> dict:
     elif partial.is_dir():
         shards = _scan_shards(partial)
         parts = sorted({s.part for s in shards})
+        failed = None
+        if (partial / FAILED_FILE).is_file():
+            with contextlib.suppress(json.JSONDecodeError, OSError):
+                failed = json.loads((partial / FAILED_FILE).read_text(encoding="utf-8"))
         info.update(
             complete=False,
+            failed=failed is not None,
+            first_failures=(failed or {}).get("first", [])[:3],
             shards=len(shards),
             parts=parts,
             rows_written=sum(s.rows for s in shards),
@@ -984,3 +1010,7 @@ def iter_blocks(descriptors: np.ndarray, block: int | None = None, dtype=np.floa
     block = block or _block_rows(descriptors.shape[1])
     for start in range(0, descriptors.shape[0], block):
         yield start, np.ascontiguousarray(descriptors[start : start + block], dtype=dtype)
+
+
+# The helpers' former private names, kept while other branches still import them.
+_link_or_copy, _load_npy, _now, _read_ids, _write_ids = link_or_copy, load_npy, utc_timestamp, read_ids, write_ids

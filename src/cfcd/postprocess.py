@@ -1,7 +1,8 @@
 """Post-processing of global descriptors: PCA whitening, learned whitening (Lw), DBA and alpha-QE.
 
 Everything works on row-major N x D float arrays (one descriptor per row), unlike cirtorch
-(D x N columns). The formulas follow the original code (retrieval_baselines.md 3.1 and 3.3):
+(D x N columns). The formulas follow the original code (deep-image-retrieval ``dirtorch/utils/common.py``
+``whiten_features`` and ``dirtorch/test_dir.py`` ``eval_model``; cirtorch ``cirtorch/utils/whiten.py``):
 
 * **PCA whitening with eigenvalue power** (deep-image-retrieval ``whiten_features``)::
 
@@ -28,8 +29,15 @@ Everything works on row-major N x D float arrays (one descriptor per row), unlik
   negative weights); for fractional alpha (impossible in dirtorch, whose CLI takes ints) the
   weight is ``sign(s) |s| ** alpha`` instead of NaN.
 
-A fitted whitening is saved as ``NAME.safetensors`` (tensors ``mean`` and ``projection``) plus
-``NAME.json`` (kind, whitenp, dim, fitted-on information); :func:`load_whitening` reopens it.
+A fitted whitening is saved as ``NAME.safetensors`` (tensors ``mean`` and ``projection``, and for
+PCA ``variance``) plus ``NAME.json`` (kind, whitenp, dim, fitted-on information);
+:func:`load_whitening` reopens it. A PCA file knows its eigenvalues, so
+:meth:`Whitening.with_power` re-weights it to another eigenvalue power (dirtorch ``--whitenp``).
+``cfcd convert`` of a deep-image-retrieval checkpoint writes its stored PCAs
+(``checkpoint['pca'][NAME]``, sklearn objects) as ``OUT/whitening/NAME.safetensors`` with
+``whitenp = 0`` (raw components); :func:`resolve_whitening` finds one by name next to the
+weights and applies the power, so ``--whiten Landmarks_clean --whiten-power 0.25`` is dirtorch's
+``--whiten Landmarks_clean --whitenp 0.25``.
 """
 
 from __future__ import annotations
@@ -41,10 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import warnings
+
 import numpy as np
 
 from cfcd import __version__
 from cfcd.errors import CfcdError, InputError
+from cfcd.utils.io import utc_timestamp
 
 __all__ = [
     "Whitening",
@@ -54,6 +65,8 @@ __all__ = [
     "whitenlearn",
     "cholesky_with_jitter",
     "load_whitening",
+    "resolve_whitening",
+    "whitening_from_sklearn_pca",
     "alpha_query_expansion",
     "database_augmentation",
     "WHITENING_KINDS",
@@ -89,10 +102,30 @@ class Whitening:
     dim: int
     eps: float = 0.0
     info: dict = field(default_factory=dict)
+    variance: np.ndarray | None = None  # PCA: the eigenvalue of every projection row
 
     @property
     def input_dim(self) -> int:
         return int(self.projection.shape[1])
+
+    def with_power(self, whitenp: float) -> "Whitening":
+        """The same PCA with eigenvalue power ``whitenp`` (rows scaled by ``variance ** (p0 - p)``).
+
+        A PCA stored with ``whiten=False`` (sklearn) ignores the power, as dirtorch's
+        ``transform`` does."""
+        whitenp = float(whitenp)
+        if whitenp < 0:
+            raise InputError(f"whitening power must be >= 0, got {whitenp}")
+        if self.kind != "pca" or self.variance is None:
+            raise InputError(f"{self.info.get('file', 'whitening')}: a {self.kind} whitening without eigenvalues "
+                             "has no power to change (--whiten-power needs a PCA whitening)")
+        if not self.info.get("pca_whiten", True):
+            return self
+        current = float(self.info.get("whitenp", 0.0))
+        scale = np.asarray(self.variance, dtype=np.float64) ** (current - whitenp)
+        info = dict(self.info, whitenp=whitenp)
+        return Whitening(mean=self.mean, projection=self.projection * scale[:, None], kind=self.kind, dim=self.dim,
+                         eps=self.eps, info=info, variance=self.variance)
 
     def transform(self, x: np.ndarray, *, dim: int | None = None, normalize: bool = True) -> np.ndarray:
         """Whiten row-major descriptors (N x D, memmap welcome; processed in blocks) -> N x dim float32."""
@@ -129,6 +162,8 @@ class Whitening:
             "mean": np.ascontiguousarray(self.mean, dtype=np.float64),
             "projection": np.ascontiguousarray(self.projection, dtype=np.float64),
         }
+        if self.variance is not None:
+            tensors["variance"] = np.ascontiguousarray(self.variance, dtype=np.float64)
         st_path = stem.with_name(stem.name + ".safetensors")
         with atomic_open(st_path, "wb") as handle:
             handle.write(st_save(tensors, metadata={"format": "cfcd-whitening", "kind": self.kind}))
@@ -146,22 +181,16 @@ class Whitening:
                 "cfcd_version": __version__,
             }
         )
-        info.setdefault("created", _now())
+        info.setdefault("created", utc_timestamp())
         atomic_write_json(stem.with_name(stem.name + ".json"), info)
         return st_path
 
     def describe(self) -> dict:
         """The provenance recorded in a whitened store's ``meta["whitening"]``."""
-        keys = ("kind", "whitenp", "dim", "input_dim", "fitted_on", "sha256")  # not the path: copies are equal
+        keys = ("kind", "whitenp", "dim", "input_dim", "fitted_on", "sha256", "source")  # not the path: copies are equal
         out = {k: self.info[k] for k in keys if k in self.info}
         out.update(kind=self.kind, dim=int(self.dim))
         return out
-
-
-def _now() -> str:
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def _as_rows(x, role: str) -> np.ndarray:
@@ -226,7 +255,51 @@ def learn_pca_whitening(
     evals, evecs = evals[:rank], evecs[:, :rank]
     projection = evecs.T / (evals[:, None] ** whitenp)
     info = {"kind": "pca", "whitenp": float(whitenp), "explained_variance": evals[:dim].tolist()[:16]}
-    return Whitening(mean=mean, projection=projection, kind="pca", dim=int(dim), eps=0.0, info=info)
+    return Whitening(mean=mean, projection=projection, kind="pca", dim=int(dim), eps=0.0, info=info, variance=evals)
+
+
+def whitening_from_sklearn_pca(mean, components, explained_variance, *, whiten: bool = True,
+                               info: dict | None = None) -> Whitening:
+    """A PCA as dirtorch applies it (``common.transform``): ``(x - mean_) components_.T``, divided
+    by ``explained_variance_ ** whitenp`` when the PCA was fitted with ``whiten=True``; stored with
+    power 0 (choose it with :meth:`Whitening.with_power`)."""
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    components = np.asarray(components, dtype=np.float64)
+    variance = np.asarray(explained_variance, dtype=np.float64).reshape(-1)
+    if components.ndim != 2 or components.shape[1] != mean.shape[0] or variance.shape[0] != components.shape[0]:
+        raise InputError(f"PCA arrays do not fit: mean {mean.shape}, components {components.shape}, "
+                         f"explained_variance {variance.shape}")
+    full = {"kind": "pca", "whitenp": 0.0, "pca_whiten": bool(whiten)}
+    full.update(info or {})
+    return Whitening(mean=mean, projection=components, kind="pca", dim=int(components.shape[0]), eps=0.0,
+                     info=full, variance=variance)
+
+
+WHITENING_DIR = "whitening"  # inside a converted weights directory
+
+
+def resolve_whitening(spec: str | os.PathLike | Whitening, *, power: float | None = None,
+                      weights: str | os.PathLike | None = None) -> Whitening:
+    """A whitening file (``.safetensors``/``.json``/stem/``.npz``) or the NAME of one stored in a
+    converted checkpoint (``WEIGHTS/whitening/NAME.safetensors``, e.g. dirtorch's
+    ``Landmarks_clean``), with the PCA eigenvalue ``power`` applied when given."""
+    if isinstance(spec, Whitening):
+        w = spec
+    else:
+        path = Path(spec)
+        candidates = [path]
+        if weights is not None and not path.suffix and len(path.parts) == 1:
+            base = Path(weights)
+            base = base if base.is_dir() else base.parent
+            candidates.insert(0, base / WHITENING_DIR / path.name)
+        found = next((c for c in candidates if c.with_name(c.name + ".safetensors").is_file()
+                      or (c.suffix in (".safetensors", ".json", ".npz") and c.is_file())), None)
+        if found is None:
+            where = f" or in {Path(weights) / WHITENING_DIR}" if weights is not None else ""
+            raise InputError(f"--whiten {spec}: no whitening file {spec}{where} "
+                             "(a file from `cfcd whiten`, or a name that `cfcd convert` wrote)")
+        w = load_whitening(found)
+    return w if power is None else w.with_power(power)
 
 
 def cholesky_with_jitter(s: np.ndarray, max_tries: int = 40) -> np.ndarray:
@@ -271,6 +344,10 @@ def whitenlearn(x: np.ndarray, qidxs: Sequence[int], pidxs: Sequence[int]) -> tu
     return m, evecs.T @ p1
 
 
+class DegenerateWhiteningWarning(UserWarning):
+    """A whitening learned from too little data to be full rank."""
+
+
 def learn_lw(
     x: np.ndarray,
     qidxs: Sequence[int],
@@ -279,6 +356,17 @@ def learn_lw(
     dim: int | None = None,
 ) -> Whitening:
     """Fit cirtorch's supervised learned whitening (Lw) from matching pairs (rows ``qidxs[i]``, ``pidxs[i]``)."""
+    n_pairs, in_dim = len(qidxs), int(np.shape(x)[1])
+    if n_pairs < in_dim:
+        # the pair-difference covariance has rank <= n_pairs: most of its D eigenvalues are ~0 and
+        # their inverse square roots blow noise up (cirtorch learns Lw on ~100k pairs for 2048-D)
+        warnings.warn(
+            f"learned whitening from {n_pairs} pairs for {in_dim}-D descriptors is degenerate: the pair "
+            f"covariance has rank <= {n_pairs} < {in_dim}; use many more pairs than dimensions "
+            f"(or --kind pca, or --dim well below {n_pairs})",
+            DegenerateWhiteningWarning,
+            stacklevel=2,
+        )
     m, proj = whitenlearn(x, qidxs, pidxs)
     d = proj.shape[0]
     dim = d if dim is None else int(dim)
@@ -293,7 +381,10 @@ def load_whitening(path: str | os.PathLike) -> Whitening:
 
     Also reads an ``.npz`` (no pickle) with ``mean``/``projection`` or cirtorch's ``m``/``P``
     (``m`` D x 1 and ``P`` D' x D, as in ``meta['Lw'][...]['ms']`` exported to npz), as kind "lw".
+    A :class:`Whitening` is returned as it is.
     """
+    if isinstance(path, Whitening):
+        return path
     path = Path(path)
     if path.suffix == ".npz":
         if not path.is_file():
@@ -336,6 +427,7 @@ def load_whitening(path: str | os.PathLike) -> Whitening:
     if kind not in WHITENING_KINDS:
         raise InputError(f"{js_path}: unknown whitening kind {kind!r}")
     mean, proj = tensors["mean"].reshape(-1), tensors["projection"]
+    variance = tensors.get("variance")
     if proj.ndim != 2 or proj.shape[1] != mean.shape[0]:
         raise InputError(f"{st_path}: projection {proj.shape} does not match mean ({mean.shape[0]},)")
     from cfcd.utils.io import sha256_file
@@ -349,6 +441,7 @@ def load_whitening(path: str | os.PathLike) -> Whitening:
         dim=int(info.get("dim", proj.shape[0])),
         eps=float(info.get("eps", 1e-6 if kind == "lw" else 0.0)),
         info=info,
+        variance=None if variance is None else variance.reshape(-1),
     )
 
 
@@ -453,3 +546,19 @@ def database_augmentation(
         idx = np.take_along_axis(idx, order, axis=1)
         out[s : s + len(block)] = _expand(block, x, sim, idx, alpha)
     return out
+
+
+def whiten_store(source: str | os.PathLike, out: str | os.PathLike, whitening: Whitening):
+    """Write the whitened copy of the descriptor store ``source`` to ``out`` (streamed block by
+    block); the meta keeps the source's provenance and records the whitening."""
+    from cfcd.features import load_descriptors, transform_store
+
+    store = load_descriptors(source, expected_dim=whitening.input_dim, role="descriptors to whiten", dtype=None)
+    if store.ids is None:
+        raise InputError(f"{store.path}: a plain .npy has no ids; whitening writes a store (use a store input)")
+    if "whitening" in store.meta:
+        raise InputError(f"{store.path}: already whitened ({store.meta['whitening']}); refusing to whiten twice")
+    meta = {k: v for k, v in store.meta.items() if k not in ("count", "dim", "dtype", "created")}
+    meta["whitening"] = whitening.describe()
+    meta["whitened_from"] = str(store.path)
+    return transform_store(store, out, whitening.transform, out_dim=whitening.dim, meta=meta)

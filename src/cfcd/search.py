@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +34,15 @@ from cfcd.features import (
     DESCRIPTORS_FILE,
     IDS_FILE,
     DescriptorStore,
-    _link_or_copy,
-    _now,
-    _read_ids,
-    _write_ids,
     is_store,
     load_descriptors,
     open_store,
 )
-from cfcd.utils.io import atomic_write_json
+from cfcd.features import link_or_copy as _link_or_copy
+from cfcd.features import read_ids as _read_ids
+from cfcd.features import utc_timestamp as _now
+from cfcd.features import write_ids as _write_ids
+from cfcd.utils.io import atomic_write_json, make_temp_file
 
 __all__ = [
     "SearchResult",
@@ -441,7 +440,7 @@ class FaissIndex(Index):
     def _save_data(self, out: Path) -> None:
         import faiss
 
-        fd, tmp = tempfile.mkstemp(prefix=f".{INDEX_FILE}.", suffix=".tmp", dir=out)
+        fd, tmp = make_temp_file(out, prefix=f".{INDEX_FILE}.")
         os.close(fd)
         try:
             faiss.write_index(self.index, tmp)
@@ -675,7 +674,7 @@ def open_index(path: str | os.PathLike, *, mmap: bool = True) -> Index:
     type_ = info.get("type")
     ids = _read_ids(path / IDS_FILE) if (path / IDS_FILE).is_file() else None
     if type_ == "exact":
-        from cfcd.features import _load_npy
+        from cfcd.features import load_npy as _load_npy
 
         data = _load_npy(path / DESCRIPTORS_FILE, mmap)
         if data.ndim != 2:
@@ -693,7 +692,7 @@ def open_index(path: str | os.PathLike, *, mmap: bool = True) -> Index:
             raise InputError(f"{path / INDEX_FILE}: cannot read the FAISS index (corrupt?): {exc}") from None
         vectors = None
         if (path / DESCRIPTORS_FILE).is_file():
-            from cfcd.features import _load_npy
+            from cfcd.features import load_npy as _load_npy
 
             vectors = _load_npy(path / DESCRIPTORS_FILE, True)
         index = FaissIndex(raw, type_, ids, info.get("params", {}), info.get("source", {}), path,

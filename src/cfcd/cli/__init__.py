@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from cfcd import __version__
@@ -25,8 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("cfcd.cli.benchmark", "one paper row: extract queries and database, evaluate, print"),
     "index": ("cfcd.cli.index", "build a FAISS or exact index from a descriptor store"),
     "search": ("cfcd.cli.search", "top-k search of query descriptors in an index"),
+    "serve": ("cfcd.cli.serve", "web page and JSON API: search by photo, browse an index, explore a benchmark"),
     "whiten": ("cfcd.cli.whiten", "learn PCA whitening (whitenp) or supervised Lw on a descriptor store"),
-    "store": ("cfcd.cli.store", "inspect and merge descriptor stores"),
+    "store": ("cfcd.cli.store", "inspect, merge and finalize descriptor stores"),
+    "models": ("cfcd.cli.models", "list the registered models: family, output dimension, input, embedded weights"),
     "convert": ("cfcd.cli.convert", "import an official checkpoint into safetensors + JSON config"),
     "export": ("cfcd.cli.export", "export a model to ONNX"),
     "train": ("cfcd.cli.train", "train CFCD, DOLG or a GeM baseline from a YAML recipe"),
@@ -71,7 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(name)
     args = parser.parse_args(argv[1:])
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `cfcd store info X --json | head`: the reader left; stop quietly like other Unix tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except CfcdError as exc:
         print(f"cfcd {name}: error: {exc}", file=sys.stderr)
         return 2

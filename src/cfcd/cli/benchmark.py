@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cfcd.cli.extract import add_model_arguments, add_procedure_arguments, add_runtime_arguments
+from cfcd.cli.extract import add_model_arguments, add_procedure_arguments, add_runtime_arguments, add_whitening_arguments
 
 SHORT_NAMES = {"roxford5k": "ROxf", "rparis6k": "RPar", "oxford5k": "Oxf", "paris6k": "Par"}
 
@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--distractors", nargs="+", default=[], metavar="STORE", help="R1M distractor store(s) from cfcd extract")
     g.add_argument("--out", default=None, help="directory for the stores and benchmark.json (default runs/benchmark/<model>-<dataset>)")
     add_procedure_arguments(parser)
+    add_whitening_arguments(parser)
     add_runtime_arguments(parser)
 
 
@@ -49,34 +50,22 @@ def _settings_key(meta: dict) -> dict | None:
     return {"model": model, "options": options}
 
 
-def _check_distractors(paths: list[str], reference_meta: dict) -> None:
-    from cfcd.errors import InputError
-    from cfcd.features import open_store
+def _check_distractors(paths: list[str], database) -> None:
+    from cfcd.features import check_compatible, open_store
 
-    ours = _settings_key(reference_meta)
     for path in paths:
-        store = open_store(path)
-        theirs = _settings_key(store.meta)
-        if theirs is None:
-            continue  # a plain .npy or a foreign store: nothing to compare
-        if theirs != ours:
-            diff = [k for k in ("model", "options") if theirs.get(k) != ours.get(k)]
-            detail = []
-            if "model" in diff:
-                detail.append("model or weights differ (state hash)")
-            if "options" in diff:
-                a, b = theirs.get("options") or {}, ours.get("options") or {}
-                detail += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            raise InputError(f"{path}: distractors were extracted with other settings ({'; '.join(detail[:4])})")
+        check_compatible(database, open_store(path))
 
 
 def format_row(model: str, dataset: str, plain, with_distractors) -> str:
+    from cfcd.evaluation import format_percent
+
     short = SHORT_NAMES.get(dataset, dataset)
 
     def cell(result, setup: str) -> str:
-        if result is None or setup not in result.setups:
-            return "-"
-        return f"{result.setups[setup].mAP * 100:.2f}"
+        # the evaluation table's placeholder for a missing value, here too
+        value = result.setups[setup].mAP if result is not None and setup in result.setups else float("nan")
+        return format_percent(value).strip()
 
     head = ["model", f"{short}-M", "+1M", f"{short}-H", "+1M"]
     row = [model, cell(plain, "medium"), cell(with_distractors, "medium"), cell(plain, "hard"), cell(with_distractors, "hard")]
@@ -86,7 +75,7 @@ def format_row(model: str, dataset: str, plain, with_distractors) -> str:
 
 
 def run(args) -> int:
-    from cfcd.cli.extract import build_options, create_model, resolve_device
+    from cfcd.cli.extract import build_options, create_model, resolve_device, resolve_whitening_arguments
     from cfcd.data.gnd import find_gnd, load_gnd
     from cfcd.data.lists import gnd_image_list
     from cfcd.evaluation import evaluate_files
@@ -97,6 +86,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     options = build_options(args, device=device)
     out = Path(args.out) if args.out else Path("runs") / "benchmark" / f"{args.model}-{gnd.dataset}"
+    whitening = resolve_whitening_arguments(args, args.weights)
     model = create_model(args.model, args.weights)
     gnd_meta = {"gnd": {"dataset": gnd.dataset, "path": str(gnd.path), "sha256": gnd.sha256}}
 
@@ -118,7 +108,7 @@ def run(args) -> int:
         print(f"{part}: {len(summary.store.descriptors)} descriptors in {out / part}"
               + (f" ({summary.count} new, {summary.images_per_second:.1f} img/s)" if summary.count else " (already complete)"))
 
-    plain, protocol = evaluate_files(gnd=gnd, queries=out / "queries", database=out / "database")
+    plain, protocol = evaluate_files(gnd=gnd, queries=out / "queries", database=out / "database", whiten=whitening)
     report = {
         "model": args.model,
         "weights": args.weights,
@@ -127,9 +117,10 @@ def run(args) -> int:
     }
     with_distractors = None
     if args.distractors:
-        _check_distractors(args.distractors, stores["database"].meta)
+        _check_distractors(args.distractors, stores["database"])
         with_distractors, protocol_1m = evaluate_files(
-            gnd=gnd, queries=out / "queries", database=out / "database", distractors=args.distractors
+            gnd=gnd, queries=out / "queries", database=out / "database", distractors=args.distractors,
+            whiten=whitening,
         )
         report["with_distractors"] = with_distractors.to_dict(protocol_1m)
     row = format_row(args.model, gnd.dataset, plain, with_distractors)

@@ -56,15 +56,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--distractors", type=Path, nargs="+", default=[], metavar="PATH",
                    help="distractor descriptors (e.g. R1M; several shards allowed), appended as negatives")
     p = parser.add_argument_group("post-processing")
-    p.add_argument("--whiten", type=Path, default=None, help="whitening file from `cfcd whiten` (applied to all)")
+    p.add_argument("--whiten", default=None, metavar="FILE_OR_NAME",
+                   help="whitening file from `cfcd whiten` (applied to all), or the NAME of one that `cfcd convert` "
+                        "stored beside the weights the queries were extracted with (dirtorch: Landmarks_clean)")
+    p.add_argument("--whiten-power", type=float, default=None, metavar="P",
+                   help="PCA eigenvalue power (dirtorch --whitenp, 0.25 for its README rows; default: the file's)")
     p.add_argument("--qe", nargs=2, type=float, metavar=("K", "ALPHA"), default=None, help="alpha query expansion")
     p.add_argument("--dba", nargs=2, type=float, metavar=("K", "ALPHA"), default=None, help="database augmentation")
     o = parser.add_argument_group("output")
     o.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the JSON report here (atomic)")
     o.add_argument("--kappas", type=_positive_int, nargs="+", default=[1, 5, 10], help="k of mP@k (default 1 5 10)")
+    o.add_argument("--metrics", nargs="+", default=None, metavar="NAME",
+                   help="metrics to report instead: mAP, mP@k, mAP@k (GLDv2 retrieval: mAP@100); "
+                        "default: the dataset's, else mAP and mP@k for --kappas")
     o.add_argument("--per-query", action="store_true", help="also print every query's AP (Easy/Medium/Hard)")
     o.add_argument("--threads", type=_positive_int, default=None, help="worker threads (default: all cores)")
     o.add_argument("--chunk-rows", type=_positive_int, default=None, help="database rows scored at a time")
+
+
+def _whitening(args):
+    from cfcd.cli.extract import resolve_whitening_arguments
+
+    weights = None
+    if args.whiten is not None and not Path(args.whiten).suffix:
+        from cfcd.features import is_store, open_store
+
+        if is_store(args.queries):  # a NAME is looked up beside the weights the stores came from
+            weights = open_store(args.queries).meta.get("weights")
+    return resolve_whitening_arguments(args, weights)
 
 
 def _check_qe(value, flag: str):
@@ -79,6 +98,7 @@ def _check_qe(value, flag: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    from cfcd.data.benchmarks import DATASETS
     from cfcd.data.gnd import find_gnd, load_gnd
     from cfcd.errors import InputError
     from cfcd.evaluation import evaluate_files
@@ -86,8 +106,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.gnd is None and not args.dataset:
         raise InputError("--root needs --dataset (e.g. --dataset roxford5k)")
-    path = args.gnd if args.gnd is not None else find_gnd(args.dataset, args.root)
-    gnd = load_gnd(path, args.dataset)
+    dataset = DATASETS.get(args.dataset.lower()) if args.gnd is None and args.dataset else None
+    if dataset is not None:  # a registered benchmark reads its own ground truth
+        gnd = dataset.ground_truth(args.root)
+    else:
+        gnd = load_gnd(args.gnd if args.gnd is not None else find_gnd(args.dataset, args.root), args.dataset)
     if args.threads:
         _limit_blas_threads(args.threads)
     result, protocol = evaluate_files(
@@ -95,10 +118,12 @@ def run(args: argparse.Namespace) -> int:
         queries=args.queries,
         database=args.database,
         distractors=args.distractors,
-        whiten=args.whiten,
+        whiten=_whitening(args),
         qe=_check_qe(args.qe, "--qe"),
         dba=_check_qe(args.dba, "--dba"),
+        setups=dataset.setups if dataset is not None else None,
         kappas=args.kappas,
+        metrics=args.metrics or (dataset.metrics if dataset is not None else None),
         chunk_rows=args.chunk_rows,
         num_threads=args.threads,
     )
@@ -116,11 +141,12 @@ def _per_query_table(result) -> str:
     names = list(result.setups)
     ids = result.query_ids or [str(i) for i in range(result.num_queries)]
     width = max(len("query"), *(len(i) for i in ids))
-    lines = [f"{'query':<{width}}" + "".join(f"{'AP ' + n:>12}" for n in names)]
+    first = {n: result.setups[n].metrics[0] for n in names}  # AP unless --metrics says otherwise
+    lines = [f"{'query':<{width}}" + "".join(f"{first[n].query_name + ' ' + n:>12}" for n in names)]
     for q, qid in enumerate(ids):
         cells = []
         for n in names:
-            ap = result.setups[n].aps[q]
+            ap = result.setups[n].per_query[first[n].name][q]
             cells.append(f"{'-':>12}" if ap != ap else f"{ap * 100:>12.2f}")
         lines.append(f"{qid:<{width}}" + "".join(cells))
     return "\n".join(lines)

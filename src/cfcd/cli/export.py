@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input size (default: the model's native size, else 512 512)")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the example input (default 1)")
     parser.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, default=17,
+                        help="ONNX opset version of the exported graph (default 17; onnxruntime >= 1.14 runs it)")
     parser.add_argument("--format", default="auto", help="force the checkpoint format (default: auto-detect)")
     parser.add_argument("--non-strict", action="store_true", help="load only the matching tensors of --weights")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")

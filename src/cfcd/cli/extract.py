@@ -21,8 +21,12 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", required=True, help="registry name (cfcd_r50, cfcd_r101, dolg_r50, gem_r101, gem_efficientnet_lite0, ...)")
-    g.add_argument("--weights", default=None, help="weights file (safetensors, or an official .pyth/.pt checkpoint)")
+    g.add_argument("--model", required=True,
+                   help="registry name (cfcd_r50, cfcd_r101, dolg_r50, gem_r101, ...; 'cfcd models' lists them); "
+                   "gem_efficientnet_lite0/1/2 have embedded ImageNet weights (the package default is gem_efficientnet_lite2)")
+    g.add_argument("--weights", default=None,
+                   help="weights file or 'cfcd convert' directory (safetensors, or an official .pyth/.pt checkpoint); "
+                   "required unless the model has embedded weights; 'random' for a random initialisation")
 
 
 def add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,13 +35,15 @@ def add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--scales",
         default="cfcd",
-        help="preset (cfcd: 0.3535 0.5 0.7071 1 1.4142, mean; cirtorch: 1 0.7071 0.5; dirtorch: 1 0.7071, "
-        "power 3; single) or numbers such as '1 0.7071 0.5' (default: cfcd)",
+        help="preset (cfcd: 0.3535 0.5 0.7071 1 1.4142, mean; cirtorch: 1 0.7071 0.5; dirtorch: longer side 1024 and "
+        "724 with Pillow, sympow 3; dirtorch_relative; single) or numbers such as '1 0.7071 0.5' (default: cfcd; "
+        "docs/peers.md says what each reproduces)",
     )
+    g.add_argument("--flip", action="store_true", help="also describe every scale horizontally flipped (averaged)")
     g.add_argument("--power", type=float, default=None, help="combine scales with the generalised mean of this power (cirtorch msp)")
     g.add_argument(
         "--size-rule",
-        choices=["round", "half_up", "scale_factor"],
+        choices=["round", "half_up", "scale_factor", "largest"],
         default=None,
         help="target size of a scale: round(h*s) (cfcd), int(0.5+h*s) (dirtorch), floor via scale_factor (cirtorch)",
     )
@@ -56,6 +62,28 @@ def add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels, before decoding (default 100M; 0: no cap)")
 
 
+def add_whitening_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("whitening")
+    g.add_argument("--whiten", default=None, metavar="FILE_OR_NAME",
+                   help="apply a whitening: a file from `cfcd whiten`, or the NAME of one that `cfcd convert` "
+                        "stored beside --weights (dirtorch: Landmarks_clean)")
+    g.add_argument("--whiten-power", type=float, default=None, metavar="P",
+                   help="PCA eigenvalue power (dirtorch --whitenp; its README rows use 0.25; default: the file's)")
+
+
+def resolve_whitening_arguments(args, weights=None):
+    """The Whitening that --whiten/--whiten-power ask for, or None."""
+    from cfcd.errors import InputError
+
+    if args.whiten is None:
+        if args.whiten_power is not None:
+            raise InputError("--whiten-power needs --whiten FILE_OR_NAME")
+        return None
+    from cfcd.postprocess import resolve_whitening
+
+    return resolve_whitening(args.whiten, power=args.whiten_power, weights=weights)
+
+
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -63,7 +91,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                    help="images per batch (same-size images are batched); default 16 on CUDA, 1 on the CPU")
     g.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help=f"decoding processes (default {DEFAULT_WORKERS})")
     g.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="descriptor dtype in the store")
-    g.add_argument("--shard-size", type=int, default=1024, help="rows per resumable shard")
+    g.add_argument("--shard-size", type=int, default=1024, help="rows per resumable shard (default 1024)")
+    g.add_argument("--flush-seconds", type=float, default=30.0,
+                   help="also write a shard at least this often, so a killed job loses at most this much "
+                   "work (default 30; 0: after every batch)")
     g.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: no cuDNN autotuning (for collections where every image has its own size)")
     g.add_argument("--overwrite", action="store_true", help="replace a complete store with other settings")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,6 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--id-rule", choices=["stem", "path"], default="stem", help="ids: relative path without (stem) or with extension")
     parser.add_argument("--out", required=True, help="output descriptor store directory")
     add_procedure_arguments(parser)
+    add_whitening_arguments(parser)
     add_runtime_arguments(parser)
 
 
@@ -91,7 +123,7 @@ def build_options(args, *, device: str):
     from cfcd.data.images import DEFAULT_MAX_PIXELS
     from cfcd.extract import ExtractOptions, parse_scales
 
-    recipe = parse_scales(args.scales, power=args.power, size_rule=args.size_rule)
+    recipe = parse_scales(args.scales, power=args.power, size_rule=args.size_rule, flip=getattr(args, "flip", False))
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (None if args.max_pixels <= 0 else args.max_pixels)
     return ExtractOptions(
         scales=recipe,
@@ -107,6 +139,7 @@ def build_options(args, *, device: str):
         workers=args.workers,
         dtype=args.dtype,
         shard_size=args.shard_size,
+        flush_seconds=args.flush_seconds,
         stop_after=args.stop_after,
         cudnn_benchmark=not args.no_cudnn_benchmark,
         progress=not args.no_progress,
@@ -132,7 +165,12 @@ def create_model(name: str, weights: str | None):
     from cfcd.errors import InputError
 
     cfcd.models.get_entry(name)  # unknown names fail here, before any weights are read; gem_<timm name> works
-    if weights is not None and not os.path.exists(weights):
+    if weights == cfcd.models.RANDOM_WEIGHTS:
+        import sys
+
+        print(f"warning: {name} with RANDOM weights (--weights random): the descriptors are not meaningful "
+              "for retrieval", file=sys.stderr)
+    elif weights is not None and not os.path.exists(weights):
         raise InputError(f"{weights}: weights file or converted weights directory not found")
     return cfcd.models.create(name, weights=weights)
 
@@ -179,11 +217,14 @@ def run(args) -> int:
     else:
         image_list = read_image_list(args.images, root=args.root, id_rule=args.id_rule)
         extra = None
+    whitening = resolve_whitening_arguments(args, args.weights)  # fails before any extraction
     model = create_model(args.model, args.weights)
+    # with --whiten the raw descriptors go to OUT.unwhitened (resumable), the whitened ones to OUT
+    raw_out = args.out if whitening is None else str(args.out).rstrip("/\\") + ".unwhitened"
     summary = extract_to_store(
         model,
         image_list,
-        args.out,
+        raw_out,
         options,
         weights=args.weights,
         queries=args.queries,
@@ -193,5 +234,11 @@ def run(args) -> int:
     if summary.stopped:
         return 3
     if int(os.environ.get("RANK", "0")) == 0:
-        print(format_summary(summary, args.out))
+        print(format_summary(summary, raw_out))
+        if whitening is not None:
+            from cfcd.postprocess import whiten_store
+
+            out = whiten_store(raw_out, args.out, whitening)
+            print(f"{args.out}: whitened ({whitening.kind}, power {whitening.info.get('whitenp', '-')}, "
+                  f"{whitening.input_dim} -> {out.dim}) from {raw_out}")
     return 0

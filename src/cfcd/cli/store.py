@@ -55,6 +55,12 @@ def _info(args) -> int:
         print(json.dumps(summary, indent=2, default=str))
         return 0
     print(f"store:          {summary['path']}")
+    if not summary.get("complete") and summary.get("failed"):
+        print("status:         FAILED (every image failed; a rerun retries them all: fix the inputs first)")
+        for f in summary.get("first_failures", []):
+            print(f"  {f.get('id')}: {f.get('reason')}")
+        print(f"failures:       {summary['failures']}")
+        return 1
     if not summary.get("complete"):
         print("status:         INCOMPLETE (job running or killed; rerun it to resume)")
         print(f"written:        {summary['rows_written']} rows in {summary['shards']} shards, parts: "

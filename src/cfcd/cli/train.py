@@ -71,11 +71,15 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"unknown action {words[0]!r}: expected one of {', '.join(ACTIONS)} or key=value overrides")
 
     if action == "recipes":
-        from cfcd.train.config import CONFIGS_DIR
+        import textwrap
+
+        from cfcd.train.config import CONFIGS_DIR, recipe_summary
 
         for p in sorted(CONFIGS_DIR.glob("*.yaml")):
-            first = next((ln[1:].strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
-            print(f"{p.stem:<22} {first}")
+            lines = textwrap.wrap(recipe_summary(p), width=100) or [""]
+            print(f"{p.stem:<26} {lines[0]}")
+            for line in lines[1:]:
+                print(f"{'':<26} {line}")
         return 0
 
     if action == "make-list":

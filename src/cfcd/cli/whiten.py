@@ -8,6 +8,8 @@ Apply:  cfcd whiten --apply pca.safetensors --store DB --out DB_WHITENED
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 
 
@@ -77,8 +79,8 @@ def _read_pairs(path: Path, ids: list[str] | None) -> tuple[list[int], list[int]
 
 def _learn(args) -> int:
     from cfcd.errors import InputError
-    from cfcd.features import load_descriptors
-    from cfcd.postprocess import learn_lw, learn_pca_whitening
+    from cfcd.features import _meta_get, load_descriptors
+    from cfcd.postprocess import DegenerateWhiteningWarning, learn_lw, learn_pca_whitening
     from cfcd.utils.io import sha256_file
 
     store = load_descriptors(args.store, role="whitening training descriptors", dtype=None)
@@ -90,7 +92,11 @@ def _learn(args) -> int:
         if args.pairs is None:
             raise InputError("--kind lw needs --pairs (matching image pairs)")
         q, p = _read_pairs(args.pairs, store.ids)
-        w = learn_lw(store.descriptors, q, p, dim=args.dim)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DegenerateWhiteningWarning)
+            w = learn_lw(store.descriptors, q, p, dim=args.dim)
+        for warning in caught:
+            print(f"cfcd whiten: warning: {warning.message}", file=sys.stderr)
     data_file = store.path / "descriptors.npy" if store.path.is_dir() else store.path
     w.info["fitted_on"] = {
         "path": str(store.path),
@@ -99,6 +105,7 @@ def _learn(args) -> int:
         "descriptors_sha256": sha256_file(data_file),
         "model": store.meta.get("model"),
         "weights_sha256": store.meta.get("weights_sha256"),
+        "state_sha256": _meta_get(store.meta, "extract.settings.model.state_sha256"),
     }
     if args.pairs is not None:
         w.info["pairs_file"] = str(args.pairs)
@@ -111,13 +118,18 @@ def _learn(args) -> int:
 
 def _apply(args) -> int:
     from cfcd.errors import InputError
-    from cfcd.features import load_descriptors, transform_store
+    from cfcd.features import _meta_get, check_compatible, load_descriptors, transform_store
     from cfcd.postprocess import load_whitening
 
     w = load_whitening(args.apply)
     store = load_descriptors(args.store, expected_dim=w.input_dim, role="descriptors to whiten", dtype=None)
     if store.ids is None:
         raise InputError(f"{store.path}: a plain .npy has no ids; whitening writes a store (use a store input)")
+    fitted = (w.info or {}).get("fitted_on") or {}
+    if fitted:  # learned on a store: apply it only to descriptors of the same embedding space
+        space = {"model": fitted.get("model"), "weights_sha256": fitted.get("weights_sha256"),
+                 "extract": {"settings": {"model": {"state_sha256": fitted.get("state_sha256")}}}}
+        check_compatible((f"{args.apply} (learned on {fitted.get('path')})", space), store)
     if "whitening" in store.meta:
         raise InputError(f"{store.path}: already whitened ({store.meta['whitening']}); refusing to whiten twice")
     meta = {k: v for k, v in store.meta.items() if k not in ("count", "dim", "dtype", "created")}

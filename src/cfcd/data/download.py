@@ -205,139 +205,50 @@ def download_file(
     """
     dest = Path(dest)
     if dest.exists():
-        size = dest.stat().st_size
-        sha = sha256_file(dest)
-        try:
-            _check_expected(dest, size, sha, expected_size=expected_size,
-                            expected_sha256=expected_sha256, url=url)
-        except DownloadError as exc:
-            raise DownloadError(f"{dest} already exists but does not match the expected file ({exc}); "
-                                "delete it to download it again") from None
-        return DownloadResult(dest, size, sha, url, skipped=True, attempts=0)
-
+        return _already_downloaded(dest, url, expected_size=expected_size, expected_sha256=expected_sha256)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    sidecar = dest.with_name(dest.name + ".part.json")
-    state = _read_sidecar(sidecar) if part.exists() else {}
-    if not part.exists():
-        with contextlib.suppress(FileNotFoundError):
-            sidecar.unlink()
-
-    resumed = restarted = False
+    transfer = _Transfer(url, dest, expected_size, expected_sha256, timeout=timeout, chunk_size=chunk_size,
+                         progress=progress, desc=desc or dest.name)
     attempts = 0
     failures = 0
     restarts_after_mismatch = 0
     last_error: BaseException | None = None
-
     while True:
         if attempts >= MAX_TOTAL_ATTEMPTS:
             raise DownloadError(f"{url}: gave up after {attempts} attempts (last error: {last_error})")
         attempts += 1
-        offset = part.stat().st_size if part.exists() else 0
-        progressed = False
+        offset = transfer.part.stat().st_size if transfer.part.exists() else 0
+        transfer.progressed = False
         try:
-            headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-            if offset > 0:
-                headers["Range"] = f"bytes={offset}-"
-                validator = state.get("etag") or state.get("last_modified")
-                if validator:
-                    headers["If-Range"] = validator
-            request = urllib.request.Request(url, headers=headers)
             try:
-                response = urllib.request.urlopen(request, timeout=timeout)
-            except urllib.error.HTTPError as exc:
-                if exc.code == 416 and offset > 0:
-                    exc.close()
-                    total = state.get("total")
-                    if total is not None and offset == total:
-                        break  # the .part was already complete; checked below
-                    # Stale or over-long .part: start again from zero.
-                    part.unlink()
-                    state = {}
-                    restarted = True
-                    continue
-                if exc.code in RETRY_STATUSES:
-                    raise _TransientError(f"HTTP {exc.code} {exc.reason}") from exc
-                raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
-
-            with response:
-                status = response.status or 200  # file:// responses carry no status
-                if status == 206 and offset > 0 and _range_start(response) == offset:
-                    mode = "ab"
-                    digest = _hash_prefix(part, offset)
-                    resumed = True
-                elif status in (200, 206):
-                    if offset > 0:
-                        restarted = True  # Range ignored, or the file changed (If-Range)
-                    offset = 0
-                    mode = "wb"
-                    digest = hashlib.sha256()
-                else:
-                    raise DownloadError(f"{url}: unexpected HTTP status {status}")
-                total = _announced_total(response, offset)
-                new_state = {
-                    "url": url,
-                    "total": total,
-                    "etag": response.headers.get("ETag"),
-                    "last_modified": response.headers.get("Last-Modified"),
-                }
-                if mode == "wb" or new_state != state:
-                    state = new_state
-                    atomic_write_json(sidecar, state)
-                if expected_size is not None and total is not None and total != expected_size:
-                    raise DownloadError(
-                        f"{url}: the server announces {total} bytes but {expected_size} are expected"
-                    )
-                if total is not None:
-                    _check_free_space(part.parent, total - offset, url)
-                written = offset
-                bar = _progress_bar(progress, total, offset, desc or dest.name)
-                try:
-                    with open(part, mode) as handle:
-                        while True:
-                            block = response.read(chunk_size)
-                            if not block:
-                                break
-                            handle.write(block)
-                            digest.update(block)
-                            written += len(block)
-                            progressed = True
-                            bar.update(len(block))
-                        handle.flush()
-                        os.fsync(handle.fileno())
-                finally:
-                    bar.close()
-                if total is not None and written < total:
-                    raise _TransientError(f"connection closed after {written} of {total} bytes")
-                if total is not None and written > total:
-                    raise DownloadError(f"{url}: received {written} bytes, more than the announced {total}")
-            size = written
-            sha = digest.hexdigest()
+                response = transfer.open(offset)
+            except _Restart:
+                continue
+            if response is None:  # the .part holds the whole file already
+                size, sha = transfer.part.stat().st_size, sha256_file(transfer.part)
+                _check_expected(transfer.part, size, sha, expected_size=expected_size,
+                                expected_sha256=expected_sha256, url=url)
+                return transfer.commit(size, sha, attempts, resumed=True)
+            size, sha = transfer.receive(response, offset)
             try:
-                _check_expected(part, size, sha, expected_size=expected_size,
+                _check_expected(transfer.part, size, sha, expected_size=expected_size,
                                 expected_sha256=expected_sha256, url=url)
             except DownloadError:
                 # A resumed file may have a stale head: one clean restart before giving up.
-                if resumed and restarts_after_mismatch == 0:
+                if transfer.resumed and restarts_after_mismatch == 0:
                     restarts_after_mismatch += 1
-                    part.unlink()
-                    state = {}
-                    resumed, restarted = False, True
+                    transfer.start_over()
+                    transfer.resumed = False
                     continue
-                part.unlink()
-                with contextlib.suppress(FileNotFoundError):
-                    sidecar.unlink()
+                transfer.discard()
                 raise
-            os.replace(part, dest)
-            with contextlib.suppress(FileNotFoundError):
-                sidecar.unlink()
-            return DownloadResult(dest, size, sha, url, resumed=resumed, restarted=restarted,
-                                  attempts=attempts)
+            return transfer.commit(size, sha, attempts)
         except (_TransientError, urllib.error.URLError, http.client.HTTPException,
                 ConnectionError, TimeoutError) as exc:
             last_error = exc
-            failures = 1 if progressed else failures + 1
+            failures = 1 if transfer.progressed else failures + 1
             if failures > retries:
+                part = transfer.part
                 raise DownloadError(
                     f"{url}: download failed after {attempts} attempts: {exc}; "
                     f"the {part.stat().st_size if part.exists() else 0} bytes already received are kept "
@@ -347,14 +258,145 @@ def download_file(
             if delay > 0:
                 sleep(delay)
 
-    # Reached only from the 416 branch: the .part holds the whole file already.
-    size = part.stat().st_size
-    sha = sha256_file(part)
-    _check_expected(part, size, sha, expected_size=expected_size, expected_sha256=expected_sha256, url=url)
-    os.replace(part, dest)
-    with contextlib.suppress(FileNotFoundError):
-        sidecar.unlink()
-    return DownloadResult(dest, size, sha, url, resumed=True, restarted=restarted, attempts=attempts)
+
+def _already_downloaded(dest: Path, url: str, *, expected_size: int | None,
+                        expected_sha256: str | None) -> DownloadResult:
+    """An existing ``dest`` is not downloaded again, only checked against the expected values."""
+    size = dest.stat().st_size
+    sha = sha256_file(dest)
+    try:
+        _check_expected(dest, size, sha, expected_size=expected_size, expected_sha256=expected_sha256, url=url)
+    except DownloadError as exc:
+        raise DownloadError(f"{dest} already exists but does not match the expected file ({exc}); "
+                            "delete it to download it again") from None
+    return DownloadResult(dest, size, sha, url, skipped=True, attempts=0)
+
+
+class _Restart(Exception):
+    """The ``.part`` was stale and is gone: the next attempt starts from zero."""
+
+
+class _Transfer:
+    """One file's download across attempts: ``<dest>.part``, its sidecar ``<dest>.part.json`` (the
+    server's validators, so a resume only appends to the same file) and what happened so far."""
+
+    def __init__(self, url: str, dest: Path, expected_size: int | None, expected_sha256: str | None, *,
+                 timeout: float, chunk_size: int, progress: bool, desc: str) -> None:
+        self.url, self.dest = url, dest
+        self.expected_size, self.expected_sha256 = expected_size, expected_sha256
+        self.timeout, self.chunk_size, self.progress, self.desc = timeout, chunk_size, progress, desc
+        self.part = dest.with_name(dest.name + ".part")
+        self.sidecar = dest.with_name(dest.name + ".part.json")
+        self.state = _read_sidecar(self.sidecar) if self.part.exists() else {}
+        if not self.part.exists():
+            with contextlib.suppress(FileNotFoundError):
+                self.sidecar.unlink()
+        self.resumed = self.restarted = False
+        self.progressed = False  # the current attempt received bytes
+
+    def start_over(self) -> None:
+        self.part.unlink()
+        self.state = {}
+        self.restarted = True
+
+    def discard(self) -> None:
+        self.part.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.sidecar.unlink()
+
+    def open(self, offset: int):
+        """The response for the bytes from ``offset`` on; None when the ``.part`` is already whole
+        (HTTP 416 at its end). Raises :class:`_Restart` after dropping a stale ``.part``."""
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        if offset > 0:
+            headers["Range"] = f"bytes={offset}-"
+            validator = self.state.get("etag") or self.state.get("last_modified")
+            if validator:
+                headers["If-Range"] = validator
+        request = urllib.request.Request(self.url, headers=headers)
+        try:
+            return urllib.request.urlopen(request, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and offset > 0:
+                exc.close()
+                total = self.state.get("total")
+                if total is not None and offset == total:
+                    return None
+                self.start_over()  # stale or over-long .part
+                raise _Restart from None
+            if exc.code in RETRY_STATUSES:
+                raise _TransientError(f"HTTP {exc.code} {exc.reason}") from exc
+            raise DownloadError(f"{self.url}: HTTP {exc.code} {exc.reason}") from exc
+
+    def receive(self, response, offset: int) -> tuple[int, str]:
+        """Append (resume) or write the body into the ``.part``: ``(size, sha256)`` of the whole file."""
+        with response:
+            status = response.status or 200  # file:// responses carry no status
+            if status == 206 and offset > 0 and _range_start(response) == offset:
+                mode = "ab"
+                digest = _hash_prefix(self.part, offset)
+                self.resumed = True
+            elif status in (200, 206):
+                if offset > 0:
+                    self.restarted = True  # Range ignored, or the file changed (If-Range)
+                offset = 0
+                mode = "wb"
+                digest = hashlib.sha256()
+            else:
+                raise DownloadError(f"{self.url}: unexpected HTTP status {status}")
+            total = _announced_total(response, offset)
+            self._record_server_state(response, total, fresh=mode == "wb")
+            if self.expected_size is not None and total is not None and total != self.expected_size:
+                raise DownloadError(
+                    f"{self.url}: the server announces {total} bytes but {self.expected_size} are expected"
+                )
+            if total is not None:
+                _check_free_space(self.part.parent, total - offset, self.url)
+            written = self._copy_body(response, mode, digest, offset, total)
+            if total is not None and written < total:
+                raise _TransientError(f"connection closed after {written} of {total} bytes")
+            if total is not None and written > total:
+                raise DownloadError(f"{self.url}: received {written} bytes, more than the announced {total}")
+        return written, digest.hexdigest()
+
+    def _record_server_state(self, response, total: int | None, *, fresh: bool) -> None:
+        new_state = {
+            "url": self.url,
+            "total": total,
+            "etag": response.headers.get("ETag"),
+            "last_modified": response.headers.get("Last-Modified"),
+        }
+        if fresh or new_state != self.state:
+            self.state = new_state
+            atomic_write_json(self.sidecar, self.state)
+
+    def _copy_body(self, response, mode: str, digest, offset: int, total: int | None) -> int:
+        written = offset
+        bar = _progress_bar(self.progress, total, offset, self.desc)
+        try:
+            with open(self.part, mode) as handle:
+                while True:
+                    block = response.read(self.chunk_size)
+                    if not block:
+                        break
+                    handle.write(block)
+                    digest.update(block)
+                    written += len(block)
+                    self.progressed = True
+                    bar.update(len(block))
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            bar.close()
+        return written
+
+    def commit(self, size: int, sha: str, attempts: int, *, resumed: bool | None = None) -> DownloadResult:
+        """The checked ``.part`` becomes ``dest``."""
+        os.replace(self.part, self.dest)
+        with contextlib.suppress(FileNotFoundError):
+            self.sidecar.unlink()
+        return DownloadResult(self.dest, size, sha, self.url, resumed=self.resumed if resumed is None else resumed,
+                              restarted=self.restarted, attempts=attempts)
 
 
 def _check_free_space(directory: Path, needed: int, url: str) -> None:

@@ -10,10 +10,11 @@ steps it has done (the sampler's state is two ints, ``epoch`` and ``step``).
 Items are yielded as ``(epoch, index)`` pairs; :class:`cfcd.data.training.TrainingDataset`
 uses the epoch to seed its augmentation.
 
-:class:`TupleBatchSampler` reproduces CFCD's ``DistributedTupleHEMSampler`` (spec §4.3) call
-for call -- the same tuples for the same seed -- with three fixes: it works on one process
-(the reference falls back to a plain shuffle there and silently breaks the tuples, spec §9.2),
-it uses its own ``random.Random`` instead of reseeding the global ``random`` module (§9.13),
+:class:`TupleBatchSampler` reproduces CFCD's ``DistributedTupleHEMSampler``
+(``datasets/distributed_tuple_hem_sampler.py`` lines 46-197) call for call -- the same tuples for
+the same seed -- with three fixes: it works on one process (the reference falls back to a plain
+shuffle there, ``datasets/loader.py`` lines 34-40, and silently breaks the tuples), it uses its
+own ``random.Random`` instead of reseeding the global ``random`` module (line 47),
 and it runs in O(log C) per tuple instead of O(C) list copies and removals.
 """
 
@@ -245,145 +246,173 @@ def build_tuples(labels: Sequence[int] | np.ndarray, num_tuples: int, *, seed: i
       tuple is retried.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    n_neg = tuple_size - 2
-    if n_neg < 1:
+    if tuple_size - 2 < 1:
         raise InputError(f"tuple size must be >= 3, got {tuple_size}")
-    rng = random.Random(seed)
-    # class order = first appearance in the list (the reference's dict order)
-    class_indices: dict[int, list[int]] = {}
-    for i, c in enumerate(labels.tolist()):
-        class_indices.setdefault(c, []).append(i)
-    classes = list(class_indices)
-    if not any(len(v) >= 2 for v in class_indices.values()):
-        raise InputError("tuple sampling needs at least one class with 2 images")
-    if len(classes) < 2:
-        raise InputError("tuple sampling needs at least two classes")
-    cpos = {c: k for k, c in enumerate(classes)}
-    hem = gt_pred is not None
-    if hem:
-        gt, pred = (np.asarray(a, dtype=np.int64) for a in gt_pred)
-        if gt.shape != labels.shape or pred.shape != labels.shape:
-            raise InputError("confusions must have one (gt, pred) per training sample")
-        if not np.array_equal(gt, labels):
-            raise InputError("confusions: the ground-truth column differs from the training labels")
-        gtl, predl = gt.tolist(), pred.tolist()
-        tpfp_order: dict[int, None] = {}
-        for g, q in zip(gtl, predl):
-            tpfp_order.setdefault(g, None)
-            tpfp_order.setdefault(q, None)
-
-    def pop_live(lst: list[int]) -> int:
-        while used[lst[-1]]:
-            lst.pop()
-        return lst.pop()
-
-    def take(i: int) -> None:
-        """Mark image i used: remove it from its class pool and its TP/FP list."""
-        used[i] = 1
-        c = int(labels[i])
-        count[c] -= 1
-        if hem:
-            if gtl[i] == predl[i]:
-                ntp[c] -= 1
-            else:
-                nfp[predl[i]] -= 1
-
-    def after_take(c: int) -> None:
-        """Drop class c from the live / anchor sets once it runs low."""
-        if count[c] == 0:
-            live.remove(cpos[c])
-        if count[c] < 2:
-            anchor.remove(cpos[c])
-
+    builder = _TupleBuilder(labels, random.Random(seed), tuple_size - 2, gt_pred)
     out = np.empty((num_tuples, tuple_size), dtype=np.int64)
     made = 0
-    used = bytearray(len(labels))
-    need_reset = True
     failures = 0
     while made < num_tuples:
-        if need_reset or anchor.count == 0:
-            need_reset = False
-            used = bytearray(len(labels))
-            pools = {c: list(v) for c, v in class_indices.items()}
-            count = {}
-            for c, v in pools.items():
-                rng.shuffle(v)
-                count[c] = len(v)
-            live = _Fenwick([True] * len(classes))
-            anchor = _Fenwick([count[c] >= 2 for c in classes])
-            if hem:
-                tp: dict[int, list[int]] = {c: [] for c in tpfp_order}
-                fp: dict[int, list[int]] = {c: [] for c in tpfp_order}
-                for i, (g, q) in enumerate(zip(gtl, predl)):
-                    (tp[g] if g == q else fp[q]).append(i)
-                ntp = {c: len(v) for c, v in tp.items()}
-                nfp = {c: len(v) for c, v in fp.items()}
-                for c in tpfp_order:  # the reference shuffles TP then FP, class by class
-                    rng.shuffle(tp[c])
-                    rng.shuffle(fp[c])
-
-        c = classes[anchor.kth(rng.choice(range(anchor.count)))]
-        a = pop_live(pools[c])
-        take(a)
-        if hem and gtl[a] != predl[a]:
-            a_is_tp = False
-            if ntp[c]:
-                p = pop_live(tp[c])
-            else:
-                p = pop_live(pools[c])
-        else:
-            a_is_tp = True
-            p = pop_live(pools[c])
-        take(p)
-        length_c = count[c]
-        after_take(c)
-
-        ns: list[int] = []
-        if hem:
-            c_conf = predl[a]
-            for _ in range(n_neg):
-                n = None
-                if a_is_tp:
-                    if rng.random() < 0.5 and nfp[c]:
-                        n = pop_live(fp[c])
-                else:
-                    if rng.random() < 0.33 and nfp[c]:
-                        n = pop_live(fp[c])
-                    elif rng.random() < 0.5 and c_conf in cpos and count[c_conf] > 0:
-                        n = pop_live(pools[c_conf])
-                if n is not None:
-                    ns.append(n)
-                    take(n)
-                    after_take(int(labels[n]))
-        view = _AliveView(live, classes, cpos[c] if length_c else None)
-        if len(view) > n_neg:
-            cand = rng.sample(view, n_neg)
-        else:
-            cand = list(view)
-        while len(ns) < n_neg and cand:
-            nxt = []
-            for nc in cand:
-                n = pop_live(pools[nc])
-                ns.append(n)
-                take(n)
-                after_take(nc)
-                if count[nc]:
-                    nxt.append(nc)
-                if len(ns) >= n_neg:
-                    break
-            cand = nxt
-        if len(ns) != n_neg:
-            need_reset = True
+        if builder.need_reset or builder.anchor_classes.count == 0:
+            builder.reset()
+        tuple_ = builder.next_tuple()
+        if tuple_ is None:
+            builder.need_reset = True
             failures += 1
             if failures > 1000:  # the reference would loop forever here
                 raise InputError(f"cannot build tuples of {tuple_size}: too few images outside the anchor "
-                                 f"classes ({len(labels)} images in {len(classes)} classes)")
+                                 f"classes ({len(labels)} images in {len(builder.classes)} classes)")
             continue
         failures = 0
-        out[made, 0], out[made, 1] = a, p
-        out[made, 2:] = ns
+        out[made] = tuple_
         made += 1
     return out
+
+
+class _TupleBuilder:
+    """The state of :func:`build_tuples` between tuples: the shuffled per-class pools, which
+    images are used, the live and anchor classes (Fenwick trees) and, with confusions, the TP
+    and FP lists per class. Every random draw happens in the reference's order."""
+
+    def __init__(self, labels: np.ndarray, rng: random.Random, num_negatives: int,
+                 gt_pred: tuple[np.ndarray, np.ndarray] | None) -> None:
+        self.labels, self.rng, self.num_negatives = labels, rng, num_negatives
+        # class order = first appearance in the list (the reference's dict order)
+        self.class_indices: dict[int, list[int]] = {}
+        for i, c in enumerate(labels.tolist()):
+            self.class_indices.setdefault(c, []).append(i)
+        self.classes = list(self.class_indices)
+        if not any(len(v) >= 2 for v in self.class_indices.values()):
+            raise InputError("tuple sampling needs at least one class with 2 images")
+        if len(self.classes) < 2:
+            raise InputError("tuple sampling needs at least two classes")
+        self.class_position = {c: k for k, c in enumerate(self.classes)}
+        self.hem = gt_pred is not None
+        if self.hem:
+            gt, pred = (np.asarray(a, dtype=np.int64) for a in gt_pred)
+            if gt.shape != labels.shape or pred.shape != labels.shape:
+                raise InputError("confusions must have one (gt, pred) per training sample")
+            if not np.array_equal(gt, labels):
+                raise InputError("confusions: the ground-truth column differs from the training labels")
+            self.gt, self.pred = gt.tolist(), pred.tolist()
+            # the TP/FP lists' class order: first appearance as gt or pred (the reference's dicts)
+            self.confusion_classes: dict[int, None] = {}
+            for g, q in zip(self.gt, self.pred):
+                self.confusion_classes.setdefault(g, None)
+                self.confusion_classes.setdefault(q, None)
+        self.need_reset = True
+        self.used = bytearray(len(labels))
+
+    def reset(self) -> None:
+        """A new round: every image unused, pools reshuffled (class by class, then TP and FP)."""
+        rng = self.rng
+        self.need_reset = False
+        self.used = bytearray(len(self.labels))
+        self.pools = {c: list(v) for c, v in self.class_indices.items()}
+        self.count: dict[int, int] = {}
+        for c, v in self.pools.items():
+            rng.shuffle(v)
+            self.count[c] = len(v)
+        self.live_classes = _Fenwick([True] * len(self.classes))
+        self.anchor_classes = _Fenwick([self.count[c] >= 2 for c in self.classes])
+        if self.hem:
+            self.tp: dict[int, list[int]] = {c: [] for c in self.confusion_classes}
+            self.fp: dict[int, list[int]] = {c: [] for c in self.confusion_classes}
+            for i, (g, q) in enumerate(zip(self.gt, self.pred)):
+                (self.tp[g] if g == q else self.fp[q]).append(i)
+            self.tp_left = {c: len(v) for c, v in self.tp.items()}
+            self.fp_left = {c: len(v) for c, v in self.fp.items()}
+            for c in self.confusion_classes:  # the reference shuffles TP then FP, class by class
+                rng.shuffle(self.tp[c])
+                rng.shuffle(self.fp[c])
+
+    def pop_unused(self, images: list[int]) -> int:
+        while self.used[images[-1]]:
+            images.pop()
+        return images.pop()
+
+    def take(self, i: int) -> None:
+        """Mark image i used: remove it from its class pool and its TP/FP list."""
+        self.used[i] = 1
+        c = int(self.labels[i])
+        self.count[c] -= 1
+        if self.hem:
+            if self.gt[i] == self.pred[i]:
+                self.tp_left[c] -= 1
+            else:
+                self.fp_left[self.pred[i]] -= 1
+
+    def after_take(self, c: int) -> None:
+        """Drop class c from the live / anchor sets once it runs low."""
+        if self.count[c] == 0:
+            self.live_classes.remove(self.class_position[c])
+        if self.count[c] < 2:
+            self.anchor_classes.remove(self.class_position[c])
+
+    def next_tuple(self) -> list[int] | None:
+        """``[anchor, positive, negatives...]``, or None when the negatives ran out (reset and retry)."""
+        rng = self.rng
+        anchor_class = self.classes[self.anchor_classes.kth(rng.choice(range(self.anchor_classes.count)))]
+        anchor = self.pop_unused(self.pools[anchor_class])
+        self.take(anchor)
+        anchor_is_tp = not (self.hem and self.gt[anchor] != self.pred[anchor])
+        if not anchor_is_tp and self.tp_left[anchor_class]:
+            positive = self.pop_unused(self.tp[anchor_class])
+        else:
+            positive = self.pop_unused(self.pools[anchor_class])
+        self.take(positive)
+        anchor_class_left = self.count[anchor_class]
+        self.after_take(anchor_class)
+        negatives = self.hard_negatives(anchor_class, anchor, anchor_is_tp) if self.hem else []
+        self.random_negatives(anchor_class if anchor_class_left else None, negatives)
+        if len(negatives) != self.num_negatives:
+            return None
+        return [anchor, positive, *negatives]
+
+    def hard_negatives(self, anchor_class: int, anchor: int, anchor_is_tp: bool) -> list[int]:
+        """Per slot: an image confused into the anchor's class (p 0.5 for a TP anchor, 0.33 else),
+        elif (a misclassified anchor, fresh draw, p 0.5) an image of the class it was taken for."""
+        rng = self.rng
+        confused_class = self.pred[anchor]
+        negatives: list[int] = []
+        for _ in range(self.num_negatives):
+            n = None
+            if anchor_is_tp:
+                if rng.random() < 0.5 and self.fp_left[anchor_class]:
+                    n = self.pop_unused(self.fp[anchor_class])
+            else:
+                if rng.random() < 0.33 and self.fp_left[anchor_class]:
+                    n = self.pop_unused(self.fp[anchor_class])
+                elif (rng.random() < 0.5 and confused_class in self.class_position
+                      and self.count[confused_class] > 0):
+                    n = self.pop_unused(self.pools[confused_class])
+            if n is not None:
+                negatives.append(n)
+                self.take(n)
+                self.after_take(int(self.labels[n]))
+        return negatives
+
+    def random_negatives(self, excluded_class: int | None, negatives: list[int]) -> None:
+        """Fill the remaining slots with one image of each of up to that many random other classes
+        (``excluded_class``: the anchor's, while it has images), cycling over them if too few."""
+        view = _AliveView(self.live_classes, self.classes,
+                          self.class_position[excluded_class] if excluded_class is not None else None)
+        if len(view) > self.num_negatives:
+            candidate_classes = self.rng.sample(view, self.num_negatives)
+        else:
+            candidate_classes = list(view)
+        while len(negatives) < self.num_negatives and candidate_classes:
+            still_has_images = []
+            for nc in candidate_classes:
+                n = self.pop_unused(self.pools[nc])
+                negatives.append(n)
+                self.take(n)
+                self.after_take(nc)
+                if self.count[nc]:
+                    still_has_images.append(nc)
+                if len(negatives) >= self.num_negatives:
+                    break
+            candidate_classes = still_has_images
 
 
 class TupleBatchSampler(GlobalBatchSampler):

@@ -2,11 +2,12 @@
 
 A training list is a text file in the GLDv2 layout used by CFCD and DOLG: one ``path label``
 pair per line, the path relative to a ``--root`` directory and the label a contiguous class
-index ``0..C-1`` (spec §5.2). :func:`make_gldv2_lists` builds such lists from the official
+index ``0..C-1`` (CFCD ``datasets/commondataset.py``, ``datasets/data/landmark/train_list.txt``). :func:`make_gldv2_lists` builds such lists from the official
 ``train_clean.csv`` with a deterministic, seed-controlled train/val split written to disk
 (the original repositories never published theirs).
 
-Augmentation follows the reference pipeline (pycls ``datasets/transforms.py``, spec §5.3)
+Augmentation follows the reference pipeline (CFCD ``datasets/transforms.py`` and
+``datasets/commondataset.py`` ``_prepare_im``)
 operation by operation: Inception random-sized crop, horizontal flip, AlexNet PCA lighting,
 then the model's own normalisation (``model.preprocess``, BGR for the CFCD/DOLG weights).
 Unlike the reference, the randomness of every sample comes from its own
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -27,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cfcd.data.images import load_image
 from cfcd.errors import InputError
 from cfcd.utils.io import atomic_write_json, atomic_write_text, sha256_file
 
@@ -254,34 +257,6 @@ def read_confusions(path: str | os.PathLike, samples: LabelledList) -> tuple[np.
 
 
 # ----------------------------------------------------------------------------------------------
-# image loading
-# ----------------------------------------------------------------------------------------------
-
-
-def load_bgr(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image as BGR uint8 HxWx3 (the reference reads with ``cv2.imread``).
-
-    Uses ``cfcd.data.images.load_image`` when the extraction module provides it, otherwise
-    cv2 with a PIL fallback (CMYK/16-bit/GIF...). Raises :class:`InputError` if unreadable.
-    """
-    import cv2
-
-    path = str(path)
-    im = cv2.imread(path, cv2.IMREAD_COLOR)
-    if im is None:
-        try:
-            from PIL import Image
-
-            with Image.open(path) as pil:
-                im = np.asarray(pil.convert("RGB"))[:, :, ::-1].copy()
-        except Exception as exc:  # noqa: BLE001 - any decoder failure means unreadable
-            raise InputError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
-    if im.ndim != 3 or im.shape[0] < 1 or im.shape[1] < 1:
-        raise InputError(f"{path}: decoded to an empty image of shape {im.shape}")
-    return im
-
-
-# ----------------------------------------------------------------------------------------------
 # transforms (HWC BGR in, CHW float32 normalised out)
 # ----------------------------------------------------------------------------------------------
 
@@ -442,7 +417,7 @@ class TrainingDataset:
     def __init__(self, samples: LabelledList, transform: Callable[..., np.ndarray], *, seed: int = 0,
                  loader: Callable[[str], np.ndarray] | None = None, max_substitutes: int = 16):
         self.samples, self.transform, self.seed = samples, transform, int(seed)
-        self.loader = loader or _default_loader()
+        self.loader = loader or functools.partial(load_image, channel_order="BGR")
         self.max_substitutes = max_substitutes
         self._bad: set[int] = set()
         self._by_class: dict[int, list[int]] | None = None
@@ -486,36 +461,6 @@ class TrainingDataset:
                 return im
         raise InputError(f"{self.samples.full_path(i)}: unreadable, and no readable image of class "
                          f"{int(self.samples.labels[i])} can replace it")
-
-
-def _default_loader() -> Callable[[str], np.ndarray]:
-    """``cfcd.data.images.load_image`` (BGR) if the extraction module provides it, else :func:`load_bgr`."""
-    try:
-        from cfcd.data import images as _images  # type: ignore[attr-defined]
-
-        load = getattr(_images, "load_image", None)
-    except Exception:  # noqa: BLE001 - module absent or broken: use our own decoder
-        load = None
-    if load is None:
-        return load_bgr
-    return _CompatLoader(load)
-
-
-class _CompatLoader:
-    """Adapts ``cfcd.data.images.load_image`` to BGR uint8 HWC; picklable for workers."""
-
-    def __init__(self, load: Callable):
-        self.load = load
-
-    def __call__(self, path: str) -> np.ndarray:
-        try:
-            im = self.load(path, channel_order="BGR")
-        except TypeError:
-            return load_bgr(path)  # unknown signature: keep the reference decoder
-        im = np.asarray(im)
-        if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
-            return load_bgr(path)
-        return im
 
 
 def collate(batch):

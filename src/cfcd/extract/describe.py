@@ -35,17 +35,36 @@ import numpy as np
 
 from cfcd.extract.scales import MultiScale
 
-_SYMPOW_EPS = 1e-6  # dirtorch's clamp in sympow
+_SYMPOW_EPS = 1e-6  # dirtorch's clamp in sympow (dirtorch/utils/common.py, pool)
 
 
-def _sympow(x, p: float):
+def _power(x, p: float, rule: str):
+    """The power of the multi-scale mean: dirtorch's ``sympow`` (clamped at 1e-6) or cirtorch's
+    plain ``x^p`` (written ``sign(x) |x|^p`` so that negative components stay finite)."""
     import torch
 
-    return torch.sign(x) * torch.clamp(x.abs(), min=_SYMPOW_EPS) ** p
+    floor = _SYMPOW_EPS if rule == "dirtorch" else 0.0
+    return torch.sign(x) * torch.clamp(x.abs(), min=floor) ** p
 
 
-def _sympow_np(x: np.ndarray, p: float) -> np.ndarray:
-    return np.sign(x) * np.maximum(np.abs(x), _SYMPOW_EPS) ** p
+def _power_np(x: np.ndarray, p: float, rule: str) -> np.ndarray:
+    floor = _SYMPOW_EPS if rule == "dirtorch" else 0.0
+    return np.sign(x) * np.maximum(np.abs(x), floor) ** p
+
+
+def pil_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """dirtorch's ``img.resize((w, h), Image.BILINEAR)`` of one uint8 H x W x 3 image."""
+    from PIL import Image
+
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image
+    out = Image.fromarray(np.ascontiguousarray(image), mode="RGB").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(out)
+
+
+def _views(x, flip: bool):
+    return (x, x.flip(-1)) if flip else (x,)
 
 
 def autocast_context(device_type: str, precision: str):
@@ -94,28 +113,42 @@ def describe_batch(
     channels_last: bool = False,
 ):
     """Descriptors of a batch of same-size images. ``images``: B x H x W x 3 uint8 tensor already on
-    the model's device. Returns a B x D float32 tensor of unit vectors, on the same device."""
+    the model's device. Returns a B x D float32 tensor of unit vectors, on the same device.
+
+    ``recipe.resample == "pil"`` (dirtorch): every scale is resized from the uint8 images with
+    Pillow on the host (one copy back to the host per batch), then normalised on the device."""
     import torch
     import torch.nn.functional as F
 
-    x = images.permute(0, 3, 1, 2).float()  # B x 3 x H x W, channels_last strides
-    x = (x - mean) / std
-    if not channels_last:
-        x = x.contiguous()
-    acc = None
+    def normalise(u8):
+        x = u8.permute(0, 3, 1, 2).float()  # B x 3 x H x W, channels_last strides
+        x = (x - mean) / std
+        return x if channels_last else x.contiguous()
+
+    height, width = images.shape[1:3]
+    host = images.cpu().numpy() if recipe.resample == "pil" else None
+    x = normalise(images) if host is None else None
+    acc, count = None, 0
     for scale in recipe.scales:
-        xs = resize_on_device(x, recipe, scale)
+        if host is None:
+            xs = resize_on_device(x, recipe, scale)
+        else:
+            size = recipe.target_size(height, width, scale)
+            resized = np.stack([pil_resize(im, size) for im in host])
+            xs = normalise(torch.from_numpy(resized).to(images.device))
         if channels_last:
             xs = xs.contiguous(memory_format=torch.channels_last)
-        with autocast_context(x.device.type, precision):
-            v = model(xs)
-        v = F.normalize(v.float(), p=2, dim=1)  # per-scale L2 (again in fp32 after autocast)
-        if recipe.uses_power:
-            v = _sympow(v, recipe.power)
-        acc = v if acc is None else acc + v
-    acc = acc / len(recipe.scales)
+        for view in _views(xs, recipe.flip):
+            with autocast_context(images.device.type, precision):
+                v = model(view)
+            v = F.normalize(v.float(), p=2, dim=1)  # per-scale L2 (again in fp32 after autocast)
+            if recipe.uses_power:
+                v = _power(v, recipe.power, recipe.power_rule)
+            acc = v if acc is None else acc + v
+            count += 1
+    acc = acc / count
     if recipe.uses_power:
-        acc = _sympow(acc, 1.0 / recipe.power)
+        acc = _power(acc, 1.0 / recipe.power, recipe.power_rule)
     return F.normalize(acc, p=2, dim=1)
 
 
@@ -157,23 +190,29 @@ def describe_reference(model, image: np.ndarray, recipe: MultiScale, preprocess)
     std = np.asarray(preprocess.std, dtype=np.float32)
     device = next(iter(model.parameters())).device
     base = image.astype(np.float32)
-    acc = None
+    acc, count = None, 0
     for scale in recipe.scales:
-        if recipe.size_rule == "scale_factor":  # cirtorch normalises first, then interpolates
+        if recipe.resample == "pil":  # dirtorch: Scale() on the uint8 PIL image, then ToTensor/Normalize
+            im = pil_resize(image, recipe.target_size(image.shape[0], image.shape[1], scale)).astype(np.float32)
+            im = (im / 255.0 - mean) / std
+        elif recipe.size_rule == "scale_factor":  # cirtorch normalises first, then interpolates
             normed = (base / 255.0 - mean) / std
             im = reference_resize(normed.astype(np.float32), recipe, scale)
         else:  # CFCD: resize the 0-255 float image, then /255 and normalise
             im = reference_resize(base, recipe, scale)
             im = (im / 255.0 - mean) / std
-        x = torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1), dtype=np.float32))[None].to(device)
-        with torch.no_grad():
-            v = model(x).cpu().numpy()[0].astype(np.float32)
-        v = v / np.linalg.norm(v)
-        if recipe.uses_power:
-            v = _sympow_np(v, recipe.power)
-        acc = v if acc is None else acc + v
-    acc = acc / len(recipe.scales)
+        chw = np.ascontiguousarray(im.transpose(2, 0, 1), dtype=np.float32)
+        for view in (chw, chw[:, :, ::-1]) if recipe.flip else (chw,):
+            x = torch.from_numpy(np.ascontiguousarray(view))[None].to(device)
+            with torch.no_grad():
+                v = model(x).cpu().numpy()[0].astype(np.float32)
+            v = v / np.linalg.norm(v)
+            if recipe.uses_power:
+                v = _power_np(v, recipe.power, recipe.power_rule)
+            acc = v if acc is None else acc + v
+            count += 1
+    acc = acc / count
     if recipe.uses_power:
-        acc = _sympow_np(acc, 1.0 / recipe.power)
+        acc = _power_np(acc, 1.0 / recipe.power, recipe.power_rule)
     return (acc / np.linalg.norm(acc)).astype(np.float32)
 

@@ -24,13 +24,14 @@ time (batch 1, fp32, cv2 resize): the CFCD ``evaler/infer.py`` procedure.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -64,6 +65,7 @@ class ExtractOptions:
     max_pending: int | None = None  # images waiting in size buckets before the fullest runs (default 4 x batch)
     dtype: Literal["float32", "float16"] = "float32"
     shard_size: int = 1024
+    flush_seconds: float | None = 30.0  # also write a shard this often: a kill loses at most this much work
     cudnn_benchmark: bool = True
     stop_after: int | None = None  # debug: stop like a kill after this many images were handed to the writer
     progress: bool = True
@@ -185,6 +187,22 @@ class _PinnedBuffers:
         return slots[turn]
 
 
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool | None):
+    """``torch.backends.cudnn.benchmark = enabled`` for the block, restored after (None: untouched)."""
+    import torch
+
+    if enabled is None:
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = bool(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 class Extractor:
     """Multi-scale descriptors for image lists with one model.
 
@@ -209,10 +227,10 @@ class Extractor:
         self.channels_last = self.device.type == "cuda" and opts.mode == "fast"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            # revisitop images are mostly 1024x768 / 768x1024, so shapes repeat: let cuDNN pick the
-            # fastest kernels (off for collections of all-different sizes; the reference leaves it off).
-            torch.backends.cudnn.benchmark = opts.mode == "fast" and opts.cudnn_benchmark
+        # revisitop images are mostly 1024x768 / 768x1024, so shapes repeat: let cuDNN pick the
+        # fastest kernels (off for collections of all-different sizes; the reference leaves it off).
+        # Set around this extractor's forward passes only, not for the whole process.
+        self.cudnn_benchmark = self.device.type == "cuda" and opts.mode == "fast" and opts.cudnn_benchmark
         self.mean, self.std = normalisation_tensors(self.preprocess, self.device)
         self._pinned = _PinnedBuffers() if self.device.type == "cuda" else None
 
@@ -256,7 +274,7 @@ class Extractor:
         B x H x W x 3 uint8 tensor or a list of H x W x 3 tensors of one size."""
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), _cudnn_benchmark(self.cudnn_benchmark if self.device.type == "cuda" else None):
             if self.device.type == "cuda":
                 shape = (len(images), *images[0].shape)
                 pinned = self._pinned.get(shape)
@@ -411,7 +429,7 @@ def model_fingerprint(model, weights: str | os.PathLike | None) -> dict:
     return {
         "config": getattr(model, "model_config", {"name": type(model).__name__}),
         "weights": None if weights is None else str(weights),
-        "weights_sha256": None if weights is None else weights_sha256(weights),
+        "weights_sha256": None if weights is None or str(weights) == "random" else weights_sha256(weights),
         "state_sha256": digest.hexdigest(),
         "embedding_dim": int(model.embedding_dim),
         "preprocess": {
@@ -429,16 +447,21 @@ def describe_rules(options: ExtractOptions, queries: bool) -> dict:
         "round": "target (round(h*s), round(w*s)) with Python round (half to even)",
         "half_up": "target (int(0.5+h*s), int(0.5+w*s))",
         "scale_factor": "F.interpolate(scale_factor=s): floor(h*s), sampling grid of s",
+        "largest": "dirtorch Scale(S, largest=True): longer side S (upscaling allowed), other int(0.5+S*other/longer)",
     }[s.size_rule]
-    if s.antialias:
+    if s.resample == "pil":
+        resize += ", Pillow BILINEAR on the uint8 image, then /255 and mean/std (dirtorch)"
+    elif s.antialias:
         resize += ", bilinear, align_corners=False, antialiased (Pillow BILINEAR)"
     else:
         resize += ", bilinear, align_corners=False, no antialias" + (" (cv2 INTER_LINEAR)" if s.size_rule != "scale_factor" else "")
     combination = (
         "per-scale L2, mean, L2"
         if not s.uses_power
-        else f"per-scale L2, sign-preserving power mean with p={s.power}, L2"
+        else f"per-scale L2, power mean with p={s.power} ({'dirtorch sympow, |x| clamped at 1e-6' if s.power_rule == 'dirtorch' else 'cirtorch, no clamp'}), L2"
     )
+    if s.flip:
+        combination += "; every scale also described horizontally flipped (one more view)"
     rules = {
         "resize": resize,
         "combination": combination,
@@ -589,9 +612,10 @@ def extract_to_store(
         part = f"rank{ctx.rank:03d}" if ctx.world > 1 else "main"
         device = options.device
         if device.startswith("cuda") and ctx.world > 1 and ":" not in device:
-            options = _replace(options, device=f"cuda:{ctx.local_rank}")
+            options = replace(options, device=f"cuda:{ctx.local_rank}")
         extractor = Extractor(model, options)
-        writer = StoreWriter(out, dim=extractor.dim, dtype=options.dtype, part=part, shard_size=options.shard_size)
+        writer = StoreWriter(out, dim=extractor.dim, dtype=options.dtype, part=part, shard_size=options.shard_size,
+                             flush_seconds=options.flush_seconds)
         done = writer.done_ids()
         mine = [i for i in range(len(image_list)) if i % ctx.world == ctx.rank]
         todo = [i for i in mine if image_list.ids[i] not in done]
@@ -661,13 +685,6 @@ def extract_to_store(
         return ExtractSummary(count, summary_failures, warnings_all, seconds, store, skipped=skipped)
     finally:
         ctx.close()
-
-
-def _replace(options: ExtractOptions, **changes) -> ExtractOptions:
-    values = asdict(options)
-    values["scales"] = options.scales
-    values.update(changes)
-    return ExtractOptions(**values)
 
 
 def _read_warnings(partial: Path) -> list[dict]:

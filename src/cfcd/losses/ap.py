@@ -1,4 +1,4 @@
-"""Listwise AP losses of deep-image-retrieval (Revaud et al., ICCV 2019; spec retrieval_baselines.md 4.1).
+"""Listwise AP losses of deep-image-retrieval (Revaud et al., ICCV 2019; ``dirtorch/loss.py`` lines 7-136).
 
 ``APLoss(nq=25, min=0, max=1)`` quantises every score into ``nq`` triangular bins with the
 fixed 1x1-Conv1d quantizer of ``dirtorch/loss.py`` and computes a differentiable AP per row:
@@ -12,17 +12,33 @@ buffers named ``quantizer.weight`` / ``quantizer.bias`` like the reference's sta
 Difference from the reference: a row without any positive has AP 0/0 = NaN there, which
 poisons the whole batch; here such rows are left out of the mean (``ap()`` still reports NaN
 for them) and a batch without any positive returns ``0 * x.sum()``.
+
+In training (``objective``) every image of the batch queries the rest of it:
+:func:`in_batch_scores` builds the B x (B-1) cosine matrix and its 0/1 same-class labels.
 """
 
 from __future__ import annotations
+
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import BatchLayout, LossOutput, Objective
 from .cosine import _no_autocast
 
-__all__ = ["APQuantizer", "APLoss", "TAPLoss"]
+__all__ = ["APQuantizer", "APLoss", "TAPLoss", "in_batch_scores"]
+
+
+def in_batch_scores(descriptors: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Each image queries the rest of the batch: B x (B-1) cosines of the float32 L2-normalised
+    descriptors (the diagonal dropped) and the matching 0/1 same-class matrix."""
+    d = F.normalize(descriptors.float(), dim=1)
+    scores = d @ d.t()
+    same = (labels[:, None] == labels[None, :]).float()
+    off_diagonal = ~torch.eye(len(labels), device=d.device, dtype=torch.bool)
+    return scores[off_diagonal].view(len(labels), -1), same[off_diagonal].view(len(labels), -1)
 
 
 class APQuantizer(nn.Module):
@@ -62,13 +78,15 @@ class APQuantizer(nn.Module):
         return f"nq={self.nq}, min={self.min}, max={self.max}"
 
 
-class APLoss(nn.Module):
+class APLoss(Objective):
     """Quantised listwise AP loss: ``loss = fn(scores, labels)`` with N x M scores and 0/1 labels.
 
     Each row n is one query's scores against M database items (typically cosine similarities
     in [min, max]); returns ``1 - mean_n AP_n`` (optionally weighted by ``qw``, N query weights).
     The computation runs in float32 whatever the autocast.
     """
+
+    log_name = "loss_ap"
 
     def __init__(self, nq: int = 25, min: float = 0.0, max: float = 1.0) -> None:  # noqa: A002
         super().__init__()
@@ -101,6 +119,11 @@ class APLoss(nn.Module):
 
     def forward(self, x: Tensor, label: Tensor, qw: Tensor | None = None) -> Tensor:
         return _one_minus_map(self.ap(x, label), label, qw, x)
+
+    def objective(self, outputs: Mapping[str, Tensor], labels: Tensor, layout: BatchLayout | None = None,
+                  batch_stats: Any = None) -> LossOutput:
+        """``1 - mAP`` of every image of the batch against the rest of it (:func:`in_batch_scores`)."""
+        return LossOutput(self(*in_batch_scores(outputs["global"], labels)), {})
 
     def extra_repr(self) -> str:
         return f"nq={self.quantizer.nq}, min={self.quantizer.min}, max={self.quantizer.max}"

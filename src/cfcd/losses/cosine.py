@@ -3,19 +3,24 @@
 A head owns its class weights ``weight`` (num_classes x embedding_dim), computes
 ``cos = L2(embeddings) @ L2(weight).T`` in float32 whatever the autocast, turns it into
 logits (``head.logits``) and returns the mean cross-entropy over the local batch
-(``head(embeddings, labels)``). ``head.last_stats`` holds the statistics of the last call as
-floats; they are kept as tensors and converted only when read, so training pays no
-device synchronisation unless it logs.
+(``head(embeddings, labels)``; ``head.objective(outputs, labels, layout)`` in the common
+contract of :mod:`cfcd.losses.base`, which also reports the top-1 of the batch).
+``head.stats`` holds the statistics of the last call as tensors, ``head.last_stats`` as floats,
+converted only when read, so training pays no device synchronisation unless it logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from contextlib import nullcontext
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .base import BatchLayout, LossOutput, Objective
 
 __all__ = ["CosineHead", "fp32_cosine"]
 
@@ -37,8 +42,10 @@ def fp32_cosine(embeddings: Tensor, weight: Tensor) -> Tensor:
         return F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(weight.float(), dim=1))
 
 
-class CosineHead(nn.Module):
+class CosineHead(Objective):
     """Base class: class weights, input checks, fp32 cosine, CE over the local batch, lazy stats."""
+
+    log_name = "loss_ce"
 
     def __init__(self, embedding_dim: int, num_classes: int) -> None:
         super().__init__()
@@ -49,8 +56,13 @@ class CosineHead(nn.Module):
         self.embedding_dim = int(embedding_dim)
         self.num_classes = int(num_classes)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_dim))
-        self._stats: dict[str, Tensor | float] = {}
         self.reset_parameters()
+
+    @classmethod
+    def from_recipe(cls, kwargs: Mapping[str, Any], *, embedding_dim: int, num_classes: int | None) -> "CosineHead":
+        if num_classes is None:
+            raise ValueError(f"{cls.__name__} needs loss.num_classes")
+        return cls(**{**kwargs, "embedding_dim": int(embedding_dim), "num_classes": int(num_classes)})
 
     def reset_parameters(self) -> None:
         """U(-1/sqrt(D), 1/sqrt(D)), as the CFCD MadaCos and Arcface heads."""
@@ -77,10 +89,11 @@ class CosineHead(nn.Module):
         """B x C cosine similarities between the embeddings and every class weight (float32)."""
         return fp32_cosine(embeddings, self.weight)
 
-    @property
-    def last_stats(self) -> dict[str, float]:
-        """Statistics of the last call, as Python floats (the conversion syncs with the device)."""
-        return {k: float(v.item()) if isinstance(v, Tensor) else float(v) for k, v in self._stats.items()}
+    @contextlib.contextmanager
+    def local_statistics(self) -> Iterator[None]:
+        """Statistics from this process's batch only, for passes that not every rank runs
+        (validation on a share of the list): heads without cross-rank statistics change nothing."""
+        yield
 
     # -- API -----------------------------------------------------------------------------
     def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -92,3 +105,14 @@ class CosineHead(nn.Module):
         self._check(embeddings, labels)
         labels = labels.long()
         return F.cross_entropy(self.logits(embeddings, labels), labels)
+
+    def objective(self, outputs: Mapping[str, Tensor], labels: Tensor, layout: BatchLayout | None = None,
+                  batch_stats: Any = None) -> LossOutput:
+        """Mean CE of the logits of ``outputs["global"]``; stats: the head's and ``top1``."""
+        embeddings = outputs["global"]
+        labels = labels.long()
+        logits = self.logits(embeddings, labels) if batch_stats is None else self.logits(embeddings, labels, batch_stats)
+        ce = F.cross_entropy(logits, labels)
+        stats = self.reported_stats()
+        stats["top1"] = (logits.detach().argmax(1) == labels).float().mean()
+        return LossOutput(ce, stats)

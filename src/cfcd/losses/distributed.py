@@ -13,12 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "world_size", "rank", "gather_sizes", "all_gather_cat"]
-
-
-def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
-    """True when a process group is initialised and has more than one rank."""
-    return world_size(group) > 1
+__all__ = ["world_size", "rank", "gather_sizes", "all_gather_cat"]
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:

@@ -1,6 +1,6 @@
-"""CFCD stage-2 local triplet loss on matched local descriptors (spec cfcd_dolg.md section 4.2).
+"""CFCD stage-2 local triplet loss on matched local descriptors (Zhu et al., ICCV 2023, section 3.3).
 
-Transcribes ``core/losses/super_loss.py`` of bassyess/CFCD (itself adapted from naver/FIRe),
+Transcribes ``core/losses/super_loss.py`` of bassyess/CFCD (lines 12-107; itself adapted from naver/FIRe),
 vectorised over the tuples of the batch with batched ``cdist`` instead of a Python loop.
 
 For each tuple ``[anchor q, positive p, negatives n_1..n_k]`` of local feature maps:
@@ -26,10 +26,13 @@ autograd graph stays connected (the reference returns ``0 * q[0, 0]``).
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from .base import BatchLayout, LossOutput, Objective
 from .cosine import _no_autocast
 
 __all__ = ["LocalTripletLoss", "match_local_descriptors", "local_attention"]
@@ -76,7 +79,7 @@ def match_local_descriptors(
     return valid, best2, dist
 
 
-class LocalTripletLoss(nn.Module):
+class LocalTripletLoss(Objective):
     """CFCD's stage-2 triplet loss on local descriptors: ``loss = fn(local_features, tuple_size=8)``.
 
     Args:
@@ -91,7 +94,12 @@ class LocalTripletLoss(nn.Module):
     laid out ``[anchor, positive, negative_1, ...]``. ``attention`` (B x h x w) defaults to the
     L1 norm of the activations (CFCD). Returns the sum over tuples (not a mean).
     ``last_stats``: ``matches`` (total matched pairs), ``active`` (triplets with a non-zero hinge).
+    ``objective(outputs, labels, layout)`` takes the float32 ``outputs["local"]`` maps and the
+    layout's tuple size.
     """
+
+    inputs = ("local",)
+    log_name = "loss_local"
 
     def __init__(self, margin: float = 0.1, ratio: float = 0.9, top_fraction: float = 0.5,
                  weight: float = 1.0) -> None:
@@ -104,11 +112,12 @@ class LocalTripletLoss(nn.Module):
         self.ratio = float(ratio)
         self.top_fraction = float(top_fraction)
         self.weight = float(weight)
-        self._stats: dict[str, Tensor] = {}
 
-    @property
-    def last_stats(self) -> dict[str, float]:
-        return {k: float(v.item()) for k, v in self._stats.items()}
+    def objective(self, outputs: Mapping[str, Tensor], labels: Tensor, layout: BatchLayout,
+                  batch_stats: Any = None) -> LossOutput:
+        size = layout.require_tuples("LocalTripletLoss", 3)
+        loss = self(outputs["local"].float(), tuple_size=size)
+        return LossOutput(loss, self.reported_stats())
 
     def forward(self, local_features: Tensor, tuple_size: int = 8, attention: Tensor | None = None) -> Tensor:
         if local_features.dim() != 4:
@@ -134,8 +143,11 @@ class LocalTripletLoss(nn.Module):
         with _no_autocast(local_features.device), torch.no_grad():
             # Selection runs on detached unit-norm T x S x K x C descriptors in float32 (unit
             # vectors in bf16 would blur the 0.9 ratio test); no autograd state is kept for them.
+            # Out of place: for a channels_last map, float() of a float32 tensor and the transposed
+            # view are the caller's own storage, so an in-place division would normalise the
+            # feature map autograd saved (wrong gradients in bf16, an error in fp32).
             desc = raw.float().transpose(2, 3).contiguous()
-            desc.div_(torch.linalg.vector_norm(desc, dim=3, keepdim=True).clamp_min(1e-12))
+            desc = desc / torch.linalg.vector_norm(desc, dim=3, keepdim=True).clamp_min(1e-12)
             att = attention.detach().float().reshape(n_tuples, tuple_size, k)[:, 1]
             valid, best2, _ = match_local_descriptors(
                 desc[:, 0], desc[:, 1], att, ratio=self.ratio, top_fraction=self.top_fraction
@@ -154,7 +166,7 @@ class LocalTripletLoss(nn.Module):
                 # nearest descriptor (L2) of each negative image, among all its positions: T x P x N
                 nearest = torch.cdist(q_det, neg_flat).view(n_tuples, p_max, n_neg, k).argmin(dim=3)
         if p_max == 0:
-            self._stats = {"matches": counts.sum(), "active": counts.sum()}
+            self.stats = {"matches": counts.sum(), "active": counts.sum()}
             return local_features.sum() * 0.0  # an exact 0 that keeps DDP's graph connected
 
         with _no_autocast(local_features.device):
@@ -172,7 +184,7 @@ class LocalTripletLoss(nn.Module):
             hinge = (d_pos.unsqueeze(2) - d_neg + self.margin).clamp_min(0)
             hinge = torch.where(real.unsqueeze(2), hinge, torch.zeros_like(hinge))
             loss = hinge.sum() * self.weight
-        self._stats = {"matches": counts.sum(), "active": (hinge > 0).sum()}
+        self.stats = {"matches": counts.sum(), "active": (hinge > 0).sum()}
         return loss
 
     def extra_repr(self) -> str:

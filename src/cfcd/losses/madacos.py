@@ -1,6 +1,6 @@
 """MadaCos: the adaptive-scale, adaptive-margin cosine softmax of CFCD (ICCV 2023).
 
-Transcribes ``core/model/madacos.py`` of bassyess/CFCD (spec: cfcd_dolg.md section 3):
+Transcribes ``core/model/madacos.py`` of bassyess/CFCD (``MadaCosLayerFunction.forward``, lines 16-62):
 
 1. ``cos = linear(L2(emb), L2(W))``; target cosines ``t_i = cos[i, y_i]``;
 2. ``med, idx = torch.median(t)`` over the GLOBAL batch (all ranks, gathered in rank order);
@@ -36,8 +36,10 @@ for GLDv2-clean gives ln(81312 * 49) = 15.2 instead of 20.0. A number may also b
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -159,9 +161,13 @@ class MadaCos(CosineHead):
     In eval mode the scale is still adaptive (computed from the current batch, as the
     reference does for its validation loss) and the margin is 0. ``last_stats`` has
     ``scale``, ``margin``, ``median_cos``, ``log_b_median`` and ``raw_margin``.
+    ``batch_statistics``: with gradient accumulation the trainer computes s and m over the whole
+    global batch (:meth:`window_statistics`) and passes them to :meth:`logits`.
     The DDP equivalence: each rank's loss is its local mean, DDP averages gradients, so
     ``world`` ranks of batch b train exactly as one process with batch ``world * b``.
     """
+
+    batch_statistics = True
 
     def __init__(
         self,
@@ -199,16 +205,39 @@ class MadaCos(CosineHead):
             training=self.training, sync=self.sync_stats,
         )
 
-    def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """``s (cos - m onehot)`` in float32; s and m are constants for autograd."""
+    @contextlib.contextmanager
+    def local_statistics(self) -> Iterator[None]:
+        sync, self.sync_stats = self.sync_stats, False
+        try:
+            yield
+        finally:
+            self.sync_stats = sync
+
+    def logits(self, embeddings: Tensor, labels: Tensor, batch_stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``s (cos - m onehot)`` in float32; s and m are constants for autograd.
+
+        ``batch_stats``: a fixed float32 ``(scale, margin)`` pair (from :meth:`window_statistics`)
+        instead of the statistics of this batch.
+        """
         self._check(embeddings, labels)
         labels = labels.long()
         cos = self.cosine(embeddings)
-        stats = self.statistics(cos, labels)
-        self._stats = stats.as_dict()
-        s = stats.scale.float()
-        shift = (-stats.margin.float()).expand(labels.shape[0], 1)
-        return s * cos.scatter_add(1, labels[:, None], shift)
+        if batch_stats is None:
+            stats = self.statistics(cos, labels)
+            self.stats = stats.as_dict()
+            s, m = stats.scale.float(), stats.margin.float()
+        else:
+            s, m = batch_stats
+            self.stats = {"scale": s, "margin": m}
+        return s * cos.scatter_add(1, labels[:, None], (-m).expand(labels.shape[0], 1))
+
+    @torch.no_grad()
+    def window_statistics(self, outputs: Sequence[Mapping[str, Tensor]],
+                          labels: Sequence[Tensor]) -> tuple[tuple[Tensor, Tensor], dict[str, Tensor]]:
+        """s and m over all micro-batches of a step (the reference's global batch of 128)."""
+        cos = torch.cat([self.cosine(o["global"]).float() for o in outputs])
+        stats = self.statistics(cos, torch.cat(list(labels)))
+        return (stats.scale.float(), stats.margin.float()), stats.as_dict()
 
     def extra_repr(self) -> str:
         return (

@@ -56,7 +56,7 @@ class ArcFace(CosineHead):
             phi = torch.where(target > 0, phi, target)
         else:
             phi = torch.where(target > self.threshold, phi, target - self.mm)
-        self._stats = {"scale": self.scale, "margin": self.margin, "mean_target_cos": target.detach().mean()}
+        self.stats = {"scale": self.scale, "margin": self.margin, "mean_target_cos": target.detach().mean()}
         return self.scale * cos.scatter(1, labels[:, None], phi)
 
     def extra_repr(self) -> str:
@@ -79,7 +79,7 @@ class CosFace(CosineHead):
         self._check(embeddings, labels)
         labels = labels.long()
         cos = self.cosine(embeddings)
-        self._stats = {"scale": self.scale, "margin": self.margin,
+        self.stats = {"scale": self.scale, "margin": self.margin,
                        "mean_target_cos": cos.detach().gather(1, labels[:, None]).mean()}
         shift = cos.new_full((labels.shape[0], 1), -self.margin)
         return self.scale * cos.scatter_add(1, labels[:, None], shift)
@@ -91,7 +91,8 @@ class CosFace(CosineHead):
 
 class CurricularFace(CosineHead):
     """DOLG's head. The DOLG and CFCD code call it ``Arcface``, but it is CurricularFace
-    (Huang et al., CVPR 2020); spec cfcd_dolg.md section 8.2. For true ArcFace use :class:`ArcFace`.
+    (Huang et al., CVPR 2020): DOLG ``core/model/dolg_model.py`` ``Arcface`` = CFCD
+    ``core/model/arcface.py`` lines 9-54. For true ArcFace use :class:`ArcFace`.
 
     Training mode (``cos`` clamped to [-1, 1], theta the target angle):
 
@@ -124,7 +125,7 @@ class CurricularFace(CosineHead):
         labels = labels.long()
         cos = self.cosine(embeddings)
         if not (self.training or self.margin_in_eval):
-            self._stats = {"scale": self.scale, "margin": 0.0, "t": self.t[0].detach().clone()}
+            self.stats = {"scale": self.scale, "margin": 0.0, "t": self.t[0].detach().clone()}
             return self.scale * cos
         cos = cos.clamp(-1.0, 1.0)
         target = cos.gather(1, labels[:, None])
@@ -136,7 +137,7 @@ class CurricularFace(CosineHead):
         t = self.t.to(cos.dtype)
         out = torch.where(hard, cos * (t + cos), cos)
         out = out.scatter(1, labels[:, None], final_target)
-        self._stats = {"scale": self.scale, "margin": self.margin, "t": self.t[0].detach().clone(),
+        self.stats = {"scale": self.scale, "margin": self.margin, "t": self.t[0].detach().clone(),
                        "mean_target_cos": target.detach().mean(), "hard_fraction": hard.float().mean()}
         return self.scale * out
 

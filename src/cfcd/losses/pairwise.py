@@ -1,4 +1,5 @@
-"""cirtorch's tuple losses for the GeM baselines (spec retrieval_baselines.md section 4.2).
+"""cirtorch's tuple losses for the GeM baselines (Radenovic et al., TPAMI 2019;
+``cirtorch/layers/functional.py`` ``contrastive_loss`` / ``triplet_loss``, lines 141-172).
 
 Layout: cirtorch passes a D x N matrix whose COLUMNS are grouped per tuple with a label
 vector (-1 query, 1 positive, 0 negative). Here the input is our usual row-major B x D batch
@@ -10,20 +11,15 @@ the tuples' pairs, as in cirtorch.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor
 
-__all__ = ["ContrastiveLoss", "TripletLoss", "tuples_from_cirtorch"]
+from .base import BatchLayout, LossOutput, Objective
 
-
-def _split_tuples(x: Tensor, tuple_size: int, name: str, min_size: int) -> Tensor:
-    if x.dim() != 2:
-        raise ValueError(f"{name}: descriptors must be B x D, got shape {tuple(x.shape)}")
-    if tuple_size < min_size:
-        raise ValueError(f"{name}: tuple_size must be >= {min_size} ([query, positive, negatives...]), got {tuple_size}")
-    if x.shape[0] == 0 or x.shape[0] % tuple_size:
-        raise ValueError(f"{name}: batch of {x.shape[0]} rows is not a whole number of tuples of {tuple_size}")
-    return x.reshape(x.shape[0] // tuple_size, tuple_size, x.shape[1])
+__all__ = ["ContrastiveLoss", "TripletLoss", "TupleLoss", "tuples_from_cirtorch"]
 
 
 def tuples_from_cirtorch(x: Tensor, label: Tensor) -> tuple[Tensor, int]:
@@ -38,7 +34,25 @@ def tuples_from_cirtorch(x: Tensor, label: Tensor) -> tuple[Tensor, int]:
     return x.t(), size
 
 
-class ContrastiveLoss(nn.Module):
+class TupleLoss(Objective):
+    """Base of the losses on tuples of global descriptors: ``loss(descriptors, tuple_size)``.
+
+    ``objective`` L2-normalises ``outputs["global"]`` in float32 (the descriptor the model
+    returns) and takes the tuple size from the batch layout.
+    """
+
+    log_name = "loss_tuple"
+
+    def forward(self, x: Tensor, tuple_size: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def objective(self, outputs: Mapping[str, Tensor], labels: Tensor, layout: BatchLayout,
+                  batch_stats: Any = None) -> LossOutput:
+        size = layout.require_tuples(type(self).__name__, 2)
+        return LossOutput(self(F.normalize(outputs["global"].float(), dim=1), size), {})
+
+
+class ContrastiveLoss(TupleLoss):
     """cirtorch's contrastive loss: the query against each other member of its tuple.
 
     ``d = sqrt(sum_c (q_c - x_c + eps)^2)`` (eps added to each component, as cirtorch);
@@ -52,7 +66,7 @@ class ContrastiveLoss(nn.Module):
         self.eps = float(eps)
 
     def forward(self, x: Tensor, tuple_size: int) -> Tensor:
-        t = _split_tuples(x, tuple_size, "ContrastiveLoss", 2)
+        t = BatchLayout(tuple_size).split(x, "ContrastiveLoss", 2)
         q, others = t[:, :1], t[:, 1:]
         d = (q - others + self.eps).pow(2).sum(dim=2).sqrt()  # T x (S-1)
         y = torch.zeros_like(d)
@@ -63,7 +77,7 @@ class ContrastiveLoss(nn.Module):
         return f"margin={self.margin}, eps={self.eps}"
 
 
-class TripletLoss(nn.Module):
+class TripletLoss(TupleLoss):
     """cirtorch's triplet loss: ``sum_tuples sum_neg max(0, |q - p|^2 - |q - n|^2 + margin)``.
 
     Squared Euclidean distances, summed. cirtorch's default margin 0.1 (its README trains the
@@ -75,7 +89,7 @@ class TripletLoss(nn.Module):
         self.margin = float(margin)
 
     def forward(self, x: Tensor, tuple_size: int) -> Tensor:
-        t = _split_tuples(x, tuple_size, "TripletLoss", 3)
+        t = BatchLayout(tuple_size).split(x, "TripletLoss", 3)
         q, p, n = t[:, :1], t[:, 1:2], t[:, 2:]
         d_pos = (q - p).pow(2).sum(dim=2)  # T x 1
         d_neg = (q - n).pow(2).sum(dim=2)  # T x (S-2)

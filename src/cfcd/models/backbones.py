@@ -13,9 +13,6 @@ from torch import nn
 
 from cfcd.models._compat import import_timm
 
-RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}
-
-
 def create_backbone(name: str, **kwargs) -> nn.Module:
     """A timm model without classifier nor global pool: ``forward_features`` gives the last map.
 

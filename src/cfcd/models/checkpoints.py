@@ -41,7 +41,7 @@ from cfcd.errors import CfcdError, InputError
 
 FORMATS = ("auto", "pycls", "cfcd", "dolg", "cirtorch", "dirtorch", "torchvision", "timm", "efficientnet_lite",
            "cfcd-safetensors")
-DEFAULT_ALLOW_EXTRA = ("desc_cls.", "imagenet_head.", "Lw.", "pca.")
+DEFAULT_ALLOW_EXTRA = ("desc_cls.", "imagenet_head.", "Lw.", "pca.", "unused_fc.")
 WEIGHTS_FILE = "model.safetensors"
 EXTRA_FILE = "extra.safetensors"
 CONFIG_FILE = "config.json"
@@ -344,6 +344,12 @@ def _dirtorch_options(container: Mapping[str, Any], ckpt: Checkpoint) -> None:
         ckpt.model_kwargs["p"] = float(options["gemp"])
     if options.get("without_fc") or "fc.weight" not in ckpt.state:
         ckpt.model_kwargs["whitening"] = None
+        # ResNet_RMAC always creates self.fc (rmac_resnet.py) and skips it with without_fc: keep it as an extra
+        unused = [k for k in ("fc.weight", "fc.bias") if k in ckpt.state]
+        for k in unused:
+            ckpt.extra["unused_" + k] = ckpt.state.pop(k)
+        if unused:
+            ckpt.notes.append("dirtorch without_fc=True: the unused FC is kept as extras unused_fc.{weight,bias}")
     else:
         ckpt.model_kwargs["whitening"] = "dirtorch"
         ckpt.model_kwargs["out_dim"] = int(ckpt.state["fc.weight"].shape[0])
@@ -387,6 +393,27 @@ def _infer_model_kwargs(ckpt: Checkpoint) -> None:
         kw["pooling"] = "gemmp"
 
 
+def _training_model_config(container: Mapping[str, Any], ckpt: Checkpoint) -> None:
+    """A ``cfcd train`` checkpoint records the model it trained (``model_config``: name and kwargs)."""
+    config = container.get("model_config")
+    if not isinstance(config, Mapping) or not isinstance(config.get("name"), str):
+        return
+    from cfcd.models.registry import get_entry
+
+    try:
+        entry = get_entry(config["name"])
+    except CfcdError:
+        ckpt.notes.append(f"trained as {config['name']!r}, which is not registered here")
+        return
+    ckpt.model_name = config["name"]
+    kwargs = config.get("kwargs") if isinstance(config.get("kwargs"), Mapping) else {}
+    for key, value in kwargs.items():
+        default = entry.defaults.get(key)
+        default = default.to_dict() if hasattr(default, "to_dict") else default
+        if key != "preprocess" and value != default:
+            ckpt.model_kwargs[key] = value
+
+
 def read_checkpoint(path: str | Path, format: str = "auto") -> Checkpoint:
     """Read any supported checkpoint file (or converted directory) into cfcd names (no model needed)."""
     if format not in FORMATS:
@@ -418,6 +445,7 @@ def read_checkpoint(path: str | Path, format: str = "auto") -> Checkpoint:
     if fmt == "dirtorch":
         _dirtorch_options(container, ckpt)
     _infer_model_kwargs(ckpt)
+    _training_model_config(container, ckpt)
     if "epoch" in container and isinstance(container["epoch"], int):
         ckpt.notes.append(f"epoch {container['epoch']}")
     return ckpt

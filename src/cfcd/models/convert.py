@@ -36,4 +36,29 @@ def convert_checkpoint(source: str | Path, model_name: str, out_dir: str | Path,
         meta["incomplete_load"] = {"missing": report.missing, "unexpected": report.unexpected,
                                    "mismatched": [[k, list(a), list(b)] for k, a, b in report.mismatched]}
     out = save_weights(model, out_dir, extra=report.extra, meta=meta, only=("backbone.",) if backbone_only else None)
+    written = write_stored_whitenings(report.extra, out, source=str(source))
+    if written:
+        report.notes.append(f"stored whitening(s) written: {', '.join(str(p) for p in written)} "
+                            "(apply with --whiten NAME --whiten-power P)")
     return model, report, out
+
+
+def write_stored_whitenings(extra: dict, out_dir: str | Path, *, source: str = "") -> list[Path]:
+    """Write every dirtorch PCA of a checkpoint (extras ``pca.<name>.{mean,components,
+    explained_variance,whiten}``) as ``out_dir/whitening/<name>.safetensors`` (+ ``.json``)."""
+    from cfcd.postprocess import WHITENING_DIR, whitening_from_sklearn_pca
+
+    names = sorted({k[len("pca."):].rsplit(".", 1)[0] for k in extra if k.startswith("pca.")})
+    written = []
+    for name in names:
+        arrays = {a: extra.get(f"pca.{name}.{a}") for a in ("mean", "components", "explained_variance")}
+        if any(v is None for v in arrays.values()):
+            continue
+        whiten = extra.get(f"pca.{name}.whiten")
+        w = whitening_from_sklearn_pca(
+            arrays["mean"].double().numpy(), arrays["components"].double().numpy(),
+            arrays["explained_variance"].double().numpy(), whiten=bool(whiten) if whiten is not None else True,
+            info={"source": f"{source}: pca[{name!r}] (deep-image-retrieval, sklearn PCA)", "name": name},
+        )
+        written.append(w.save(Path(out_dir) / WHITENING_DIR / name))
+    return written

@@ -19,7 +19,6 @@ from cfcd.errors import CfcdError
 
 NATIVE_SIZE = {0: 224, 1: 240, 2: 260}
 _CLASSIFIER_SRC = "_fc."
-_CLASSIFIER_DST = "classifier."
 
 
 def embedded_weights_path(variant: int) -> Path:
@@ -44,10 +43,6 @@ def load_embedded_state(variant: int) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or "_conv_stem.weight" not in state:
         raise CfcdError(f"{path}: not an efficientnet_lite_pytorch state_dict (no _conv_stem.weight)")
     return state
-
-
-def is_efficientnet_lite_state(state: dict) -> bool:
-    return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
 
 
 def map_efficientnet_lite_state(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], *,

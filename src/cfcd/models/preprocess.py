@@ -60,4 +60,3 @@ class Preprocess:
 
 BGR_IMAGENET = Preprocess("BGR", IMAGENET_MEAN_RGB[::-1], IMAGENET_STD_RGB[::-1])
 RGB_IMAGENET = Preprocess("RGB", IMAGENET_MEAN_RGB, IMAGENET_STD_RGB)
-RGB_HALF = Preprocess("RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from cfcd.errors import CfcdError, InputError
 
 DEFAULT_MODEL = "gem_efficientnet_lite2"
+RANDOM_WEIGHTS = "random"  # weights=RANDOM_WEIGHTS: an explicit random initialisation
 
 
 @dataclass
@@ -46,6 +47,16 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def embedded_models() -> list[str]:
+    """Names of the models that ship their weights (usable without ``weights=``)."""
+    _ensure_builtin()
+    return sorted(n for n, e in _REGISTRY.items() if e.embedded is not None)
+
+
+def has_embedded_weights(name: str) -> bool:
+    return get_entry(name).embedded is not None
+
+
 def get_entry(name: str) -> ModelEntry:
     _ensure_builtin()
     if name in _REGISTRY:
@@ -74,14 +85,16 @@ def create(name: str, weights: str | Path | None = None, *, strict: bool = True,
 
     Args:
         name: registry name (see :func:`list_models`).
-        weights: a checkpoint file of any supported format (official ``.pyth``/``.pth``/``.pt``,
+        weights: ``"random"`` for an explicitly random initialisation, or a checkpoint file of any supported format (official ``.pyth``/``.pth``/``.pt``,
             torchvision/timm state dict) or a directory/``.safetensors`` written by ``cfcd convert``.
             Architecture switches recorded in, or implied by, the checkpoint (learnable p, ASPP, BN,
             whitening, output size, backbone depth) are applied unless overridden by ``kwargs``.
         strict: fail on any missing/unexpected/wrongly-shaped tensor (the classifier ``desc_cls`` and
             ImageNet heads are expected leftovers, returned in ``model.load_report.extra``).
         pretrained: load the embedded weights when ``weights`` is None. Defaults to True for the models
-            that have them (``gem_efficientnet_lite*``); the others start randomly initialised.
+            that have them (``gem_efficientnet_lite*``). A model without embedded weights and no
+            ``weights`` is refused unless it is asked for explicitly (``weights="random"`` or
+            ``pretrained=False``, as timm's ``pretrained=False``): random descriptors are never silent.
         format: force the checkpoint format instead of auto-detection.
         kwargs: constructor options of the model class.
 
@@ -91,6 +104,16 @@ def create(name: str, weights: str | Path | None = None, *, strict: bool = True,
     from cfcd.models.checkpoints import load_weights, read_checkpoint
 
     entry = get_entry(name)
+    if isinstance(weights, str) and weights == RANDOM_WEIGHTS:
+        if pretrained:
+            raise InputError(f"{name}: weights='random' contradicts pretrained=True")
+        weights, pretrained = None, False
+    if weights is None and pretrained is None and entry.embedded is None:
+        raise InputError(
+            f"{name} has no embedded weights: pass weights=FILE (an official checkpoint or a 'cfcd convert' "
+            f"output; --weights FILE on the command line), or weights='random' (--weights random) for a "
+            f"randomly initialised model; models with embedded weights: {', '.join(embedded_models())}"
+        )
     ckpt = None
     merged = dict(entry.defaults)
     if weights is not None:
@@ -167,3 +190,27 @@ def _ensure_builtin() -> None:
             defaults={"backbone": f"tf_efficientnet_lite{variant}", "pooling": "gem", "p": 3.0, "learnable_p": False,
                       "preprocess": Preprocess("RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), input_size=size)},
             description=f"GeM p=3 on EfficientNet-Lite{variant} ImageNet (embedded weights, 1280-d, RGB, mean=std=0.5)")
+
+
+def describe_models() -> list[dict[str, Any]]:
+    """One row per registered model: family, output dimension, input convention, embedded weights.
+
+    The models are built on PyTorch's meta device, so no memory is allocated and nothing is loaded.
+    """
+    import torch
+
+    rows = []
+    for name in list_models():
+        entry = _REGISTRY[name]
+        row: dict[str, Any] = {"name": name, "family": entry.family, "embedded_weights": entry.embedded is not None,
+                               "description": entry.description}
+        try:
+            with torch.device("meta"):
+                model = entry.builder(**entry.defaults)
+            pre = model.preprocess
+            row.update(dim=int(model.embedding_dim), channel_order=pre.channel_order,
+                       mean=list(pre.mean), std=list(pre.std), input_size=pre.input_size)
+        except Exception as exc:  # a third-party registration that cannot be built without arguments
+            row.update(dim=None, error=f"{type(exc).__name__}: {exc}")
+        rows.append(row)
+    return rows

@@ -22,6 +22,9 @@ CONFIG_VERSION = 1
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+#: Keys renamed since version 1 of the recipes: the old name still works (recipes and overrides).
+RENAMED_KEYS = {"loss.madacos_stats": "loss.batch_stats"}
+
 DEFAULTS: dict[str, Any] = {
     "version": CONFIG_VERSION,
     "name": "unnamed",
@@ -40,8 +43,9 @@ DEFAULTS: dict[str, Any] = {
         "global": "madacos",    # madacos | arcface | cosface | curricularface | ap | none
         "global_kwargs": {"alpha": 0.02},
         "num_classes": 81313,
-        "madacos_stats": "exact",  # exact: median over the global batch even with accumulation
-                                   # (extra no-grad forward); micro: per micro-batch (cheaper)
+        "batch_stats": "exact",  # losses with batch statistics (MadaCos's median): exact: over the
+                                 # global batch even with accumulation (extra no-grad forward);
+                                 # micro: per micro-batch (cheaper). Old name: madacos_stats
         "local": None,          # local_triplet for CFCD stage 2
         "local_kwargs": {"margin": 0.1, "ratio": 0.9, "top_fraction": 0.5},
         "local_weight": 1.0,    # the code's effective lambda (the yaml's LAMDA 0.05 is ignored)
@@ -58,8 +62,10 @@ DEFAULTS: dict[str, Any] = {
         "lighting": 0.1,
         "workers": 4,
         "tuple_size": 8,
-        "sampler": "shuffle",   # shuffle | tuple | class_balanced
+        "sampler": "shuffle",   # shuffle | tuple | class_balanced | mined
         "images_per_class": 4,  # class_balanced only
+        # mined (cirtorch TuplesDataset): per epoch, hardest negatives by the current model
+        "mining": {"nnum": 5, "qsize": 2000, "poolsize": 20000, "image_size": 1024},
         "val_max_images": None,
     },
     "optim": {
@@ -114,6 +120,11 @@ def deep_merge(base: dict, update: dict, *, path: str = "", source: str = "confi
     out = copy.deepcopy(base)
     for key, value in update.items():
         full = f"{path}{key}"
+        if full in RENAMED_KEYS:
+            old, full = full, RENAMED_KEYS[full]
+            key = full.rsplit(".", 1)[-1]
+            if key in update and update[key] != value:
+                raise InputError(f"{source}: {full!r} and its old name {old!r} disagree")
         if key not in out:
             if path.rstrip(".").endswith("kwargs"):
                 out[key] = copy.deepcopy(value)
@@ -199,8 +210,51 @@ def _read_recipe(path: Path, seen: set) -> dict:
     return deep_merge(merged, data, source=str(path))
 
 
+# integer defaults that also accept fractions
+_FRACTIONAL_OK = {"optim.warmup_epochs"}
+# string defaults that also accept false
+_FALSE_OK = {"train.amp"}
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), type(value).__name__)
+
+
+def check_types(cfg: dict, defaults: dict = DEFAULTS, path: str = "") -> None:
+    """Every value has the type of its default (None on either side is always allowed), so that
+    ``optim.lr=abc`` is refused here with its key, not as a traceback hours into the trainer."""
+    for key, default in defaults.items():
+        if key not in cfg:
+            continue
+        value, full = cfg[key], f"{path}{key}"
+        if isinstance(default, dict):
+            if isinstance(value, dict) and not key.endswith("kwargs"):
+                check_types(value, default, f"{full}.")
+            continue
+        if value is None or default is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = ok or (full in _FRACTIONAL_OK and isinstance(value, float))
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str) or (full in _FALSE_OK and value is False)
+        elif isinstance(default, list):
+            ok = isinstance(value, list)
+        else:
+            ok = True
+        if not ok:
+            raise InputError(f"{full} must be {_type_name(default)} (like the default {default!r}), "
+                             f"got {value!r} ({_type_name(value)})")
+
+
 def validate(cfg: dict) -> None:
     """Checks that catch a wrong recipe before hours of data loading."""
+    check_types(cfg)
     if int(cfg["version"]) > CONFIG_VERSION:
         raise InputError(f"recipe version {cfg['version']} is newer than this cfcd ({CONFIG_VERSION})")
     if cfg["stage"] not in (1, 2):
@@ -209,8 +263,13 @@ def validate(cfg: dict) -> None:
     for key in ("global_batch", "micro_batch"):
         if not isinstance(t[key], int) or t[key] < 1:
             raise InputError(f"train.{key} must be a positive integer, got {t[key]!r}")
-    if d["sampler"] not in ("shuffle", "tuple", "class_balanced"):
-        raise InputError(f"data.sampler must be shuffle, tuple or class_balanced, got {d['sampler']!r}")
+    if d["sampler"] not in ("shuffle", "tuple", "class_balanced", "mined"):
+        raise InputError(f"data.sampler must be shuffle, tuple, class_balanced or mined, got {d['sampler']!r}")
+    if d["sampler"] == "mined":
+        size = 2 + int(d["mining"]["nnum"])
+        if t["micro_batch"] % size:
+            raise InputError(f"train.micro_batch {t['micro_batch']} must be a multiple of the mined tuple size {size} "
+                             "(2 + data.mining.nnum)")
     if cfg["stage"] == 2 and d["sampler"] != "tuple":
         raise InputError("stage 2 trains on tuples: set data.sampler: tuple")
     if cfg["stage"] == 2 and not lo["local"]:
@@ -222,8 +281,8 @@ def validate(cfg: dict) -> None:
         raise InputError(f"optim.policy must be cos, steps, exp or constant, got {o['policy']!r}")
     if o["per"] not in ("epoch", "step"):
         raise InputError(f"optim.per must be epoch or step, got {o['per']!r}")
-    if lo["madacos_stats"] not in ("exact", "micro"):
-        raise InputError(f"loss.madacos_stats must be exact or micro, got {lo['madacos_stats']!r}")
+    if lo["batch_stats"] not in ("exact", "micro"):
+        raise InputError(f"loss.batch_stats must be exact or micro, got {lo['batch_stats']!r}")
     if t["amp"] not in ("bf16", "fp16", "none", None, False):
         raise InputError(f"train.amp must be bf16, fp16 or none, got {t['amp']!r}")
     frozen = cfg["model"]["frozen"]
@@ -231,6 +290,24 @@ def validate(cfg: dict) -> None:
         raise InputError(f"model.frozen must be a list of parameter-name prefixes, got {frozen!r}")
     if o["epochs"] < 1:
         raise InputError("optim.epochs must be >= 1")
+
+
+def recipe_summary(path: str | os.PathLike) -> str:
+    """The first sentence of a recipe's leading comment, however many lines it spans."""
+    text = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:].strip()
+        if body.startswith(("cfcd ", "torchrun ")):  # the example commands end the prose
+            break
+        text.append(body)
+    prose = " ".join(t for t in text if t)
+    for end in range(len(prose)):
+        # a sentence ends at ". " (or the end), not inside "e.g." or a file name like s1_8gpu.yaml)
+        if prose[end] == "." and (end + 1 == len(prose) or prose[end + 1] == " ") and not prose[:end].endswith(("e.g", "i.e")):
+            return prose[: end + 1]
+    return prose
 
 
 def dump_config(cfg: dict) -> str:

@@ -1,7 +1,8 @@
 """Classifier confusions for hard-negative tuples: ``landmark_scores.txt`` (``path gt pred score``).
 
 The reference produces it with ``infer.py`` over the training list, which -- because the split
-name contains "train" -- applies random crops and flips to the images being scored (spec §9.4).
+name contains "train" -- applies random crops and flips to the images being scored (CFCD
+``datasets/commondataset.py`` lines 76 and 90).
 Here the stage-1 model sees the **validation transform** (short side -> test size, center crop):
 ``pred`` is the argmax cosine of the classifier and ``score`` its softmax probability with the
 head in eval mode (MadaCos: margin 0, scale from the batch, as the reference's ``infer_model``).
@@ -50,6 +51,7 @@ def write_confusions(cfg: dict, weights: str | os.PathLike, list_path: str | os.
 
     from cfcd.data.training import TrainingDataset, ValTransform, collate, read_labelled_list
     from cfcd.train.distributed import barrier, destroy, init_distributed
+    from cfcd.losses import is_classification_head
     from cfcd.train.trainer import build_head, init_from_checkpoint
 
     import cfcd.models as models
@@ -59,17 +61,15 @@ def write_confusions(cfg: dict, weights: str | os.PathLike, list_path: str | os.
     try:
         dev = dist_info.device
         m = cfg["model"]
-        model = models.create(m["name"], **(m["kwargs"] or {}))
+        model = models.create(m["name"], weights=models.RANDOM_WEIGHTS, **(m["kwargs"] or {}))  # then the checkpoint
         head = build_head(cfg, int(model.embedding_dim))
-        if head is None or not hasattr(head, "weight"):
+        if not is_classification_head(head):
             raise InputError(f"{cfg['name']}: confusions need a classification head (loss.global)")
         report = init_from_checkpoint(model, head, str(weights), strict=False)
         if not any(k.startswith("desc_cls.") for k in report.extra):
             raise InputError(f"{weights}: has no classifier weights (desc_cls.*): cannot predict classes")
         model.to(dev).eval()
         head.to(dev).eval()
-        if hasattr(head, "sync_stats"):
-            head.sync_stats = False
         samples = read_labelled_list(list_path, root, num_classes=int(cfg["loss"]["num_classes"]))
         n, r, w = len(samples), dist_info.rank, dist_info.world_size
         lo, hi = r * n // w, (r + 1) * n // w
@@ -87,7 +87,7 @@ def write_confusions(cfg: dict, weights: str | os.PathLike, list_path: str | os.
             from tqdm import tqdm
 
             bar = tqdm(total=hi - lo, initial=done, desc="confusions", dynamic_ncols=True)
-        with open(part, "a", encoding="utf-8") as fh:
+        with head.local_statistics(), open(part, "a", encoding="utf-8") as fh:  # ranks score different images
             for images, labels, index in loader:
                 images, labels = images.to(dev), labels.to(dev)
                 emb = model.forward_features(images)["global"]

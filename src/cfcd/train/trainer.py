@@ -5,17 +5,20 @@ of ``micro_batch`` samples each, ``G = W * A * micro_batch``):
 
 1. Every rank takes its contiguous slice of global batch ``t`` (:mod:`cfcd.data.samplers`), so
    the step sees the same images whatever W and A are.
-2. MadaCos statistics (``loss.madacos_stats: exact``): the scale and margin come from the
-   median target cosine over the **whole global batch**, as the reference's all_gather over
-   8 x 16 images. With ``A == 1`` they are computed in the training forward (gathered over
+2. Batch statistics (``loss.batch_stats: exact``): an objective whose statistics span the
+   global batch (:attr:`cfcd.losses.Objective.batch_statistics`; MadaCos's median target cosine,
+   which the reference all_gathers over 8 x 16 images) gets them over the **whole global
+   batch**. With ``A == 1`` the objective computes them in the training forward (gathered over
    ranks). With ``A > 1`` a first no-grad forward over the accumulation window (train-mode BN,
-   running statistics restored afterwards) gathers the target cosines and ``log B`` of all G
-   samples, and the training forwards then use these fixed s and m. ``micro`` computes them per
-   micro-batch instead (cheaper, not the reference when ``W * micro_batch < 128``).
-3. Loss per micro-batch: CE (mean over the micro-batch) ``+ local_weight *
-   (reference_batch / micro_batch) * sum_tuples triplet`` divided by A; DDP averages over ranks.
-   With 16-image micro-batches this is exactly the reference's per-GPU loss; the rescaling keeps
-   the objective the same for other micro-batch sizes.
+   running statistics restored afterwards) gives :meth:`~cfcd.losses.Objective.window_statistics`
+   all G samples, and the training forwards then use these fixed statistics. ``micro``
+   computes them per micro-batch instead (cheaper, not the reference when ``W * micro_batch < 128``).
+3. Loss per micro-batch: the global objective (``loss.global``, e.g. the CE of a classification
+   head, a mean over the micro-batch) ``+ local_weight * (reference_batch / micro_batch) *`` the
+   local objective (``loss.local``, CFCD's triplet sum over tuples), divided by A; DDP averages
+   over ranks. With 16-image micro-batches this is exactly the reference's per-GPU loss; the
+   rescaling keeps the objective the same for other micro-batch sizes. Every objective is called
+   the same way (:mod:`cfcd.losses.base`); the trainer names none.
 4. SGD (nesterov) step; the LR follows :mod:`cfcd.train.schedule` (per epoch by default).
 
 Checkpoints (:mod:`cfcd.train.checkpoint`) hold the model with its head, optimizer, sampler and
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cfcd.errors import CfcdError, InputError
+from cfcd.losses import BatchLayout, CosineHead, Objective
 from cfcd.train import checkpoint as ckpt_mod
 from cfcd.train.config import dump_config
 from cfcd.train.distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
@@ -60,7 +65,10 @@ def build_model(cfg: dict) -> nn.Module:
     import cfcd.models as models
 
     m = cfg["model"]
-    model = models.create(m["name"], **(m["kwargs"] or {}))
+    # a training run starts from the embedded weights where the model has them, else from a random
+    # init that model.weights (ImageNet backbone) or model.init may overwrite
+    initial = None if models.has_embedded_weights(m["name"]) else models.RANDOM_WEIGHTS
+    model = models.create(m["name"], weights=initial, **(m["kwargs"] or {}))
     if m["weights"]:
         report = models.load_weights(model, m["weights"], strict=False)
         if report.loaded == 0:
@@ -69,20 +77,19 @@ def build_model(cfg: dict) -> nn.Module:
     return model
 
 
-def build_head(cfg: dict, embedding_dim: int) -> nn.Module | None:
+def build_head(cfg: dict, embedding_dim: int) -> Objective | None:
+    """The global objective ``loss.global`` (None for ``none``)."""
     import cfcd.losses as losses
 
     lo = cfg["loss"]
     name = lo["global"]
     if not name or name == "none":
         return None
-    kwargs = dict(lo["global_kwargs"] or {})
-    if name.lower() in ("madacos", "arcface", "cosface", "curricularface", "dolg_arcface"):
-        kwargs.update(embedding_dim=embedding_dim, num_classes=int(lo["num_classes"]))
-    return losses.create(name, **kwargs)
+    num_classes = None if lo["num_classes"] is None else int(lo["num_classes"])
+    return losses.create_from_recipe(name, lo["global_kwargs"], embedding_dim=embedding_dim, num_classes=num_classes)
 
 
-def build_local_loss(cfg: dict) -> nn.Module | None:
+def build_local_loss(cfg: dict) -> Objective | None:
     import cfcd.losses as losses
 
     lo = cfg["loss"]
@@ -93,7 +100,7 @@ def build_local_loss(cfg: dict) -> nn.Module | None:
 
 def init_from_checkpoint(model: nn.Module, head: nn.Module | None, path: str, *, strict: bool) -> Any:
     """Start from a stage-1 checkpoint (ours or the official ``.pyth``): model weights, and the
-    classifier ``desc_cls.*`` into the loss head (MadaCos weight included)."""
+    classifier ``desc_cls.*`` into the classification head's class weights."""
     import cfcd.models as models
 
     report = models.load_weights(model, path, strict=strict)
@@ -103,7 +110,7 @@ def init_from_checkpoint(model: nn.Module, head: nn.Module | None, path: str, *,
                   if k.startswith(ckpt_mod.HEAD_PREFIX)}
     if head is not None and head_state:
         _load_head(head, head_state, source=str(path))
-    elif head is not None and hasattr(head, "weight"):
+    elif isinstance(head, CosineHead):
         logger.warning("%s: no classifier weights (desc_cls.*): the loss head starts from scratch", path)
     logger.info("init from %s: %s", path, report.summary())
     return report
@@ -143,69 +150,49 @@ def freeze_parameters(model: nn.Module, prefixes) -> int:
 
 
 class TrainModule(nn.Module):
-    """Model + loss head + local loss in one module, so DDP averages every gradient.
+    """Model + global objective + local objective in one module, so DDP averages every gradient.
 
-    ``forward(images, labels, stats=None)`` returns ``(loss, aux)``; ``stats`` is an optional
-    precomputed MadaCos ``(scale, margin)`` pair (the exact global-batch statistics).
+    ``forward(images, labels, batch_stats=None)`` returns ``(loss, aux)``: the weighted sum of
+    the objectives and their statistics (each objective's loss under its ``log_name``).
+    ``batch_stats`` maps a term name (``"global"``, ``"local"``) to the statistics that term's
+    :meth:`~cfcd.losses.Objective.window_statistics` computed over the whole global batch.
     """
 
-    def __init__(self, model: nn.Module, head: nn.Module | None, local_loss: nn.Module | None, *,
-                 global_loss: str, tuple_size: int, local_weight: float, micro_batch: int):
+    def __init__(self, model: nn.Module, head: Objective | None, local_loss: Objective | None, *,
+                 layout: BatchLayout, local_weight: float, micro_batch: int):
         super().__init__()
         self.model, self.head, self.local_loss = model, head, local_loss
-        self.global_loss = (global_loss or "none").lower()
-        self.tuple_size, self.micro_batch = tuple_size, micro_batch
+        self.layout, self.micro_batch = layout, micro_batch
         self.local_scale = float(local_weight) * REFERENCE_MICRO_BATCH / micro_batch
-        self.is_madacos = type(head).__name__ == "MadaCos"
 
-    def embeddings(self, images: torch.Tensor) -> dict:
-        return self.model.forward_features(images)
+    @property
+    def tuple_size(self) -> int | None:
+        """Rows per tuple of the batches (None: independent images)."""
+        return self.layout.tuple_size
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, stats: tuple | None = None):
-        feats = self.model.forward_features(images)
-        emb = feats["global"]
-        aux: dict[str, torch.Tensor] = {}
-        loss = emb.new_zeros((), dtype=torch.float32)
-        if self.head is not None and hasattr(self.head, "weight"):  # classification head
-            if self.is_madacos:
-                cos = self.head.cosine(emb)
-                if stats is None:
-                    st = self.head.statistics(cos, labels)
-                    s, m = st.scale.float(), st.margin.float()
-                    aux.update(scale=st.scale, margin=st.margin, median_cos=st.median_cos)
-                else:
-                    s, m = stats
-                logits = s * cos.scatter_add(1, labels[:, None], (-m).expand(labels.shape[0], 1))
-            else:
-                logits = self.head.logits(emb, labels)
-                aux.update({k: torch.as_tensor(v) for k, v in getattr(self.head, "_stats", {}).items()})
-            ce = F.cross_entropy(logits, labels)
-            aux["loss_ce"] = ce.detach()
-            aux["correct"] = (logits.detach().argmax(1) == labels).sum()
-            loss = loss + ce
-        elif self.global_loss in ("ap", "tap"):
-            d = F.normalize(emb.float(), dim=1)
-            scores = d @ d.t()
-            same = (labels[:, None] == labels[None, :]).float()
-            eye = torch.eye(len(labels), device=d.device, dtype=torch.bool)
-            # each image queries the rest of the batch: drop the diagonal
-            scores = scores[~eye].view(len(labels), -1)
-            same = same[~eye].view(len(labels), -1)
-            ap_loss = self.head(scores, same)
-            aux["loss_ap"] = ap_loss.detach()
-            loss = loss + ap_loss
-        elif self.global_loss in ("contrastive", "triplet"):
-            d = F.normalize(emb.float(), dim=1)
-            tl = self.head(d, self.tuple_size)
-            aux["loss_tuple"] = tl.detach()
-            loss = loss + tl
+    def terms(self) -> list[tuple[str, Objective, float]]:
+        """``(name, objective, weight)`` of every objective of the total loss."""
+        out = []
+        if self.head is not None:
+            out.append(("global", self.head, 1.0))
         if self.local_loss is not None:
-            local = feats.get("local")
-            if local is None:
-                raise CfcdError("the local loss needs a model whose forward_features gives 'local' features")
-            ll = self.local_loss(local.float(), tuple_size=self.tuple_size) * self.local_scale
-            aux["loss_local"] = ll.detach()
-            loss = loss + ll
+            out.append(("local", self.local_loss, self.local_scale))
+        return out
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, batch_stats: dict | None = None):
+        feats = self.model.forward_features(images)
+        aux: dict[str, torch.Tensor] = {}
+        loss = feats["global"].new_zeros((), dtype=torch.float32)
+        for name, objective, weight in self.terms():
+            missing = [k for k in objective.inputs if feats.get(k) is None]
+            if missing:
+                raise CfcdError(f"{type(objective).__name__} needs a model whose forward_features gives {missing}")
+            term, stats = objective.objective(feats, labels, self.layout, (batch_stats or {}).get(name))
+            if weight != 1.0:
+                term = term * weight
+            aux.update(stats)
+            aux[objective.log_name] = term.detach()
+            loss = loss + term
         aux["loss"] = loss.detach()
         return loss, aux
 
@@ -291,8 +278,10 @@ class Trainer:
 
         root = d["root"]
         self.train_list = read_labelled_list(_resolve(d["train_list"], root), root,
-                                             num_classes=int(lo["num_classes"]) if self.head is not None
-                                             and hasattr(self.head, "weight") else None)
+                                             num_classes=int(lo["num_classes"]) if isinstance(self.head, CosineHead)
+                                             else None)
+        if self.dist.is_main and isinstance(self.head, CosineHead):
+            _warn_unused_classes(self.train_list, int(lo["num_classes"]), _resolve(d["train_list"], root))
         transform = TrainTransform(d["im_size"], self.model.preprocess, area_frac=d["area_frac"],
                                    flip=d["flip"], lighting=d["lighting"])
         self.dataset = TrainingDataset(self.train_list, transform, seed=int(t["seed"]))
@@ -302,6 +291,18 @@ class Trainer:
             gt_pred = read_confusions(_resolve(d["confusions"], root), self.train_list) if d["confusions"] else None
             self.sampler = TupleBatchSampler(self.train_list.labels, tuple_size=int(d["tuple_size"]),
                                              gt_pred=gt_pred, **common)
+        elif d["sampler"] == "mined":  # cirtorch: hardest negatives by the current model, every epoch
+            from cfcd.data.mining import HardNegativeMiner, MinedTupleBatchSampler, model_describer, pairs_from_labels
+
+            mi = d["mining"]
+            qpool, ppool = pairs_from_labels(self.train_list.labels, seed=int(t["seed"]))
+            miner = HardNegativeMiner(qpool, ppool, self.train_list.labels, nnum=int(mi["nnum"]), qsize=int(mi["qsize"]),
+                                      poolsize=int(mi["poolsize"]), seed=int(t["seed"]))
+            describe = model_describer(self.model, [self.train_list.full_path(i) for i in range(len(self.train_list))],
+                                       image_size=mi["image_size"], device=str(self.device),
+                                       after=(lambda: set_bn_eval(self.module)) if t["freeze_bn"] else None)
+            self.sampler = MinedTupleBatchSampler(miner, describe, **common)
+            d = dict(d, tuple_size=self.sampler.tuple_size)
         elif d["sampler"] == "class_balanced":
             self.sampler = ClassBalancedBatchSampler(self.train_list.labels,
                                                      images_per_class=int(d["images_per_class"]), **common)
@@ -314,9 +315,9 @@ class Trainer:
             self.head.to(self.device)
         if self.device.type == "cuda" and t["channels_last"]:
             self.model.to(memory_format=torch.channels_last)
-        self.module = TrainModule(self.model, self.head, self.local_loss, global_loss=lo["global"],
-                                  tuple_size=int(d["tuple_size"]), local_weight=float(lo["local_weight"]),
-                                  micro_batch=int(t["micro_batch"]))
+        layout = BatchLayout(tuple_size=getattr(self.sampler, "tuple_size", None))  # tuple samplers only
+        self.module = TrainModule(self.model, self.head, self.local_loss, layout=layout,
+                                  local_weight=float(lo["local_weight"]), micro_batch=int(t["micro_batch"]))
         if self.local_loss is not None:
             self.local_loss.to(self.device)
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -419,33 +420,41 @@ class Trainer:
         return images, labels.to(self.device, non_blocking=nb)
 
     @torch.no_grad()
-    def exact_madacos_stats(self, window: list[tuple[torch.Tensor, torch.Tensor]]):
-        """Scale and margin over the whole global batch, from a no-grad train-mode pre-pass."""
-        cos, labels = [], []
+    def exact_batch_stats(self, window: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict, dict]:
+        """Statistics over the whole global batch of every objective that has them, from a no-grad
+        train-mode pre-pass: ``({term: batch_stats}, report for the log)``."""
+        terms = [(name, obj) for name, obj, _ in self.module.terms() if obj.batch_statistics]
+        if not terms:
+            return {}, {}
+        outputs: dict[str, list] = {name: [] for name, _ in terms}
+        labels = []
         with frozen_bn_buffers(self.model), self._autocast():
             for images, y in window:
-                emb = self.model.forward_features(images)["global"]
-                cos.append(self.head.cosine(emb).float())
+                feats = self.model.forward_features(images)
+                for name, obj in terms:  # keep only what the objective reads
+                    outputs[name].append({k: feats[k] for k in obj.inputs})
                 labels.append(y)
-        st = self.head.statistics(torch.cat(cos), torch.cat(labels))
-        return (st.scale.float(), st.margin.float()), st
+        batch_stats, report = {}, {}
+        for name, obj in terms:
+            batch_stats[name], term_report = obj.window_statistics(outputs[name], labels)
+            report.update(term_report)
+        return batch_stats, report
 
     def train_step(self, window: list[tuple[torch.Tensor, torch.Tensor]], lr: float) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches of a global batch."""
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
         window = [self._to_device(x, y) for x, y in window]
-        stats, st = None, None
-        if (self.module.is_madacos and self.cfg["loss"]["madacos_stats"] == "exact" and len(window) > 1):
-            stats, st = self.exact_madacos_stats(window)
+        batch_stats, report = None, {}
+        if self.cfg["loss"]["batch_stats"] == "exact" and len(window) > 1:
+            batch_stats, report = self.exact_batch_stats(window)
         sums: dict[str, float] = {}
-        n_images = 0
         for k, (images, labels) in enumerate(window):
             sync = k == len(window) - 1
             ctx = self.ddp.no_sync() if (self.dist.distributed and not sync) else contextlib.nullcontext()
             with ctx:
                 with self._autocast():
-                    loss, aux = self.ddp(images, labels, stats)
+                    loss, aux = self.ddp(images, labels, batch_stats or None)
                 scaled = loss / len(window)
                 if self.scaler is not None:
                     self.scaler.scale(scaled).backward()
@@ -453,7 +462,6 @@ class Trainer:
                     scaled.backward()
             for key, v in aux.items():
                 sums[key] = sums.get(key, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
-            n_images += len(labels)
         clip = self.cfg["optim"]["clip_grad"]
         if clip:
             if self.scaler is not None:
@@ -464,15 +472,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        out = {}
-        for key, v in sums.items():
-            if key == "correct":
-                continue
-            out[key] = v / len(window)
-        if "correct" in sums:
-            out["top1"] = sums["correct"] / n_images
-        if st is not None:
-            out.update(scale=st.scale, margin=st.margin, median_cos=st.median_cos)
+        out = {key: v / len(window) for key, v in sums.items()}  # micro-batches are equal-sized
+        out.update(report)
         return out
 
     def _loader(self, sampler, dataset):
@@ -541,6 +542,8 @@ class Trainer:
                 if self._due(cfg["benchmark"]["every"]) and cfg["benchmark"]["datasets"]:
                     metrics.update(self.benchmark())
                 self.state.metrics = metrics
+                if self.dist.is_main:
+                    print(epoch_summary(self.state.epoch, epochs, metrics), file=sys.stderr, flush=True)
                 self.logger.log("epoch", self.state.global_step, {"epoch": self.state.epoch, **metrics})
                 self.save(ckpt_mod.epoch_path(self.out_dir, self.state.epoch))
                 if self.dist.is_main:
@@ -549,6 +552,10 @@ class Trainer:
                 barrier()
             if self.dist.is_main:
                 self.export(self.out_dir / "final")
+                name = self.cfg["model"]["name"]
+                print(f"final weights: {self.out_dir / 'final'} (cfcd extract --model {name} --weights "
+                      f"{self.out_dir / 'final'}; checkpoints in {self.out_dir / 'checkpoints'})",
+                      file=sys.stderr, flush=True)
             barrier()
             return dict(self.state.metrics)
         finally:
@@ -567,15 +574,16 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Top-1 (argmax cosine) and CE of the classification head on the val list (no augmentation).
 
-        The list is split over ranks by stride; MadaCos runs in eval mode (m = 0, batch-dependent
+        The list is split over ranks by stride; the head runs in eval mode (MadaCos: m = 0, batch-dependent
         s as in the reference) without cross-rank statistics. Stage-2 val tuples are not built:
-        the reference's val triplet loss is not comparable across settings anyway (spec §9.14).
+        the reference's val triplet loss (CFCD ``core/trainer.py`` ``test_epoch``) is not comparable
+        across settings anyway.
         """
         from torch.utils.data import DataLoader
 
         from cfcd.data.training import TrainingDataset, ValTransform, collate, read_labelled_list
 
-        if self.head is None or not hasattr(self.head, "weight"):
+        if not isinstance(self.head, CosineHead):
             return {}
         d = self.cfg["data"]
         val = read_labelled_list(_resolve(d["val_list"], d["root"]), d["root"],
@@ -587,22 +595,18 @@ class Trainer:
                    for i in range(0, len(mine), int(self.cfg["train"]["micro_batch"]))]
         loader = DataLoader(ds, batch_sampler=batches, num_workers=int(d["workers"]), collate_fn=collate)
         self.module.eval()
-        sync = getattr(self.head, "sync_stats", None)
-        if sync is not None:
-            self.head.sync_stats = False
         totals = torch.zeros(3, dtype=torch.float64)
         try:
-            for images, labels, _ in loader:
-                images, labels = self._to_device(images, labels)
-                with self._autocast():
-                    emb = self.model.forward_features(images)["global"]
-                logits = self.head.logits(emb, labels).float()
-                totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
-                totals[1] += (logits.argmax(1) == labels).sum().item()
-                totals[2] += len(labels)
+            with self.head.local_statistics():  # only this rank's share: no collective
+                for images, labels, _ in loader:
+                    images, labels = self._to_device(images, labels)
+                    with self._autocast():
+                        emb = self.model.forward_features(images)["global"]
+                    logits = self.head.logits(emb, labels).float()
+                    totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+                    totals[1] += (logits.argmax(1) == labels).sum().item()
+                    totals[2] += len(labels)
         finally:
-            if sync is not None:
-                self.head.sync_stats = sync
             self.module.train()
         if self.dist.distributed:
             totals = all_reduce_sum(totals.to(self.device)).cpu()
@@ -676,6 +680,36 @@ def _resolve(path: str | None, root: str | None) -> str:
     if p.is_file() or p.is_absolute() or root is None:
         return str(p)
     return str(Path(root) / p) if (Path(root) / p).is_file() else str(p)
+
+
+def _warn_unused_classes(train_list, num_classes: int, path) -> None:
+    """A classifier with many more rows than classes in the list wastes memory and dilutes MadaCos."""
+    present = len(set(int(label) for label in train_list.labels))
+    if present < num_classes:
+        message = (f"warning: {path} has {present} classes but loss.num_classes is {num_classes}: "
+                   f"{num_classes - present} classifier rows are never trained (set loss.num_classes={present} "
+                   "if the labels are 0..N-1)")
+        logger.warning(message)
+        print(message, file=sys.stderr, flush=True)
+
+
+def epoch_summary(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
+    """One line per epoch: loss, top-1, MadaCos s and m, validation, benchmark mAP, time."""
+    parts = [f"epoch {epoch}/{epochs}"]
+    if "train_loss" in metrics:
+        parts.append(f"loss {metrics['train_loss']:.4f}")
+    if "train_loss_local" in metrics:
+        parts.append(f"local {metrics['train_loss_local']:.4f}")
+    if "train_top1" in metrics:
+        parts.append(f"top-1 {100 * metrics['train_top1']:.1f}%")
+    if "train_scale" in metrics:
+        parts.append(f"s {metrics['train_scale']:.1f} m {metrics.get('train_margin', float('nan')):.3f}")
+    if "val_top1" in metrics:
+        parts.append(f"val top-1 {100 * metrics['val_top1']:.1f}%")
+    parts += [f"{k[:-4]} mAP {v:.2f}" for k, v in metrics.items() if k.endswith("_mAP")]  # already percent
+    if "epoch_time_s" in metrics:
+        parts.append(f"{metrics['epoch_time_s']:.1f} s ({metrics.get('images_per_s', 0):.1f} img/s)")
+    return "  ".join(parts)
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):

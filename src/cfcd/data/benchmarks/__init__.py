@@ -1,9 +1,10 @@
-"""Benchmark datasets: their official sources, on-disk layout, download and verification.
+"""Benchmark datasets: their official sources, ground truth, on-disk layout, download and verification.
 
 Registry of the datasets that ``cfcd data download|verify|layout`` knows. Each is a
 :class:`BenchmarkDataset` (archives extracted into ``ROOT/<name>/jpg/`` plus small files such
-as the gnd pickle placed in ``ROOT/<name>/``). The layout and the sources are documented in
-:mod:`cfcd.data.benchmarks.revisitop`.
+as the gnd pickle placed in ``ROOT/<name>/``) defined in its own module
+(:mod:`cfcd.data.benchmarks.revisitop`; a new benchmark is one more, see ``docs/extending.md``).
+The revisitop layout and sources are documented in ``docs/revisitop.md``.
 
 Example::
 
@@ -15,31 +16,37 @@ Example::
 
 from __future__ import annotations
 
-from cfcd.data.benchmarks.revisitop import (
+from cfcd.data.benchmarks.base import (
     DATASETS,
-    MIRROR_ENV,
     BenchmarkDataset,
-    DownloadSummary,
     RemoteFile,
+    get_dataset,
+    list_datasets,
+    register_dataset,
+)
+from cfcd.data.benchmarks.install import (
+    MIRROR_ENV,
+    DownloadSummary,
     VerifyReport,
     check_image,
     describe_layout,
     download_dataset,
     expected_for,
-    get_dataset,
-    list_datasets,
     load_manifest,
     manifest_from_download,
     resolve_url,
     verify_dataset,
 )
+from cfcd.data.benchmarks.revisitop import DistractorSet, RevisitopDataset  # registers the built-ins
 
 __all__ = [
     "DATASETS",
     "MIRROR_ENV",
     "BenchmarkDataset",
+    "DistractorSet",
     "DownloadSummary",
     "RemoteFile",
+    "RevisitopDataset",
     "VerifyReport",
     "check_image",
     "describe_layout",
@@ -53,12 +60,3 @@ __all__ = [
     "resolve_url",
     "verify_dataset",
 ]
-
-
-def register_dataset(dataset: BenchmarkDataset, *, overwrite: bool = False) -> BenchmarkDataset:
-    """Add a dataset to the registry (e.g. an in-house benchmark in the revisitop format)."""
-    key = dataset.name.lower()
-    if key in DATASETS and not overwrite:
-        raise ValueError(f"dataset {dataset.name!r} is already registered")
-    DATASETS[key] = dataset
-    return dataset

@@ -1,135 +1,57 @@
 """Revisited Oxford / Paris and the R1M distractors: official sources, layout, download, verify.
 
-Layout (the one of ``revisitop/python/download.py``, with ``ROOT`` = ``--root``)::
-
-    ROOT/
-      roxford5k/
-        jpg/<name>.jpg                 # 5063 images of oxbuild_images-v1.tgz, moved flat
-        gnd_roxford5k.pkl              # imlist (4993), qimlist (70), gnd (bbx, easy, hard, junk)
-        .cfcd-download.json            # cfcd's record: url, size, sha256 of every downloaded file
-        .cfcd-files/<archive>.tsv      # path, size, sha256 of every file extracted from <archive>
-      rparis6k/
-        jpg/<name>.jpg                 # paris_1-v1.tgz + paris_2-v1.tgz, moved flat
-        gnd_rparis6k.pkl               # imlist (6322), qimlist (70), gnd
-        ...
-      revisitop1m/
-        jpg/<path as in the list>      # revisitop1m.<i>.tar.gz, i = 1..100, extracted as they are
-        revisitop1m.txt                # the official list of the 1M distractors, one path per line
-
-An image of roxford5k/rparis6k is ``ROOT/<ds>/jpg/<imlist[i]>.jpg``; a distractor is
-``ROOT/revisitop1m/jpg/<line>`` (the list lines carry their extension).
-
-Official sources (``revisitop`` HEAD ``be39832``). The VGG archives are the "-v1" face-blurred
-versions of the 2022 update; the older URLs without "-v1" are gone:
-
-- ``https://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images-v1.tgz``
-- ``https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_{1,2}-v1.tgz``
-- ``http://cmp.felk.cvut.cz/revisitop/data/datasets/<ds>/gnd_<ds>.pkl``
-- ``http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg/revisitop1m.<i>.tar.gz`` (i = 1..100)
-- ``http://ptak.felk.cvut.cz/revisitop/revisitop1m/revisitop1m.txt``
-
-A mirror (``--base-url URL`` or the environment variable ``CFCD_DATA_MIRROR``) replaces the
-scheme and host of every URL and keeps its path: with ``--base-url http://mirror/data`` the
-Oxford archive is fetched from ``http://mirror/data/~vgg/data/oxbuildings/oxbuild_images-v1.tgz``.
-
-Differences from the original scripts, all deliberate:
-
-- Every download resumes (``<file>.part`` + HTTP Range), retries a bounded number of times,
-  and is checked against the size announced by the server and the manifest (below); the
-  original ``wget`` calls are not checked at all and R1M retries for ever.
-- The images are assembled in ``<ds>/.jpg.partial/`` and renamed to ``jpg/`` only when every
-  archive is extracted, so ``jpg/`` is never half-filled. Each archive is marked done in
-  ``.cfcd-download.json`` once extracted (and then deleted unless ``keep_archives``): an
-  interrupted R1M download resumes at the archive where it stopped.
-- Name clashes when moving flat (the original ``mv -i`` prompts) keep the first file and give
-  a different later one a deterministic name (:func:`cfcd.data.download.clash_name`); all
-  clashes are recorded in ``.cfcd-download.json``.
-- ``revisitop1m.txt`` is fetched whenever it is missing (the MATLAB behaviour; the Python script
-  only fetches it together with the images).
-- An existing ``jpg/`` that cfcd did not create (a manual download) is left alone, as the
-  original does.
-
-Manifest: every file has an expected size and sha256, ``None`` where unknown. The two gnd files
-carry the values of the published files; the archives are unknown from here, so they are
-checked against the server's ``Content-Length`` and their sha256 is recorded for ``verify``.
-``--manifest FILE`` supplies values: a JSON object keyed by file name (or URL), each value
-``{"size": int | null, "sha256": str | null}``; a ``null`` overrides a built-in value.
-:func:`manifest_from_download` writes such a file from a finished download, to share.
+``ROOT/<ds>/jpg/`` holds the images, ``ROOT/<ds>/gnd_<ds>.pkl`` the ground truth; downloads
+resume, are checked against a manifest and never leave ``jpg/`` half-filled. The layout, the
+official URLs, the mirror rule and the differences from ``revisitop/python/download.py`` are in
+``docs/revisitop.md``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import re
-import shutil
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Literal
-from urllib.parse import urlsplit
+from dataclasses import dataclass
+from typing import ClassVar
 
-from cfcd import __version__
-from cfcd.data.download import ArchiveError, download_file, extract_archive
-from cfcd.errors import CfcdError, InputError
-from cfcd.utils.io import atomic_write_json, atomic_write_text, sha256_file
+from cfcd.data.benchmarks.base import BenchmarkDataset, RemoteFile, register_dataset
+from cfcd.errors import InputError
+
+__all__ = ["DistractorSet", "RevisitopDataset"]
 
 VGG_DATA = "https://www.robots.ox.ac.uk/~vgg/data"
 REVISITOP_DATA = "http://cmp.felk.cvut.cz/revisitop/data/datasets"
 REVISITOP1M = "http://ptak.felk.cvut.cz/revisitop/revisitop1m"
-MIRROR_ENV = "CFCD_DATA_MIRROR"
-STATE_FILE = ".cfcd-download.json"
-LOCK_FILE = ".cfcd-download.lock"
-FILE_LISTS_DIR = ".cfcd-files"
-DOWNLOADS_DIR = ".downloads"
-IMAGES_DIR = "jpg"
-STAGING_DIR = ".jpg.partial"
 R1M_ARCHIVES = 100
 
-Role = Literal["images", "gnd", "list"]
+
+@dataclass(frozen=True)
+class RevisitopDataset(BenchmarkDataset):
+    """A revisitop benchmark: ``gnd_<name>.pkl`` (Easy/Medium/Hard), images ``jpg/<name>.jpg``."""
+
+    def ground_truth(self, root: str | os.PathLike):
+        """``ROOT/<name>/gnd_<name>.pkl`` (or the revisitop/cirtorch layouts, :func:`cfcd.data.gnd.find_gnd`)."""
+        from cfcd.data.gnd import find_gnd, load_gnd
+
+        return load_gnd(find_gnd(self.name, root), self.name)
+
+    def image_name(self, name: str) -> str:
+        return f"{name}.jpg"
+
+    def expected_images(self, root: str | os.PathLike) -> list[str]:
+        gt = self.ground_truth(root)
+        return [self.image_name(x) for x in gt.qimlist] + [self.image_name(x) for x in gt.imlist]
 
 
 @dataclass(frozen=True)
-class RemoteFile:
-    """One file of a dataset at its official URL, with its expected size/sha256 (None = unknown)."""
+class DistractorSet(BenchmarkDataset):
+    """Distractor images named by a list file (one path under ``jpg/`` per line, extension included)."""
 
-    url: str
-    role: Role
-    size: int | None = None
-    sha256: str | None = None
+    is_distractor_set: ClassVar[bool] = True
 
-    @property
-    def filename(self) -> str:
-        return PurePosixPath(urlsplit(self.url).path).name
-
-
-@dataclass(frozen=True)
-class BenchmarkDataset:
-    """A benchmark: where its files come from and where they go under ``ROOT/<name>/``."""
-
-    name: str
-    description: str
-    archives: tuple[RemoteFile, ...]      # extracted into jpg/, in this order
-    files: tuple[RemoteFile, ...]         # placed as ROOT/<name>/<filename> (gnd, image list)
-    flatten: bool                         # move every image to the top of jpg/ (Oxford/Paris)
-
-    def dir(self, root: str | os.PathLike) -> Path:
-        return Path(root) / self.name
-
-    def images_dir(self, root: str | os.PathLike) -> Path:
-        return self.dir(root) / IMAGES_DIR
-
-    def file_path(self, root: str | os.PathLike, role: Role) -> Path | None:
-        for item in self.files:
-            if item.role == role:
-                return self.dir(root) / item.filename
-        return None
-
-    @property
-    def is_distractor_set(self) -> bool:
-        return any(item.role == "list" for item in self.files)
+    def expected_images(self, root: str | os.PathLike) -> list[str]:
+        path = self.file_path(root, "list")
+        if path is None or not path.is_file():
+            raise InputError(f"{path}: image list not found; run 'cfcd data download {self.name} --root {root}'")
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # sha256 and size of the published gnd pickles (pickle protocol 3, as served by cmp.felk.cvut.cz).
@@ -144,577 +66,29 @@ def _gnd_file(name: str) -> RemoteFile:
     return RemoteFile(f"{REVISITOP_DATA}/{name}/gnd_{name}.pkl", "gnd", size, sha)
 
 
-DATASETS: dict[str, BenchmarkDataset] = {
-    "roxford5k": BenchmarkDataset(
-        name="roxford5k",
-        description="Revisited Oxford5k: 4993 database images + 70 queries (face-blurred -v1 images)",
-        archives=(RemoteFile(f"{VGG_DATA}/oxbuildings/oxbuild_images-v1.tgz", "images"),),
-        files=(_gnd_file("roxford5k"),),
-        flatten=True,
+register_dataset(RevisitopDataset(
+    name="roxford5k",
+    description="Revisited Oxford5k: 4993 database images + 70 queries (face-blurred -v1 images)",
+    archives=(RemoteFile(f"{VGG_DATA}/oxbuildings/oxbuild_images-v1.tgz", "images"),),
+    files=(_gnd_file("roxford5k"),),
+    flatten=True,
+))
+register_dataset(RevisitopDataset(
+    name="rparis6k",
+    description="Revisited Paris6k: 6322 database images + 70 queries (face-blurred -v1 images)",
+    archives=(
+        RemoteFile(f"{VGG_DATA}/parisbuildings/paris_1-v1.tgz", "images"),
+        RemoteFile(f"{VGG_DATA}/parisbuildings/paris_2-v1.tgz", "images"),
     ),
-    "rparis6k": BenchmarkDataset(
-        name="rparis6k",
-        description="Revisited Paris6k: 6322 database images + 70 queries (face-blurred -v1 images)",
-        archives=(
-            RemoteFile(f"{VGG_DATA}/parisbuildings/paris_1-v1.tgz", "images"),
-            RemoteFile(f"{VGG_DATA}/parisbuildings/paris_2-v1.tgz", "images"),
-        ),
-        files=(_gnd_file("rparis6k"),),
-        flatten=True,
+    files=(_gnd_file("rparis6k"),),
+    flatten=True,
+))
+register_dataset(DistractorSet(
+    name="revisitop1m",
+    description="R1M: 1,001,001 distractor images in 100 tarballs",
+    archives=tuple(
+        RemoteFile(f"{REVISITOP1M}/jpg/revisitop1m.{i}.tar.gz", "images") for i in range(1, R1M_ARCHIVES + 1)
     ),
-    "revisitop1m": BenchmarkDataset(
-        name="revisitop1m",
-        description="R1M: 1,001,001 distractor images in 100 tarballs",
-        archives=tuple(
-            RemoteFile(f"{REVISITOP1M}/jpg/revisitop1m.{i}.tar.gz", "images") for i in range(1, R1M_ARCHIVES + 1)
-        ),
-        files=(RemoteFile(f"{REVISITOP1M}/revisitop1m.txt", "list"),),
-        flatten=False,
-    ),
-}
-
-
-def list_datasets() -> list[str]:
-    return list(DATASETS)
-
-
-def get_dataset(name: str) -> BenchmarkDataset:
-    try:
-        return DATASETS[name.lower()]
-    except KeyError:
-        raise InputError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
-
-
-def resolve_url(url: str, base_url: str | None = None) -> str:
-    """The URL to fetch: ``url`` itself, or its path on the mirror ``base_url`` (or $CFCD_DATA_MIRROR)."""
-    base = base_url if base_url is not None else os.environ.get(MIRROR_ENV) or None
-    if not base:
-        return url
-    parts = urlsplit(url)
-    tail = parts.path + (f"?{parts.query}" if parts.query else "")
-    return base.rstrip("/") + tail
-
-
-# --------------------------------------------------------------------------------------
-# Manifest
-# --------------------------------------------------------------------------------------
-
-_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
-
-
-def load_manifest(path: str | os.PathLike) -> dict[str, dict]:
-    """Read a manifest JSON ``{filename or url: {"size": int|null, "sha256": str|null}}``."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: manifest not found") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable JSON manifest ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: a manifest must be a JSON object keyed by file name")
-    manifest: dict[str, dict] = {}
-    for key, value in data.items():
-        if not isinstance(value, dict) or not set(value) <= {"size", "sha256", "url"}:
-            raise InputError(f"{path}: entry {key!r} must be an object with 'size' and/or 'sha256'")
-        size, sha = value.get("size"), value.get("sha256")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-            raise InputError(f"{path}: entry {key!r}: size must be a non-negative integer or null, got {size!r}")
-        if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha)):
-            raise InputError(f"{path}: entry {key!r}: sha256 must be 64 hex digits or null, got {sha!r}")
-        manifest[key] = {k: value[k] for k in ("size", "sha256") if k in value}
-    return manifest
-
-
-def expected_for(item: RemoteFile, manifest: dict[str, dict] | None) -> tuple[int | None, str | None]:
-    """Expected (size, sha256) of a file: the built-in values overridden by the manifest."""
-    size, sha = item.size, item.sha256
-    if manifest:
-        entry = manifest.get(item.url) or manifest.get(item.filename) or {}
-        size = entry.get("size", size)
-        sha = entry.get("sha256", sha)
-    return size, (sha.lower() if sha else None)
-
-
-def manifest_from_download(root: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, dict]:
-    """A manifest with the size/sha256 recorded by earlier downloads under ``root``."""
-    manifest: dict[str, dict] = {}
-    for name in names or DATASETS:
-        state = _load_state(get_dataset(name).dir(root))
-        for filename, record in sorted(state.get("files", {}).items()):
-            if record.get("sha256"):
-                manifest[filename] = {"size": record.get("size"), "sha256": record["sha256"]}
-    return manifest
-
-
-# --------------------------------------------------------------------------------------
-# Download
-# --------------------------------------------------------------------------------------
-
-
-def _load_state(ds_dir: Path) -> dict:
-    path = ds_dir / STATE_FILE
-    if not path.exists():
-        return {"files": {}}
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CfcdError(f"{path}: unreadable download record ({exc}); delete it to start the download again") from None
-    if not isinstance(state, dict) or not isinstance(state.get("files", {}), dict):
-        raise CfcdError(f"{path}: malformed download record; delete it to start the download again")
-    state.setdefault("files", {})
-    return state
-
-
-def _save_state(ds_dir: Path, state: dict) -> None:
-    state["cfcd_version"] = __version__
-    atomic_write_json(ds_dir / STATE_FILE, state)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-@dataclass
-class DownloadSummary:
-    """What :func:`download_dataset` did."""
-
-    dataset: str
-    dir: Path
-    downloaded: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    extracted_files: int = 0
-    clashes: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-def download_dataset(
-    name: str,
-    root: str | os.PathLike,
-    *,
-    base_url: str | None = None,
-    manifest: dict[str, dict] | None = None,
-    keep_archives: bool = False,
-    retries: int = 5,
-    backoff: float = 2.0,
-    timeout: float = 60.0,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> DownloadSummary:
-    """Download (or complete) one dataset into ``ROOT/<name>/``; see the module docstring.
-
-    Safe to rerun at any time: complete files and extracted archives are skipped, a partial
-    download resumes, a partial extraction restarts from its archive.
-
-    Raises:
-        DownloadError: a file could not be downloaded or does not match its manifest entry.
-        ArchiveError: an archive is corrupt (it is moved to ``<archive>.corrupt`` and the
-            archives already extracted are kept; rerunning downloads it again).
-    """
-    dataset = get_dataset(name)
-    ds_dir = dataset.dir(root)
-    ds_dir.mkdir(parents=True, exist_ok=True)
-    with _download_lock(ds_dir):
-        return _download_locked(dataset, root, ds_dir, base_url=base_url, manifest=manifest,
-                                keep_archives=keep_archives, log=log or (lambda message: None),
-                                fetch=dict(retries=retries, backoff=backoff, timeout=timeout, progress=progress))
-
-
-@contextlib.contextmanager
-def _download_lock(ds_dir: Path):
-    """One ``cfcd data download`` per dataset directory at a time (an advisory file lock)."""
-    path = ds_dir / LOCK_FILE
-    handle = open(path, "a+")
-    try:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory lock, the user must not run two at once
-            yield
-            return
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise CfcdError(f"{path}: another 'cfcd data download' is working on {ds_dir}; "
-                            "wait for it to finish (the lock is released when it exits)") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-    finally:
-        handle.close()
-
-
-def _download_locked(dataset: BenchmarkDataset, root, ds_dir: Path, *, base_url, manifest, keep_archives,
-                     log, fetch) -> DownloadSummary:
-    # Extraction dirs left by a killed run (a clean exit removes its own).
-    for stale in ds_dir.glob(f".{STAGING_DIR}.extract-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    state = _load_state(ds_dir)
-    state["dataset"] = dataset.name
-    summary = DownloadSummary(dataset.name, ds_dir)
-
-    for item in dataset.files:
-        dest = ds_dir / item.filename
-        record = state["files"].get(item.filename, {})
-        if dest.exists() and record.get("sha256"):
-            summary.skipped.append(item.filename)
-            continue
-        size, sha = expected_for(item, manifest)
-        url = resolve_url(item.url, base_url)
-        log(f"{dataset.name}: {'checking' if dest.exists() else 'downloading'} {item.filename} ({url})")
-        result = download_file(url, dest, expected_size=size, expected_sha256=sha, desc=item.filename, **fetch)
-        state["files"][item.filename] = {"url": url, "role": item.role, "size": result.size,
-                                         "sha256": result.sha256, "downloaded_at": _now()}
-        _save_state(ds_dir, state)
-        (summary.skipped if result.skipped else summary.downloaded).append(item.filename)
-
-    images_dir = dataset.images_dir(root)
-    staging = ds_dir / STAGING_DIR
-    downloads = ds_dir / DOWNLOADS_DIR
-    if images_dir.exists():
-        if not state.get("images_complete"):
-            note = (f"{images_dir} exists but was not created by 'cfcd data download': its archives are "
-                    "not downloaded (delete it to download them; 'cfcd data verify' checks it)")
-            summary.notes.append(note)
-            log(f"{dataset.name}: {note}")
-        summary.skipped.extend(a.filename for a in dataset.archives)
-        return summary
-
-    if not staging.exists():
-        # Nothing extracted survives (first run, or jpg/ was deleted): every archive is to do.
-        for item in dataset.archives:
-            state["files"].get(item.filename, {}).pop("extracted", None)
-        state["images_complete"] = False
-        _save_state(ds_dir, state)
-
-    done = sum(bool(state["files"].get(a.filename, {}).get("extracted")) for a in dataset.archives)
-    for index, item in enumerate(dataset.archives, 1):
-        record = state["files"].get(item.filename, {})
-        if record.get("extracted"):
-            summary.skipped.append(item.filename)
-            continue
-        size, sha = expected_for(item, manifest)
-        url = resolve_url(item.url, base_url)
-        archive = downloads / item.filename
-        log(f"{dataset.name}: [{index}/{len(dataset.archives)}] downloading {item.filename} ({url})")
-        result = download_file(url, archive, expected_size=size, expected_sha256=sha, desc=item.filename, **fetch)
-        record = {"url": url, "role": item.role, "size": result.size, "sha256": result.sha256,
-                  "downloaded_at": _now(), "extracted": False}
-        state["files"][item.filename] = record
-        _save_state(ds_dir, state)
-
-        log(f"{dataset.name}: [{index}/{len(dataset.archives)}] extracting {item.filename}")
-        try:
-            extracted = extract_archive(archive, staging, flatten=dataset.flatten, tag=item.filename,
-                                        progress=fetch["progress"])
-        except ArchiveError as exc:
-            corrupt = archive.with_name(archive.name + ".corrupt")
-            os.replace(archive, corrupt)
-            del state["files"][item.filename]
-            _save_state(ds_dir, state)
-            raise ArchiveError(
-                f"{exc}. It was moved to {corrupt}; rerun 'cfcd data download {dataset.name}' to fetch it "
-                f"again (the {done} archive(s) already extracted are kept)"
-            ) from exc
-        listing = "".join(f"{f.path}\t{f.size}\t{f.sha256}\n" for f in extracted.files)
-        list_path = ds_dir / FILE_LISTS_DIR / f"{item.filename}.tsv"
-        atomic_write_text(list_path, listing)
-        record.update(extracted=True, files=len(extracted.files), file_list=f"{FILE_LISTS_DIR}/{list_path.name}",
-                      clashes=extracted.clashes, duplicates=len(extracted.duplicates),
-                      skipped_members=extracted.skipped)
-        _save_state(ds_dir, state)
-        done += 1
-        summary.extracted_files += len(extracted.files)
-        summary.clashes.extend(extracted.clashes)
-        summary.downloaded.append(item.filename)
-        if not keep_archives:
-            archive.unlink()
-
-    staging.mkdir(exist_ok=True)
-    os.rename(staging, images_dir)
-    state["images_complete"] = True
-    state["completed_at"] = _now()
-    _save_state(ds_dir, state)
-    if downloads.exists() and not any(downloads.iterdir()):
-        downloads.rmdir()
-    log(f"{dataset.name}: images complete in {images_dir}")
-    return summary
-
-
-# --------------------------------------------------------------------------------------
-# Verify
-# --------------------------------------------------------------------------------------
-
-
-def check_image(path: str | os.PathLike, *, decode: bool = False) -> str | None:
-    """Why an image file is unreadable, or None if Pillow opens and verifies it.
-
-    ``decode=True`` also decodes the pixels, which catches truncated JPEG data that
-    ``Image.verify`` (a header/structure check) lets through.
-    """
-    from PIL import Image
-
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file"
-        with Image.open(path) as image:
-            image.verify()
-        if decode:
-            with Image.open(path) as image:
-                image.load()
-    except Exception as exc:  # any failure of the decoder makes the file unusable
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-@dataclass
-class VerifyReport:
-    """Result of :func:`verify_dataset`; ``ok`` is False if something required is missing or broken."""
-
-    dataset: str
-    dir: str
-    ok: bool = True
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)              # required images (or listed distractors)
-    unreadable: list[dict] = field(default_factory=list)          # {"path", "reason"}
-    changed: list[dict] = field(default_factory=list)             # {"path", "reason"} vs the download record
-    extra: list[str] = field(default_factory=list)                # files found but not listed
-    examples: int = 10
-
-    def error(self, message: str) -> None:
-        self.ok = False
-        self.errors.append(message)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def summary(self) -> str:
-        status = "OK" if self.ok else "FAILED"
-        lines = [f"{self.dataset} ({self.dir}): {status}"]
-        lines += [f"  {key}: {value}" for key, value in self.counts.items()]
-        for message in self.errors:
-            lines.append(f"  error: {message}")
-        for message in self.warnings:
-            lines.append(f"  warning: {message}")
-        return "\n".join(lines)
-
-
-def _examples(items: list, n: int) -> str:
-    shown = ", ".join(str(x) for x in items[:n])
-    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
-
-
-def _scan_images(images_dir: Path, recursive: bool) -> list[str]:
-    if not recursive:
-        return sorted(e.name for e in os.scandir(images_dir) if e.is_file() and not e.name.startswith("."))
-    found = []
-    for dirpath, dirnames, filenames in os.walk(images_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(images_dir).as_posix()
-        prefix = "" if rel == "." else rel + "/"
-        found.extend(prefix + f for f in filenames if not f.startswith("."))
-    return sorted(found)
-
-
-def _recorded_files(ds_dir: Path, state: dict) -> dict[str, tuple[int, str]]:
-    recorded: dict[str, tuple[int, str]] = {}
-    for record in state.get("files", {}).values():
-        listing = record.get("file_list")
-        if not listing or not (ds_dir / listing).exists():
-            continue
-        for line in (ds_dir / listing).read_text(encoding="utf-8").splitlines():
-            parts = line.split("\t")
-            if len(parts) == 3 and parts[1].isdigit():
-                recorded[parts[0]] = (int(parts[1]), parts[2])
-    return recorded
-
-
-def verify_dataset(
-    name: str,
-    root: str | os.PathLike,
-    *,
-    check_images: bool = True,
-    decode: bool = False,
-    checksums: bool = False,
-    strict: bool = False,
-    workers: int = 8,
-    examples: int = 10,
-    progress: bool = False,
-) -> VerifyReport:
-    """Check ``ROOT/<name>/`` against its ground truth (or list) and the download record.
-
-    Errors (``ok=False``): the gnd/list file or ``jpg/`` missing, a gnd or query image
-    missing or unreadable, a file whose size (or sha256 with ``checksums``) differs from what
-    was extracted or downloaded. For R1M the list and the tarballs are known to disagree, so
-    listed-but-missing and unreadable distractors are warnings unless ``strict``.
-    """
-    from tqdm.auto import tqdm
-
-    dataset = get_dataset(name)
-    ds_dir = dataset.dir(root)
-    report = VerifyReport(dataset.name, str(ds_dir), examples=examples)
-    if not ds_dir.is_dir():
-        report.error(f"{ds_dir} not found; run 'cfcd data download {dataset.name} --root {root}'")
-        return report
-    try:
-        state = _load_state(ds_dir)
-    except CfcdError as exc:
-        report.warnings.append(str(exc))
-        state = {"files": {}}
-
-    # The small downloaded files: present, parseable, unchanged since the download.
-    for item in dataset.files:
-        path = ds_dir / item.filename
-        if not path.exists():
-            report.error(f"{path} is missing (required)")
-            continue
-        record = state["files"].get(item.filename, {})
-        known = record.get("sha256") or item.sha256
-        if known and sha256_file(path) != known:
-            source = "the download record" if record.get("sha256") else "the published file"
-            report.error(f"{path}: sha256 differs from {source} (corrupted or replaced since)")
-    images_dir = dataset.images_dir(root)
-    if not images_dir.is_dir():
-        report.error(f"{images_dir} is missing (required)")
-        return report
-    if (ds_dir / STAGING_DIR).exists():
-        report.warnings.append(f"{ds_dir / STAGING_DIR} exists: an interrupted download; rerun 'cfcd data download'")
-
-    found = _scan_images(images_dir, recursive=not dataset.flatten)
-    found_set = set(found)
-    report.counts["files_found"] = len(found)
-
-    if dataset.is_distractor_set:
-        list_path = dataset.file_path(root, "list")
-        if list_path is None or not list_path.exists():
-            return report
-        listed = [line.strip() for line in list_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        listed_set = set(listed)
-        report.counts["distractors_listed"] = len(listed)
-        report.counts["distractors_found"] = len(found)
-        missing = [x for x in listed if x not in found_set]
-        extra = [x for x in found if x not in listed_set]
-        required = [x for x in listed if x in found_set]
-        report.counts["listed_not_found"] = len(missing)
-        report.counts["found_not_listed"] = len(extra)
-        report.missing, report.extra = missing, extra
-        if missing or extra:
-            message = (f"the list names {len(listed)} distractors and {len(found)} files were found: "
-                       f"{len(missing)} listed but not found ({_examples(missing, examples)}), "
-                       f"{len(extra)} found but not listed ({_examples(extra, examples)})")
-            if strict and missing:
-                report.error(message)
-            else:
-                report.warnings.append(message)
-    else:
-        gnd_path = dataset.file_path(root, "gnd")
-        if gnd_path is None or not gnd_path.exists():
-            return report
-        from cfcd.data.gnd import load_gnd
-
-        try:
-            gt = load_gnd(gnd_path, dataset.name)
-        except CfcdError as exc:
-            report.error(str(exc))
-            return report
-        wanted = [f"{x}.jpg" for x in gt.qimlist] + [f"{x}.jpg" for x in gt.imlist]
-        report.counts["queries"] = len(gt.qimlist)
-        report.counts["database"] = len(gt.imlist)
-        missing = [x for x in wanted if x not in found_set]
-        wanted_set = set(wanted)
-        extra = [x for x in found if x not in wanted_set]
-        required = [x for x in wanted if x in found_set]
-        report.counts["missing"] = len(missing)
-        report.counts["not_in_gnd"] = len(extra)
-        report.missing, report.extra = missing, extra
-        if missing:
-            hint = ""
-            if any(entry.is_dir() for entry in os.scandir(images_dir)):
-                hint = " (jpg/ has subdirectories: the images must be directly in jpg/, as the download puts them)"
-            report.error(f"{len(missing)} of the {len(wanted)} images named in {gnd_path.name} are missing "
-                         f"from {images_dir}: {_examples(missing, examples)}{hint}")
-        if extra:
-            report.warnings.append(f"{len(extra)} files in {images_dir} are not in {gnd_path.name} "
-                                   f"(not used by the benchmark): {_examples(extra, examples)}")
-
-    # Files changed since extraction (size always, sha256 with checksums=True).
-    recorded = _recorded_files(ds_dir, state)
-    if recorded:
-        def changed(rel: str) -> dict | None:
-            size, sha = recorded[rel]
-            path = images_dir / rel
-            actual = path.stat().st_size
-            if actual != size:
-                return {"path": rel, "reason": f"size {actual} != {size} extracted"}
-            if checksums and sha256_file(path) != sha:
-                return {"path": rel, "reason": "sha256 differs from the extracted file"}
-            return None
-
-        targets = [x for x in found if x in recorded]
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            results = pool.map(changed, targets, chunksize=64)
-            report.changed = [r for r in tqdm(results, total=len(targets), desc="sizes", disable=not progress) if r]
-        if report.changed:
-            report.error(f"{len(report.changed)} files differ from what was extracted: "
-                         f"{_examples([c['path'] for c in report.changed], examples)}")
-
-    if check_images:
-        targets = required + (extra if not dataset.is_distractor_set else [])
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            reasons = pool.map(lambda rel: check_image(images_dir / rel, decode=decode), targets, chunksize=16)
-            for rel, reason in zip(targets, tqdm(reasons, total=len(targets), desc="images", disable=not progress)):
-                if reason is not None:
-                    report.unreadable.append({"path": rel, "reason": reason})
-        report.counts["checked"] = len(targets)
-        report.counts["unreadable"] = len(report.unreadable)
-        needed = set(required)
-        bad_needed = [u for u in report.unreadable if u["path"] in needed]
-        bad_other = [u for u in report.unreadable if u["path"] not in needed]
-        if bad_needed:
-            text = "; ".join(f"{u['path']} ({u['reason']})" for u in bad_needed[:examples])
-            message = f"{len(bad_needed)} unreadable images: {text}"
-            if dataset.is_distractor_set and not strict:
-                report.warnings.append(message)
-            else:
-                report.error(message)
-        if bad_other:
-            text = "; ".join(f"{u['path']} ({u['reason']})" for u in bad_other[:examples])
-            report.warnings.append(f"{len(bad_other)} unreadable files outside the ground truth: {text}")
-    return report
-
-
-# --------------------------------------------------------------------------------------
-# Layout
-# --------------------------------------------------------------------------------------
-
-
-def describe_layout(root: str | os.PathLike, names: Iterable[str] | None = None) -> str:
-    """Where every file of the datasets is expected under ``root``, and what is there now."""
-    root = Path(root)
-    lines = [f"benchmark data root: {root}"]
-    for name in names or DATASETS:
-        dataset = get_dataset(name)
-        ds_dir = dataset.dir(root)
-        lines.append(f"\n{dataset.name}: {dataset.description}")
-        for item in dataset.files:
-            path = ds_dir / item.filename
-            lines.append(f"  {path}  [{'present' if path.exists() else 'missing'}]  <- {item.url}")
-        images_dir = dataset.images_dir(root)
-        if images_dir.is_dir():
-            n = len(_scan_images(images_dir, recursive=not dataset.flatten))
-            status = f"present, {n} files"
-        elif (ds_dir / STAGING_DIR).exists():
-            status = "incomplete download in " + STAGING_DIR
-        else:
-            status = "missing"
-        layout = "flat" if dataset.flatten else "as in the archives"
-        lines.append(f"  {images_dir}/  [{status}]  ({layout})")
-        sources = dataset.archives
-        if len(sources) <= 2:
-            lines += [f"    <- {a.url}" for a in sources]
-        else:
-            lines.append(f"    <- {sources[0].url} ... {sources[-1].filename} ({len(sources)} archives)")
-    return "\n".join(lines)
-
+    files=(RemoteFile(f"{REVISITOP1M}/revisitop1m.txt", "list"),),
+    flatten=False,
+))

@@ -1,0 +1,82 @@
+"""``cfcd serve``: the search service and web page over an index (and a benchmark).
+
+Examples::
+
+    cfcd serve out/index --images photos/
+    cfcd serve demo/index --gnd demo/benchmark/gnd_demo.pkl           # + the benchmark view
+    cfcd serve idx_new --gnd gnd_roxford5k.pkl --compare idx_old       # + the comparison
+
+The model, preprocessing, scales and crop rule are read from the index's source-store meta, so a
+query is described exactly as the database was.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", type=Path, help="index directory from 'cfcd index build' (or a descriptor store)")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="root of the database images (default: where the store's images were read from)")
+    m = parser.add_argument_group("model (default: the one recorded in the index's meta)")
+    m.add_argument("--model", default=None, help="registry name; refused when it is not the index's model")
+    m.add_argument("--weights", default=None, help="weights file of --model (checked against the index's meta)")
+    m.add_argument("--whiten", default=None, help="the whitening file of a whitened index (queries get it too)")
+    m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b = parser.add_argument_group("benchmark view")
+    b.add_argument("--gnd", type=Path, default=None, help="revisitop ground truth gnd_<ds>.pkl of the indexed database")
+    b.add_argument("--queries", type=Path, default=None,
+                   help="query descriptor store for --gnd (default: the queries are described at start-up and cached)")
+    b.add_argument("--compare", type=Path, default=None, metavar="OTHER_INDEX_DIR",
+                   help="a second index of the same database (another model): side-by-side benchmark")
+    b.add_argument("--compare-weights", default=None, help="weights of the second index's model (default: its meta)")
+    b.add_argument("--compare-queries", type=Path, default=None, help="query store of the second model")
+    s = parser.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    s.add_argument("--cache-dir", type=Path, default=None,
+                   help="thumbnails, uploads and benchmark query stores (default ~/.cache/cfcd/serve/<index>)")
+    s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
+    s.add_argument("--max-upload-pixels", type=int, default=40_000_000,
+                   help="largest decoded upload in pixels (default 40M); larger images are refused unread")
+    s.add_argument("--workers-queue", type=int, default=32,
+                   help="searches that may wait for the model before the server answers 503 (default 32)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from cfcd.cli.extract import resolve_device
+    from cfcd.errors import InputError
+    from cfcd.serve.app import ServeConfig, create_app, load_state
+    from cfcd.serve.service import Limits
+
+    try:
+        import uvicorn
+    except ImportError:  # pragma: no cover - the serve extra installs it
+        raise InputError("cfcd serve needs FastAPI and uvicorn: pip install 'cfcd[serve]'") from None
+    if args.max_upload_mb <= 0 or args.max_upload_pixels <= 0 or args.workers_queue <= 0:
+        raise InputError("--max-upload-mb, --max-upload-pixels and --workers-queue must be positive")
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_upload_pixels=args.max_upload_pixels,
+                    max_waiting=args.workers_queue)
+    config = ServeConfig(
+        index=args.index, images=args.images, model=args.model, weights=args.weights, whiten=args.whiten,
+        gnd=args.gnd, queries=args.queries, compare=args.compare, compare_weights=args.compare_weights,
+        compare_queries=args.compare_queries, device=resolve_device(args.device), cache_dir=args.cache_dir,
+        limits=limits,
+    )
+    state = load_state(config, log=lambda message: print(message, file=sys.stderr))
+    health = state.service.health()
+    print(f"serving {args.index} ({health['index_type']}, {health['count']} x {health['dim']}, model {health['model']}); "
+          f"images: {state.service.images.root or 'none (pass --images ROOT for thumbnails)'}; "
+          f"cache: {state.service.cache_dir}", file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"WARNING: listening on {args.host}: there is no authentication; anyone who can reach this "
+              "address can search the index and see its images", file=sys.stderr)
+    app = create_app(config, state=state)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"open http://{host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
