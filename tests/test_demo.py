@@ -99,8 +99,9 @@ def test_tiny_demo_end_to_end_report_summary_resume_and_checkpoint(tmp_path):
     pretrained = cfcd.models.create(MODEL)
     changed = [k for k, v in tuned.state_dict().items() if not np.array_equal(v.numpy(), pretrained.state_dict()[k].numpy())]
     assert changed and not any(k.startswith("backbone.blocks.0.") for k in changed)  # frozen stage unchanged
-    index = open_index(out / "index")
-    assert len(index) == len(load_gnd(out / "data/benchmarks/demo/gnd_demo.pkl", "demo").imlist)
+    n_database = len(load_gnd(out / "data/benchmarks/demo/gnd_demo.pkl", "demo").imlist)
+    assert len(open_index(out / "index")) == len(open_index(out / "index_before")) == n_database
+    assert "--compare " in page
 
     # rerun with the same --out: every step is found done, the figures are the same
     log = io.StringIO()

@@ -270,8 +270,9 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     index = build_index(out / "stores" / "after" / "database", "flat", out=out / "index")
     k = 8
     hits = {}
-    for name, res, idx in (("before", before, None), ("after", after, index)):
-        idx = idx or build_index(out / "stores" / name / "database", "flat")
+    # the pretrained model's index too, so that `cfcd serve --compare` shows both side by side
+    index_before = build_index(out / "stores" / "before" / "database", "flat", out=out / "index_before")
+    for name, idx in (("before", index_before), ("after", index)):
         hits[name] = _search(idx, out / "stores" / name / "queries", k)
     shown = hits["after"]
     for qid in list(shown)[:3]:
@@ -449,5 +450,8 @@ def reproduce_commands(out: Path, m: Mode, over1: dict, over2: dict) -> dict[str
                           f"--database {st['after'] / 'database'}",
         "index": f"cfcd index build {st['after'] / 'database'} --type flat --out {out / 'index'}",
         "search": f"cfcd search {out / 'index'} --queries {st['after'] / 'queries'} --k 10",
-        "serve": f"cfcd serve {out / 'index'} --images {bench / 'demo' / 'jpg'} --gnd {gnd}",
+        "index_before": f"cfcd index build {st['before'] / 'database'} --type flat --out {out / 'index_before'}",
+        "serve": f"cfcd serve {out / 'index'} --images {bench / 'demo' / 'jpg'} --gnd {gnd} "
+                 f"--queries {st['after'] / 'queries'} --compare {out / 'index_before'} "
+                 f"--compare-queries {st['before'] / 'queries'}",
     }
