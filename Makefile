@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cfcd-installed
 
-.PHONY: demo test install selfcheck clean-venv chromium
+.PHONY: demo demo-quick test install selfcheck clean-venv chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo's photos: scikit-image and scikit-learn's, plus Debian's opencv-doc examples (real
+# multi-view pairs) where apt is available and we are root; the demo works without them.
+OPENCV_DATA := /usr/share/doc/opencv-doc/examples/data
+DEMO_ARGS ?=
+
 demo: $(STAMP)
-	$(BIN)/cfcd demo
+	@if [ ! -e $(OPENCV_DATA)/graf1.png ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	    && apt-cache show opencv-doc >/dev/null 2>&1; then \
+	  echo "installing opencv-doc (real multi-view photos for the demo)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends opencv-doc >/dev/null \
+	    || echo "opencv-doc could not be installed: the demo uses fewer photos"; \
+	fi
+	$(BIN)/cfcd demo $(DEMO_ARGS)
+
+demo-quick:
+	$(MAKE) demo DEMO_ARGS=--quick
 
 selfcheck: $(STAMP)
 	$(BIN)/cfcd selfcheck

@@ -287,13 +287,13 @@ def test_checkpoint_is_weights_only_and_rejects_foreign_files(tmp_path):
 
 
 def test_benchmark_hook_evaluates_a_revisitop_layout(data, tmp_path):
-    from cfcd.demo import build_demo_benchmark
+    from cfcd.demo.data import Sizes, build_demo_data
 
-    demo = tmp_path / "demo"
-    build_demo_benchmark(demo, max_side=96)
+    demo = build_demo_data(tmp_path / "demo", Sizes(max_side=96, train_views=1, max_test=3, max_train=2,
+                                                    max_val=2, max_distractors=2))
     cfg = H.tiny_config(data, tmp_path / "bh", optim={"epochs": 1}, data={"val_list": None},
                         train={"max_steps_per_epoch": 2},
-                        benchmark={"datasets": ["demo"], "root": str(demo), "every": 1, "scales": [1.0],
+                        benchmark={"datasets": ["demo"], "root": str(demo.benchmarks), "every": 1, "scales": [1.0],
                                    "max_size": 96})
     metrics = train(cfg, resume=False)
     assert {"demo_easy_mAP", "demo_medium_mAP", "demo_hard_mAP"} <= set(metrics)

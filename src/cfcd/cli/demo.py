@@ -1,31 +1,67 @@
-"""``cfcd demo``: the offline end-to-end demo on the embedded pretrained backbone."""
+"""``cfcd demo``: the offline first run -- benchmark, baseline, CFCD fine-tuning, index, report.
+
+    cfcd demo [--out DIR] [--quick | --tiny] [--seed N]
+    cfcd demo --images DIR --query PHOTO [--k 10] [--cache DIR]
+
+The first form builds a small benchmark and a disjoint training list from real photos shipped by
+installed packages, evaluates the embedded pretrained model, fine-tunes it with CFCD (MadaCos
+stage 1, confusions, local-triplet stage 2), evaluates again, builds a FAISS index and writes
+DIR/report.html and DIR/summary.json. Rerun with the same --out to resume an interrupted demo.
+The second form searches your own photos; their index is kept in a cache (--cache, $CFCD_CACHE
+or $XDG_CACHE_HOME/cfcd) and updated incrementally.
+"""
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+
+DEFAULT_OUT = "cfcd-demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="gem_efficientnet_lite2",
-                        help="registry name (default: the embedded gem_efficientnet_lite2)")
-    parser.add_argument("--workdir", help="where to write the benchmark, stores and index (default: a temp dir)")
-    parser.add_argument("--scales", default="cfcd", help="scale preset or list (default: the CFCD 5 scales)")
-    parser.add_argument("--images", help="your own photos: a directory to index instead of the built-in benchmark")
-    parser.add_argument("--query", help="with --images: the query photo")
-    parser.add_argument("--k", type=int, default=5, help="results to show per query")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__
+    g = parser.add_argument_group("the demo")
+    g.add_argument("--out", default=None, help=f"demo directory: data, stores, checkpoints, index, report "
+                                                f"(default ./{DEFAULT_OUT}; rerun to resume)")
+    size = g.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", const="quick", dest="mode",
+                      help="smaller photos, 2 scales, shorter training (under 3 minutes on 2 cores)")
+    size.add_argument("--tiny", action="store_const", const="tiny", dest="mode",
+                      help="a few photos and one short epoch per stage (the test suite's run)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the free cores, from the load average)")
+    g.add_argument("--overwrite", action="store_true", help="start a demo directory again from scratch")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = parser.add_argument_group("your own photos")
+    g.add_argument("--images", help="a folder of photos to index (incrementally, in the cache)")
+    g.add_argument("--query", help="with --images: the query photo")
+    g.add_argument("--k", type=int, default=10, help="results to show (default 10)")
+    g.add_argument("--cache", help="cache directory (default $CFCD_CACHE, else $XDG_CACHE_HOME/cfcd or ~/.cache/cfcd)")
+    g.add_argument("--model", default="gem_efficientnet_lite0", help="registry name (default gem_efficientnet_lite0)")
+    g.add_argument("--scales", default="cfcd", help="scale preset or list (default: the CFCD 5 scales)")
+    g.add_argument("--max-size", type=int, default=1024, help="cap the longer side of every photo (default 1024)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cfcd.demo import run_benchmark_demo, run_own_photos_demo
     from cfcd.errors import InputError
 
-    if bool(args.images) != bool(args.query):
-        raise InputError("--images and --query go together (index your photos, then rank them for the query)")
-    with tempfile.TemporaryDirectory(prefix="cfcd-demo-") as tmp:
-        workdir = args.workdir or tmp
-        if args.images:
-            run_own_photos_demo(args.images, args.query, workdir, model_name=args.model, scales=args.scales, k=args.k)
-        else:
-            run_benchmark_demo(workdir, model_name=args.model, scales=args.scales, k=args.k, keep=bool(args.workdir))
+    if args.images or args.query:
+        if not (args.images and args.query):
+            raise InputError("--images and --query go together (index your photos, then rank them for the query)")
+        if args.mode or args.out:
+            raise InputError("--images/--query search your photos; --out/--quick/--tiny are for the built-in demo")
+        if args.k < 1:
+            raise InputError(f"--k must be >= 1, got {args.k}")
+        from cfcd.demo.photos import search_photos
+
+        search_photos(args.images, args.query, model_name=args.model, scales=args.scales,
+                      max_size=args.max_size, k=args.k, cache=args.cache, progress=not args.no_progress)
+        return 0
+
+    from cfcd.demo.pipeline import run_demo
+
+    run_demo(args.out or DEFAULT_OUT, mode=args.mode or "full", seed=args.seed, overwrite=args.overwrite,
+             threads=args.threads, progress=not args.no_progress)
     return 0

@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
         "init": None,           # checkpoint to start from: ours (dir/.pt) or the official .pyth,
                                 # incl. the classifier weight (desc_cls.weight) -> loss head
         "strict": False,        # strict key matching when loading `init`
+        "frozen": [],           # parameter-name prefixes kept fixed (e.g. backbone.blocks.0 for an
+                                # early stage); their BN layers still follow train.freeze_bn
     },
     "loss": {
         "global": "madacos",    # madacos | arcface | cosface | curricularface | ap | none
@@ -283,6 +285,9 @@ def validate(cfg: dict) -> None:
         raise InputError(f"loss.batch_stats must be exact or micro, got {lo['batch_stats']!r}")
     if t["amp"] not in ("bf16", "fp16", "none", None, False):
         raise InputError(f"train.amp must be bf16, fp16 or none, got {t['amp']!r}")
+    frozen = cfg["model"]["frozen"]
+    if not isinstance(frozen, (list, tuple)) or not all(isinstance(f, str) and f for f in frozen):
+        raise InputError(f"model.frozen must be a list of parameter-name prefixes, got {frozen!r}")
     if o["epochs"] < 1:
         raise InputError("optim.epochs must be >= 1")
 

@@ -129,6 +129,27 @@ def _load_head(head: nn.Module, state: dict, *, source: str) -> None:
     head.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}})
 
 
+def freeze_parameters(model: nn.Module, prefixes) -> int:
+    """``requires_grad = False`` for the parameters whose name starts with one of ``prefixes``;
+    returns how many tensors were frozen. A prefix that matches nothing is an error (a typo
+    would otherwise silently train everything)."""
+    prefixes = tuple(prefixes or ())
+    if not prefixes:
+        return 0
+    names = [n for n, _ in model.named_parameters()]
+    unused = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+    if unused:
+        raise InputError(f"model.frozen: no parameter of the model starts with {unused} "
+                         f"(parameters look like {names[0]!r}, {names[-1]!r})")
+    count = 0
+    for name, param in model.named_parameters():
+        if name.startswith(prefixes):
+            param.requires_grad_(False)
+            count += 1
+    logger.info("frozen: %d parameter tensors under %s", count, list(prefixes))
+    return count
+
+
 class TrainModule(nn.Module):
     """Model + global objective + local objective in one module, so DDP averages every gradient.
 
@@ -254,6 +275,7 @@ class Trainer:
         self.local_loss = build_local_loss(cfg)
         if cfg["model"]["init"]:
             init_from_checkpoint(self.model, self.head, cfg["model"]["init"], strict=bool(cfg["model"]["strict"]))
+        freeze_parameters(self.model, cfg["model"]["frozen"])
 
         root = d["root"]
         self.train_list = read_labelled_list(_resolve(d["train_list"], root), root,

@@ -1,0 +1,229 @@
+"""Search your own photos: ``cfcd demo --images DIR --query PHOTO``.
+
+The folder is indexed once into a persistent cache and then kept up to date incrementally: a
+rerun describes only the files that are new or changed (size or modification time), drops the
+removed ones and rebuilds the FAISS index, so the second query takes seconds.
+
+Cache location: ``--cache DIR`` if given, else ``$CFCD_CACHE``, else ``$XDG_CACHE_HOME/cfcd``,
+else ``~/.cache/cfcd``; inside it ``photos/<folder-hash>-<model>/`` holds
+
+* ``catalog.json``: every file's size, mtime, and where its descriptor is (or why it failed);
+* ``parts/NNNN/``: descriptor stores, one per update (the store format of ``cfcd extract``);
+* ``index/``: a ``cfcd index build`` flat index over the current files (``cfcd search`` works on it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cfcd.errors import InputError
+from cfcd.utils.io import atomic_write_json
+
+DEFAULT_MODEL = "gem_efficientnet_lite0"
+CATALOG = "catalog.json"
+
+
+def cache_root(explicit: str | os.PathLike | None = None) -> Path:
+    """``explicit``, ``$CFCD_CACHE``, ``$XDG_CACHE_HOME/cfcd`` or ``~/.cache/cfcd``."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("CFCD_CACHE"):
+        return Path(os.environ["CFCD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cfcd"
+
+
+def library_dir(images: Path, model_name: str, cache: str | os.PathLike | None = None) -> Path:
+    key = hashlib.sha256(str(images.resolve()).encode()).hexdigest()[:16]
+    return cache_root(cache) / "photos" / f"{key}-{model_name}"
+
+
+@dataclass
+class UpdateSummary:
+    added: int
+    changed: int
+    removed: int
+    failed: int
+    total: int
+    seconds: float
+
+
+class PhotoLibrary:
+    """A folder of photos, its descriptors and its index, kept in sync incrementally."""
+
+    def __init__(self, images: str | os.PathLike, *, model_name: str = DEFAULT_MODEL, scales="cfcd",
+                 max_size: int | None = 1024, cache: str | os.PathLike | None = None, progress: bool = True):
+        from cfcd.extract import ExtractOptions, parse_scales
+
+        self.images = Path(images)
+        if not self.images.is_dir():
+            raise InputError(f"{self.images}: not a directory of photos")
+        self.model_name = model_name
+        self.options = ExtractOptions(scales=parse_scales(scales), max_size=max_size, progress=progress,
+                                      workers=min(2, os.cpu_count() or 1))
+        self.dir = library_dir(self.images, model_name, cache)
+        self._model = None
+        self.catalog = self._read_catalog()
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def settings(self) -> dict:
+        return {"model": self.model_name, "options": self.options.settings(), "folder": str(self.images.resolve())}
+
+    def _read_catalog(self) -> dict:
+        path = self.dir / CATALOG
+        fresh = {"settings": self.settings, "files": {}, "next_part": 0}
+        if not path.is_file():
+            return fresh
+        try:
+            catalog = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            catalog = None
+        if not catalog or json.loads(json.dumps(self.settings)) != catalog.get("settings"):
+            # other model or extraction settings: this cache cannot be reused, start it again
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return fresh
+        return catalog
+
+    @property
+    def model(self):
+        if self._model is None:
+            import cfcd.models
+
+            self._model = cfcd.models.create(self.model_name)
+        return self._model
+
+    # -- update -----------------------------------------------------------------------------
+    def update(self, say=print):
+        """Describe new or changed files, drop removed ones, rebuild the index; returns the index."""
+        from cfcd.data.lists import ImageList, scan_directory
+        from cfcd.extract import extract_to_store
+
+        t0 = time.perf_counter()
+        listing = scan_directory(self.images, id_rule="path")
+        files = self.catalog["files"]
+        current = {}
+        for rel, path in zip(listing.ids, listing.paths):
+            st = path.stat()
+            current[rel] = (st.st_size, st.st_mtime_ns)
+        removed = [rel for rel in files if rel not in current]
+        todo = [rel for rel, sig in current.items()
+                if rel not in files or (files[rel]["size"], files[rel]["mtime_ns"]) != sig]
+        changed = sum(rel in files for rel in todo)
+        for rel in removed:
+            del files[rel]
+        failed = 0
+        if todo:
+            say(f"describing {len(todo)} new or changed photo(s) of {len(current)} in {self.images}")
+            part = f"{int(self.catalog['next_part']):04d}"
+            subset = ImageList(ids=todo, paths=[self.images / rel for rel in todo], source=str(self.images))
+            summary = extract_to_store(self.model, subset, self.dir / "parts" / part, self.options,
+                                       log=lambda message: say(message))
+            store = summary.store
+            rows = {rid: i for i, rid in enumerate(store.ids)}
+            reasons = {f.get("id"): f.get("reason") for f in summary.failures}
+            for rel in todo:
+                entry = {"size": current[rel][0], "mtime_ns": current[rel][1]}
+                if rel in rows:
+                    entry.update(part=part, row=rows[rel])
+                else:
+                    entry["failed"] = reasons.get(rel, "not described")
+                    failed += 1
+                    say(f"warning: {self.images / rel}: skipped ({entry['failed']})")
+                files[rel] = entry
+            self.catalog["next_part"] = int(self.catalog["next_part"]) + 1
+        self._drop_unused_parts()
+        atomic_write_json(self.dir / CATALOG, self.catalog)
+        index = self._build_index() if (todo or removed or not (self.dir / "index" / "index.json").is_file()) \
+            else self.open_index()
+        self.last_update = UpdateSummary(len(todo) - changed, changed, len(removed), failed, len(index),
+                                         time.perf_counter() - t0)
+        return index
+
+    def _drop_unused_parts(self) -> None:
+        used = {e["part"] for e in self.catalog["files"].values() if "part" in e}
+        parts = self.dir / "parts"
+        if parts.is_dir():
+            for child in parts.iterdir():
+                if child.name not in used:
+                    shutil.rmtree(child, ignore_errors=True)
+
+    def descriptors(self) -> tuple[list[str], np.ndarray]:
+        from cfcd.features import open_store
+
+        ids, chunks = [], []
+        by_part: dict[str, list[tuple[str, int]]] = {}
+        for rel, entry in sorted(self.catalog["files"].items()):
+            if "part" in entry:
+                by_part.setdefault(entry["part"], []).append((rel, int(entry["row"])))
+        for part, members in sorted(by_part.items()):
+            store = open_store(self.dir / "parts" / part)
+            chunks.append(np.asarray(store.descriptors[[row for _, row in members]], dtype=np.float32))
+            ids += [rel for rel, _ in members]
+        if not ids:
+            raise InputError(f"{self.images}: none of the photos could be read")
+        return ids, np.concatenate(chunks)
+
+    def _build_index(self):
+        from cfcd.search import build_index
+
+        ids, x = self.descriptors()
+        return build_index(x, "flat", ids=ids, out=self.dir / "index")
+
+    def open_index(self):
+        from cfcd.search import open_index
+
+        return open_index(self.dir / "index")
+
+    # -- query ------------------------------------------------------------------------------
+    def describe_query(self, query: Path) -> np.ndarray:
+        from cfcd.data.lists import ImageList
+        from cfcd.extract import Extractor
+
+        desc, failed, _ = Extractor(self.model, self.options).extract(
+            ImageList(ids=[query.name], paths=[query], source=str(query)))
+        if failed:
+            raise InputError(f"{query}: cannot read the query photo ({failed[0][1]})")
+        return np.asarray(desc, dtype=np.float32)
+
+
+def check_query(query: str | os.PathLike) -> Path:
+    """Fail fast, before any indexing, when the query is missing or not a readable image."""
+    from cfcd.data.images import ImageLoadError, load_image
+
+    query = Path(query)
+    if not query.is_file():
+        raise InputError(f"{query}: query photo not found")
+    try:
+        load_image(query)
+    except ImageLoadError as exc:
+        raise InputError(f"{query}: not a readable image ({exc})") from None
+    return query
+
+
+def search_photos(images: str | os.PathLike, query: str | os.PathLike, *, model_name: str = DEFAULT_MODEL,
+                  scales="cfcd", max_size: int | None = 1024, k: int = 10, cache: str | os.PathLike | None = None,
+                  progress: bool = True, out=sys.stdout) -> list[tuple[str, float]]:
+    """Index ``images`` (incrementally, in the cache) and print the ``k`` nearest photos of ``query``."""
+    query = check_query(query)
+    say = lambda message: print(message, file=out, flush=True)  # noqa: E731
+    library = PhotoLibrary(images, model_name=model_name, scales=scales, max_size=max_size, cache=cache,
+                           progress=progress)
+    index = library.update(say)
+    u = library.last_update
+    say(f"index: {u.total} photos ({u.added} added, {u.changed} changed, {u.removed} removed"
+        + (f", {u.failed} unreadable" if u.failed else "") + f") in {u.seconds:.1f} s -> {library.dir / 'index'}")
+    hits = index.search(library.describe_query(query), k=min(k, len(index)))
+    ranked = [(rid, score) for rid, score in zip(hits.ids[0], hits.scores[0].tolist()) if rid is not None]
+    for rank, (rid, score) in enumerate(ranked, 1):
+        say(f"{rank:3d}  {score:.4f}  {rid}")
+    return ranked
