@@ -24,11 +24,10 @@ OPENCV_DATA := /usr/share/doc/opencv-doc/examples/data
 DEMO_ARGS ?=
 
 demo: $(STAMP)
-	@if [ ! -e $(OPENCV_DATA)/graf1.png ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-	    && apt-cache show opencv-doc >/dev/null 2>&1; then \
+	@if [ ! -e $(OPENCV_DATA)/graf1.png ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "installing opencv-doc (real multi-view photos for the demo)"; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends opencv-doc >/dev/null \
-	    || echo "opencv-doc could not be installed: the demo uses fewer photos"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends opencv-doc; } \
+	    >/dev/null 2>&1 || echo "opencv-doc could not be installed: the demo uses fewer photos"; \
 	fi
 	$(BIN)/cfcd demo $(DEMO_ARGS)
 
