@@ -73,11 +73,7 @@ def test_every_command_refuses_mixed_models_with_one_message(stores, tmp_path, c
     assert code == 2 and MESSAGE in err and not (tmp_path / "w").exists()
     assert run_cli(capsys, "whiten", "--apply", tmp_path / "pca.safetensors", "--store", s["q"],
                    "--out", tmp_path / "w")[0] == 0
-    # benchmark's distractor check is the same function
-    from cfcd.cli.benchmark import _check_distractors
-
-    with pytest.raises(InputError, match=MESSAGE):
-        _check_distractors([str(s["extra_dolg"])], open_store(s["db"]))
+    # cfcd benchmark's distractors: tests/test_cli_extract.py::test_benchmark_end_to_end
 
 
 def test_lw_with_few_pairs_warns(tmp_path, capsys):

@@ -39,24 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_arguments(parser)
 
 
-def _settings_key(meta: dict) -> dict | None:
-    settings = (meta.get("extract") or {}).get("settings")
-    if not isinstance(settings, dict):
-        return None
-    model = dict(settings.get("model") or {})
-    model.pop("weights", None)  # the same weights may sit at another path
-    options = dict(settings.get("options") or {})
-    options.pop("dtype", None)  # float16 distractors next to a float32 database are fine
-    return {"model": model, "options": options}
-
-
-def _check_distractors(paths: list[str], database) -> None:
-    from cfcd.features import check_compatible, open_store
-
-    for path in paths:
-        check_compatible(database, open_store(path))
-
-
 def format_row(model: str, dataset: str, plain, with_distractors) -> str:
     from cfcd.evaluation import format_percent
 
@@ -76,10 +58,8 @@ def format_row(model: str, dataset: str, plain, with_distractors) -> str:
 
 def run(args) -> int:
     from cfcd.cli.extract import build_options, create_model, resolve_device, resolve_whitening_arguments
+    from cfcd.benchmark import run_benchmark
     from cfcd.data.gnd import find_gnd, load_gnd
-    from cfcd.data.lists import gnd_image_list
-    from cfcd.evaluation import evaluate_files
-    from cfcd.extract import extract_to_store
     from cfcd.utils.io import atomic_write_json
 
     gnd = load_gnd(find_gnd(args.dataset, args.root), args.dataset)
@@ -88,41 +68,18 @@ def run(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / "benchmark" / f"{args.model}-{gnd.dataset}"
     whitening = resolve_whitening_arguments(args, args.weights)
     model = create_model(args.model, args.weights)
-    gnd_meta = {"gnd": {"dataset": gnd.dataset, "path": str(gnd.path), "sha256": gnd.sha256}}
 
-    stores = {}
-    for part, queries in (("queries", True), ("database", False)):
-        image_list = gnd_image_list(gnd, root=args.root, queries=queries)
-        summary = extract_to_store(
-            model, image_list, out / part, options, weights=args.weights, queries=queries,
-            extra_meta={**gnd_meta, "benchmark_part": part}, overwrite=args.overwrite,
-        )
-        if summary.stopped:
-            return 3
-        if summary.failures:
-            from cfcd.errors import CfcdError
-
-            first = "; ".join(f"{f['id']}: {f['reason']}" for f in summary.failures[:3])
-            raise CfcdError(f"{out / part}: {len(summary.failures)} benchmark image(s) could not be read ({first}); fix the dataset")
-        stores[part] = summary.store
+    def say(part, summary):
         print(f"{part}: {len(summary.store.descriptors)} descriptors in {out / part}"
               + (f" ({summary.count} new, {summary.images_per_second:.1f} img/s)" if summary.count else " (already complete)"))
 
-    plain, protocol = evaluate_files(gnd=gnd, queries=out / "queries", database=out / "database", whiten=whitening)
-    report = {
-        "model": args.model,
-        "weights": args.weights,
-        "dataset": gnd.dataset,
-        "without_distractors": plain.to_dict(protocol),
-    }
-    with_distractors = None
-    if args.distractors:
-        _check_distractors(args.distractors, stores["database"])
-        with_distractors, protocol_1m = evaluate_files(
-            gnd=gnd, queries=out / "queries", database=out / "database", distractors=args.distractors,
-            whiten=whitening,
-        )
-        report["with_distractors"] = with_distractors.to_dict(protocol_1m)
+    result = run_benchmark(model, gnd, args.root, out, options, weights=args.weights,
+                           distractors=args.distractors or (), whiten=whitening, overwrite=args.overwrite,
+                           on_part=say)
+    if result.stopped:
+        return 3
+    plain, with_distractors = result.plain, result.with_distractors
+    report = {"model": args.model, "weights": args.weights, "dataset": gnd.dataset, **result.to_dict()}
     row = format_row(args.model, gnd.dataset, plain, with_distractors)
     report["row"] = row
     atomic_write_json(out / "benchmark.json", report)

@@ -318,40 +318,32 @@ def _extract_options(m: Mode, progress: bool):
 
 
 def _extract_and_evaluate(model, weights, gnd, data, stores: Path, options, say) -> dict:
-    from cfcd.data.lists import gnd_image_list
-    from cfcd.evaluation import evaluate_files
-    from cfcd.extract import extract_to_store
+    from cfcd.benchmark import run_benchmark
 
-    log = lambda message: say(f"      {message}")  # noqa: E731
-    for role, queries in (("queries", True), ("database", False)):
-        summary = extract_to_store(model, gnd_image_list(gnd, root=data.benchmarks, queries=queries),
-                                   stores / role, options, weights=weights, queries=queries, log=log)
+    def report(role, summary):
         if summary.count:
             rate = summary.count / max(summary.seconds, 1e-9)
             speed = f"{rate:.1f} img/s" if rate >= 1 else f"{1 / rate:.1f} s/img"
             say(f"      {role}: {summary.count} images in {summary.seconds:.1f} s ({speed})")
-    result, protocol = evaluate_files(gnd=gnd, queries=stores / "queries", database=stores / "database")
-    record = {"metrics": result.metrics(percent=True), "per_query": result.per_query(percent=True)}
-    atomic_write_json(stores / "evaluation.json", {**result.to_dict(protocol)})
+
+    result = run_benchmark(model, gnd, data.benchmarks, stores, options, weights=weights,
+                           log=lambda message: say(f"      {message}"), on_part=report)
+    record = {"metrics": result.plain.metrics(percent=True), "per_query": result.plain.per_query(percent=True)}
+    atomic_write_json(stores / "evaluation.json", {**result.plain.to_dict(result.protocol)})
     return record
 
 
 def _val_map(model, data, stores: Path, options, say) -> dict:
     """The held-out validation benchmark with the pretrained model: epoch 0 of the curves."""
-    from cfcd.data.gnd import load_gnd
-    from cfcd.data.lists import gnd_image_list
-    from cfcd.evaluation import evaluate_files
-    from cfcd.extract import extract_to_store
-
     from dataclasses import replace
 
+    from cfcd.benchmark import run_benchmark
+    from cfcd.data.gnd import load_gnd
+
     gnd = load_gnd(data.val_gnd, "demoval")
-    quiet = replace(options, progress=False)
-    for role, queries in (("queries", True), ("database", False)):
-        extract_to_store(model, gnd_image_list(gnd, root=data.benchmarks, queries=queries), stores / role, quiet,
-                         queries=queries, log=lambda message: None)
-    result, _ = evaluate_files(gnd=gnd, queries=stores / "queries", database=stores / "database")
-    return {s: round(float(v["mAP"]), 2) for s, v in result.metrics(percent=True).items()}
+    result = run_benchmark(model, gnd, data.benchmarks, stores, replace(options, progress=False),
+                           log=lambda message: None)
+    return {s: round(float(v["mAP"]), 2) for s, v in result.plain.metrics(percent=True).items()}
 
 
 def _overrides(m: Mode, data, out_dir: Path, seed: int, epochs: int, extra: dict, *, im_size: int) -> dict:

@@ -615,9 +615,8 @@ class Trainer:
         return {"val_loss": float(totals[0]) / count, "val_top1": float(totals[1]) / count, "val_images": count}
 
     def benchmark(self) -> dict[str, float]:
-        """Optional revisitop evaluation hook: extract queries and database with the current
-        model (every rank takes its share, :func:`cfcd.extract.extract_to_store`), evaluate on
-        rank 0 (:func:`cfcd.evaluation.evaluate_files`), log mAP per setup. A failure is logged,
+        """Optional revisitop evaluation hook: :func:`cfcd.benchmark.run_benchmark` with the current
+        model (every rank extracts its share, rank 0 evaluates), log mAP per setup. A failure is logged,
         never fatal to training."""
         from cfcd.train.distributed import broadcast_object
 
@@ -625,10 +624,9 @@ class Trainer:
         out: dict[str, float] = {}
         self.model.eval()
         try:
+            from cfcd.benchmark import run_benchmark
             from cfcd.data.gnd import find_gnd, load_gnd
-            from cfcd.data.lists import gnd_image_list
-            from cfcd.evaluation import evaluate_files
-            from cfcd.extract import ExtractOptions, extract_to_store, parse_scales
+            from cfcd.extract import ExtractOptions, parse_scales
 
             # the training precision (fp16 stays fp16), and the model's layout left as the trainer set it
             options = ExtractOptions(scales=parse_scales(b["scales"]), max_size=b["max_size"],
@@ -638,12 +636,10 @@ class Trainer:
             for ds in b["datasets"]:
                 gnd = load_gnd(find_gnd(ds, b["root"]), ds)
                 base = self.out_dir / "benchmark" / f"epoch_{self.state.epoch:04d}" / ds
-                for part, queries in (("queries", True), ("database", False)):
-                    extract_to_store(self.model, gnd_image_list(gnd, root=b["root"], queries=queries), base / part,
-                                     options, queries=queries, overwrite=True, log=logger.info)
+                result = run_benchmark(self.model, gnd, b["root"], base, options, overwrite=True, log=logger.info,
+                                       evaluate=self.dist.is_main)
                 if self.dist.is_main:
-                    result, _ = evaluate_files(gnd=gnd, queries=base / "queries", database=base / "database")
-                    for setup, values in result.metrics(percent=True).items():
+                    for setup, values in result.plain.metrics(percent=True).items():
                         if values.get("mAP") is not None:
                             out[f"{ds}_{setup}_mAP"] = float(values["mAP"])
         except Exception as exc:  # noqa: BLE001 - an evaluation failure must not kill training
