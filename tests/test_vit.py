@@ -202,6 +202,16 @@ def test_dinov2_hub_checkpoint_import(tmp_path, registers):
     pos = source.backbone.pos_embed.detach()
     expected = resample_abs_pos_embed(pos, new_size=[3, 3], old_size=[4, 4], num_prefix_tokens=0 if registers else 1)
     torch.testing.assert_close(other.backbone.pos_embed.detach(), expected)
+    if not registers:  # `cfcd convert` in a fresh process (timm imported by the checkpoint reader itself)
+        import subprocess
+
+        out = subprocess.run([sys.executable, "-m", "cfcd", "convert", str(path), "--model", name, "--set",
+                              'backbone_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2}', "--set", 'pooling="spoc"',
+                              "--out", str(tmp_path / "converted")], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        converted = M.create(name, weights=tmp_path / "converted")
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), source(x))
     # the wrong family is refused with the file named
     with pytest.raises(CfcdError, match="dinov2_tiny_pretrain.pth"):
         M.create("cfcd_r50", weights=path)

@@ -210,6 +210,7 @@ def convert_vit_state(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict, di
     ``proj``), extras (a timm classifier becomes ``imagenet_head.*``) and ``model_kwargs`` /
     ``model_name`` / ``notes`` for the :class:`~cfcd.models.checkpoints.Checkpoint`.
     """
+    import_timm()  # first: it works around a torchvision without its C++ ops
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     info = describe_vit_state(state)
@@ -267,6 +268,7 @@ def adapt_vit_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
     target = backbone.pos_embed
     if tuple(state[key].shape) == tuple(target.shape) or state[key].shape[-1] != target.shape[-1]:
         return state
+    import_timm()
     from timm.layers import resample_abs_pos_embed
 
     prefix = 0 if getattr(backbone, "no_embed_class", False) else int(backbone.num_prefix_tokens)
