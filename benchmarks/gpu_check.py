@@ -101,8 +101,11 @@ class Sizes:
     torchrun_n: int
 
 
-FULL = Sizes(model_px=224, extract_w=1024, extract_h=768, extract_n=512, extract_ref_n=16, extract_batch=32,
-             train_px=512, train_batch=64, train_steps=15, train_warmup=3, train_images=512, train_classes=81313,
+# extraction: 1024 files (256 distinct photos, hard-linked 4 times: the decode work per file is the same) so that
+# worker start-up is small against the timed run; training: one epoch covers warm-up + timed steps (a new
+# epoch restarts the DataLoader workers inside the timing).
+FULL = Sizes(model_px=224, extract_w=1024, extract_h=768, extract_n=1024, extract_ref_n=16, extract_batch=32,
+             train_px=512, train_batch=64, train_steps=15, train_warmup=3, train_images=1280, train_classes=81313,
              step_px=224, step_batch=16, step_classes=1000, search_n=1_000_000, search_dim=512, search_nq=70,
              search_reps=5, torchrun_model="cfcd_r50", torchrun_n=16)
 QUICK = Sizes(model_px=64, extract_w=64, extract_h=48, extract_n=2, extract_ref_n=1, extract_batch=2,
@@ -335,7 +338,18 @@ class Context:
             bench_extract = _load_benchmark("extract")
             s = self.sizes
             directory = self.workdir / f"photos_{s.extract_w}x{s.extract_h}"
-            bench_extract.make_photos(directory, max(s.extract_n, s.torchrun_n, 8), s.extract_w, s.extract_h)
+            n = max(s.extract_n, s.torchrun_n, 8)
+            distinct = min(n, 256)
+            paths = bench_extract.make_photos(directory, distinct, s.extract_w, s.extract_h)
+            for i in range(distinct, n):
+                link = directory / f"photo_{i:05d}.jpg"
+                if not link.exists():
+                    try:
+                        os.link(paths[i % distinct], link)
+                    except OSError:
+                        import shutil
+
+                        shutil.copyfile(paths[i % distinct], link)
             self._photos = directory
         return self._photos
 
@@ -442,7 +456,8 @@ def check_multiscale(run: Run, ctx: Context) -> None:
     images = ctx.image_list(8 if ctx.cuda else 2)
     model = fixed_model("cfcd_r50")
     common = dict(scales=recipe, device=ctx.device, workers=min(ctx.workers, 4), progress=False)
-    naive, failures, _ = Extractor(model, ExtractOptions(**common, mode="naive", batch_size=1)).extract(images)
+    with strict_fp32():
+        naive, failures, _ = Extractor(model, ExtractOptions(**common, mode="naive", batch_size=1)).extract(images)
     assert not failures, failures
     for precision, bound in (("fp32", COS_EXTRACT_FP32), ("bf16", COS_BF16 if ctx.cuda else COS_BF16_CPU)):
         with strict_fp32():
@@ -615,7 +630,7 @@ def check_torchrun(run: Run, ctx: Context) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                "-m", "cfcd", "extract", "--model", s.torchrun_model, "--weights", str(weights), "--images", str(listing),
                "--root", str(root), "--device", ctx.device, "--precision", "fp32", "--workers", str(workers),
-               "--scales", scales, "--no-progress", "--overwrite", "--out", str(out)]
+               "--scales", scales, "--no-cudnn-benchmark", "--no-progress", "--overwrite", "--out", str(out)]
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=ctx.args.torchrun_timeout)
     if proc.returncode != 0:
@@ -625,16 +640,21 @@ def check_torchrun(run: Run, ctx: Context) -> None:
 
     plain_out = ctx.workdir / "store_plain"
     model = cfcd.models.create(s.torchrun_model, weights=weights)
+    from cfcd.cli.extract import default_crop_rule
+
     options = ExtractOptions(scales=parse_scales(scales), device=ctx.device, precision="fp32", workers=workers,
-                             progress=False, crop_rule="round")
+                             progress=False, crop_rule=default_crop_rule(s.torchrun_model), cudnn_benchmark=False)
     extract_to_store(model, read_image_list(listing, root=root), plain_out, options, weights=weights, overwrite=True,
                      log=run.log)
     a, b = open_store(plain_out), open_store(out)
     same_ids = list(a.ids) == list(b.ids)
     diff = float(np.abs(np.asarray(a.descriptors, np.float32) - np.asarray(b.descriptors, np.float32)).max()) if same_ids else float("inf")
+    cos = min_cosine(a.descriptors, b.descriptors) if same_ids else float("nan")
+    bound = COS_FP32 if not ctx.cuda else COS_EXTRACT_FP32  # two processes may pick other (TF32) conv kernels
     run.check(f"torchrun 1 process extract == plain extract ({s.torchrun_model}, {len(a.ids)} images, {ctx.device})",
-              same_ids and diff <= 1e-5 and len(a.ids) == s.torchrun_n,
-              f"same ids in order: {same_ids}, max abs diff {diff:.1e} (<= 1e-5)", max_abs_diff=diff)
+              same_ids and cos >= bound and len(a.ids) == s.torchrun_n,
+              f"same ids in order: {same_ids}, min cosine {cos:.7f} (>= {bound}), max abs diff {diff:.1e}",
+              max_abs_diff=diff, cosine=cos)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -821,8 +841,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.torchrun_timeout is None:
         args.torchrun_timeout = 90.0 if args.quick else 180.0
 
+    import cv2
     import torch
 
+    # Before any cv2 call: a DataLoader worker forked after cv2 has started its thread pool hangs in the
+    # cv2.setNumThreads(1) of cfcd.data.training.worker_init (the pool's threads do not exist in the child).
+    cv2.setNumThreads(1)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("FAIL setup: --device cuda but CUDA is not available", flush=True)
         return 2
