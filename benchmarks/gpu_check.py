@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import copy
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -179,7 +178,7 @@ class Run:
             self.notes[key] = note
 
     def section(self, name: str, fn, *, kind: str, need_s: float, limit_s: float) -> None:
-        if kind == "speed" and self.remaining() < need_s:
+        if kind in ("speed", "optional") and self.remaining() < need_s:
             reason = f"skipped: {self.remaining():.0f} s of the {self.args.budget:.0f} s budget left, needs ~{need_s:.0f} s"
             self.sections.append({"name": name, "status": "SKIP", "seconds": 0.0, "error": reason})
             self.log(f"SKIP {name}: {reason}")
@@ -192,12 +191,17 @@ class Run:
         start, cpu_start = time.perf_counter(), _cpu_seconds()
         status, error = "OK", None
         try:
-            with time_limit(min(limit_s, max(30.0, self.remaining() + 60.0)) if kind == "speed" else limit_s):
+            with time_limit(min(limit_s, max(30.0, self.remaining() + 60.0)) if kind != "correctness" else limit_s):
                 fn(self)
         except Exception as exc:  # noqa: BLE001 - one broken section never stops the others
             status, error = "FAIL", f"{type(exc).__name__}: {exc}"
             tb = traceback.format_exc(limit=8)
-            self.check(f"{name} (section)", False, error, traceback=tb[-3000:])
+            if kind == "optional":  # e.g. torch.compile: reported, not a failed check
+                status = "WARN"
+                self.notes[name] = error
+                self.log(f"WARN {name}: {error}")
+            else:
+                self.check(f"{name} (section)", False, error, traceback=tb[-3000:])
             print(tb, file=sys.stderr, flush=True)
         finally:
             self._release()
@@ -722,17 +726,6 @@ def speed_extract(run: Run, ctx: Context, name: str) -> None:
     dec = decode_only(full, ctx.workers, model.preprocess.channel_order)
     run.figure(f"{key}.decode_only_img_s", dec)
     run.log(f"{name} decoding alone ({ctx.workers} workers): {dec:.1f} img/s")
-    if ctx.args.compile and ctx.cuda:
-        compiled = copy.deepcopy(model)
-        compiled.forward = torch.compile(compiled.forward, dynamic=False)
-        extractor = Extractor(compiled, ours)
-        extractor.extract(warm)
-        synchronize(ctx.device)
-        start = time.perf_counter()
-        extractor.extract(full)
-        synchronize(ctx.device)
-        run.figure(f"{key}.ours_compile_img_s", len(full) / (time.perf_counter() - start))
-        run.log(f"{name} ours + torch.compile: {run.figures[f'{key}.ours_compile_img_s']:.1f} img/s")
     if ctx.cuda:
         run.figure(f"{key}.max_mem_gib", torch.cuda.max_memory_allocated() / 2**30)
         torch.cuda.reset_peak_memory_stats()
@@ -759,10 +752,37 @@ def speed_train(run: Run, ctx: Context) -> None:
             run.figure(f"train.cfcd_r50.plain_{k}", plain[k])
         if k in ours:
             run.figure(f"train.cfcd_r50.ours_{k}", ours[k])
-    if ctx.args.compile and ctx.cuda:
-        args.compile = True
-        compiled = bench_train.run_trainer(args)
-        run.figure("train.cfcd_r50.ours_compile_img_s", compiled["images_per_s"])
+
+
+def speed_compile(run: Run, ctx: Context) -> None:
+    """Optional (``--compile``): our extraction and training with torch.compile (compile time not timed)."""
+    import torch
+
+    from cfcd.extract import ExtractOptions, Extractor, parse_scales
+
+    torch._dynamo.config.cache_size_limit = 64  # 2 orientations x 5 scales: shapes recompile (then go dynamic)
+    s = ctx.sizes
+    model = fixed_model("cfcd_r50")
+    model.forward = torch.compile(model.forward)
+    full = ctx.image_list(s.extract_n)
+    extractor = Extractor(model, ExtractOptions(scales=parse_scales("cfcd"), device=ctx.device, precision="bf16",
+                                                batch_size=s.extract_batch, workers=ctx.workers, progress=False))
+    start = time.perf_counter()
+    extractor.extract(full.subset(range(min(len(full), 4 * s.extract_batch))))
+    run.log(f"torch.compile warm-up (compilation) {time.perf_counter() - start:.0f} s")
+    synchronize(ctx.device)
+    start = time.perf_counter()
+    extractor.extract(full)
+    synchronize(ctx.device)
+    run.figure("extract.cfcd_r50.ours_compile_img_s", len(full) / (time.perf_counter() - start))
+    run.log(f"cfcd_r50 extraction + torch.compile: {run.figures['extract.cfcd_r50.ours_compile_img_s']:.1f} img/s")
+    bench_train = _load_benchmark("train")
+    lst = ctx.train_list()
+    args = argparse.Namespace(model="cfcd_r50", device=ctx.device, size=s.train_px, batch=s.train_batch,
+                              steps=s.train_steps, warmup=s.train_warmup, images=s.train_images, workers=ctx.workers,
+                              num_classes=s.train_classes, amp="bf16", compile=True, strict_fp32=False,
+                              root=lst.parent, list=lst)
+    run.figure("train.cfcd_r50.ours_compile_img_s", bench_train.run_trainer(args)["images_per_s"])
 
 
 def speed_search(run: Run, ctx: Context) -> None:
@@ -831,10 +851,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="gpu_check.json", help="the JSON with every figure (rewritten after each section)")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds; speed sections that do not fit are skipped")
     parser.add_argument("--workers", type=int, default=None, help="decoding workers (default: CPUs - 2, at most 16, on CUDA)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (extraction and training)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (extraction and training; "
+                        "CUDA only, last, an optional section whose failure is a warning)")
     parser.add_argument("--workdir", default=None, help="generated JPEGs etc. (default: a temporary directory)")
     parser.add_argument("--only", nargs="*", default=None, help="run these sections only (models, multiscale, "
-                        "train_step, search, torchrun, extract.cfcd_r50, extract.cfcd_r101, train, search_speed)")
+                        "train_step, search, torchrun, extract.cfcd_r50, extract.cfcd_r101, train, search_speed, compile)")
     parser.add_argument("--torchrun-timeout", type=float, default=None, help="seconds per extraction subprocess")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -876,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
         ("train", "speed", lambda r: speed_train(r, ctx), 5 if quick else 75, 300),
         ("search_speed", "speed", lambda r: speed_search(r, ctx), 5 if quick else 30, 300),
     ]
+    if args.compile and ctx.cuda:
+        plan.append(("compile", "optional", lambda r: speed_compile(r, ctx), 150, 400))
     try:
         for name, kind, fn, need, limit in plan:
             if args.only is not None and name not in args.only:
