@@ -182,8 +182,9 @@ class Run:
             reason = f"skipped: {self.remaining():.0f} s of the {self.args.budget:.0f} s budget left, needs ~{need_s:.0f} s"
             self.sections.append({"name": name, "status": "SKIP", "seconds": 0.0, "error": reason})
             self.log(f"SKIP {name}: {reason}")
+            prefix = {"search_speed": "search"}.get(name, name) + "."
             for key in FIGURES:
-                if key.startswith(name + ".") and self.figures[key] is None:
+                if key.startswith(prefix) and self.figures[key] is None:
                     self.notes.setdefault(key, reason)
             self.write()
             return

@@ -65,3 +65,29 @@ def test_gpu_check_cpu_quick_mode(tmp_path):
     for key in ("torch", "cuda", "device", "cpu_count", "timm", "faiss"):
         assert key in env_info
     assert set(result["targets"]) == set(script.TARGETS)
+
+
+def test_a_failing_or_hanging_section_is_recorded_and_the_run_goes_on(tmp_path):
+    import argparse
+
+    script = load_script()
+    out = tmp_path / "run.json"
+    args = argparse.Namespace(device="cpu", budget=600.0, out=str(out))
+    run = script.Run(args, script.QUICK)
+
+    def spin(_run):
+        while True:  # a hung section: the SIGALRM limit ends it
+            pass
+
+    run.section("boom", lambda r: 1 / 0, kind="correctness", need_s=0, limit_s=30)
+    run.section("hang", spin, kind="correctness", need_s=0, limit_s=1)
+    run.section("fine", lambda r: r.check("fine", True, "ok"), kind="correctness", need_s=0, limit_s=30)
+    run.section("optional", lambda r: 1 / 0, kind="optional", need_s=0, limit_s=30)
+    run.section("train", lambda r: r.figure("train.cfcd_r50.speedup", 9.0), kind="speed", need_s=10_000, limit_s=30)
+    saved = json.loads(out.read_text())
+    assert [s["status"] for s in saved["sections"]] == ["FAIL", "FAIL", "OK", "WARN", "SKIP"]
+    assert [(c["name"], c["status"]) for c in saved["checks"]] == [
+        ("boom (section)", "FAIL"), ("hang (section)", "FAIL"), ("fine", "PASS")]
+    assert "ZeroDivisionError" in saved["checks"][0]["detail"] and "timed out" in saved["checks"][1]["detail"]
+    assert saved["figures"]["train.cfcd_r50.speedup"] is None and "skipped" in saved["notes"]["train.cfcd_r50.speedup"]
+    assert saved["summary"]["FAIL"] == 2 and "ZeroDivisionError" in saved["notes"]["optional"]
