@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="existing directory with train_list.txt (default: generate in a temp dir)")
     p.add_argument("--only", choices=["plain", "fast"], help="run one path only")
     args = p.parse_args(argv)
+    import cv2
+
+    cv2.setNumThreads(1)  # before make_jpegs: workers forked after cv2 started its pool hang in worker_init
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data) if args.data else Path(tmp)
         if not (root / "train_list.txt").is_file():

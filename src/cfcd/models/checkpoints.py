@@ -32,7 +32,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -153,6 +153,9 @@ def detect_format(state: Mapping[str, Any], container: Mapping[str, Any] | None 
         return "efficientnet_lite"
     if "conv1.weight" in state and any(k.startswith("layer1.") for k in keys):
         return "torchvision"
+    for family in family_formats().values():
+        if family.detect(state, container):
+            return family.name
     shown = ", ".join(keys[:6])
     raise CfcdError(f"unrecognised checkpoint layout (first keys: {shown}); force one with format= ({', '.join(FORMATS[1:])})")
 
@@ -225,6 +228,8 @@ def to_cfcd_names(state: Mapping[str, torch.Tensor], fmt: str) -> tuple[dict, di
                 unknown[k] = v
     elif fmt in ("efficientnet_lite", "cfcd-safetensors"):
         out = dict(state)  # efficientnet_lite is mapped by order against the model in load_weights
+    elif fmt in family_formats():
+        out, extra, _ = family_formats()[fmt].convert(state)
     else:
         raise CfcdError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out.update(unknown)
@@ -298,6 +303,11 @@ def _read_safetensors_dir(path: Path) -> Checkpoint:
     if (directory / EXTRA_FILE).is_file():
         extra = load_file(str(directory / EXTRA_FILE))
     fmt = "cfcd-safetensors" if any(k.startswith("backbone.") for k in state) else detect_format(state)
+    family = _family_checkpoint(path, fmt, state)  # e.g. a timm hub model.safetensors of a ViT
+    if family is not None:
+        family.extra.update(extra)
+        family.config = config
+        return family
     state, more = to_cfcd_names(state, fmt)
     extra.update(more)
     return Checkpoint(path=path, format=fmt, state=state, extra=extra, model_kwargs=dict(config.get("kwargs", {})),
@@ -416,8 +426,8 @@ def _training_model_config(container: Mapping[str, Any], ckpt: Checkpoint) -> No
 
 def read_checkpoint(path: str | Path, format: str = "auto") -> Checkpoint:
     """Read any supported checkpoint file (or converted directory) into cfcd names (no model needed)."""
-    if format not in FORMATS:
-        raise InputError(f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format not in FORMATS and format not in family_formats():
+        raise InputError(f"unknown checkpoint format {format!r}; choose one of {', '.join((*FORMATS, *family_formats()))}")
     path = Path(path)
     if path.is_dir() or path.suffix == ".safetensors":
         ckpt = _read_safetensors_dir(path)
@@ -438,8 +448,10 @@ def read_checkpoint(path: str | Path, format: str = "auto") -> Checkpoint:
     if bad:
         raise CfcdError(f"{path}: state dict entries that are not tensors: {bad[:5]}")
     fmt = detect_format(state, container) if format == "auto" else ("torchvision" if format == "timm" else format)
-    mapped, extra = to_cfcd_names(state, fmt)
-    ckpt = Checkpoint(path=path, format=fmt, state=mapped, extra=extra)
+    ckpt = _family_checkpoint(path, fmt, state)
+    if ckpt is None:
+        mapped, extra = to_cfcd_names(state, fmt)
+        ckpt = Checkpoint(path=path, format=fmt, state=mapped, extra=extra)
     if fmt == "cirtorch" and isinstance(container.get("meta"), Mapping):
         _cirtorch_meta(container["meta"], ckpt)
     if fmt == "dirtorch":
@@ -533,6 +545,9 @@ def load_weights(model: torch.nn.Module, path_or_state: str | Path | Mapping[str
     target = model.state_dict()
     state = dict(ckpt.state)
     extra = dict(ckpt.extra)
+    family = family_formats().get(ckpt.format)
+    if family is not None and family.adapt is not None:
+        state = family.adapt(model, state)  # e.g. a ViT position embedding resampled to the model's grid
     if ckpt.format == "efficientnet_lite":
         from cfcd.models.efficientnet_lite import map_efficientnet_lite_state
 
@@ -622,3 +637,49 @@ def save_weights(model: torch.nn.Module, out_dir: str | Path, extra: Mapping[str
     config.update(_jsonable(dict(meta or {})))
     atomic_write_json(out / CONFIG_FILE, config)  # written last: a directory without it is incomplete
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# formats added by model families (cfcd.models.vit registers "vit" when it is imported)
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A checkpoint layout that a model family adds.
+
+    ``detect(state, container) -> bool``; ``convert(state) -> (state, extra, info)`` in cfcd names,
+    ``info`` holding ``model_kwargs``, ``model_name`` and ``notes``; ``adapt(model, state) -> state``
+    (optional) runs just before loading into a model (e.g. resampling a position embedding).
+    """
+
+    name: str
+    detect: Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
+    convert: Callable[[Mapping[str, torch.Tensor]], tuple[dict, dict, dict]]
+    adapt: Callable[[torch.nn.Module, dict], dict] | None = None
+
+
+_FAMILY_FORMATS: dict[str, CheckpointFormat] = {}
+
+
+def register_checkpoint_format(name: str, *, detect, convert, adapt=None) -> CheckpointFormat:
+    if name in FORMATS or name in _FAMILY_FORMATS:
+        raise ValueError(f"checkpoint format {name!r} is already registered")
+    _FAMILY_FORMATS[name] = CheckpointFormat(name, detect, convert, adapt)
+    return _FAMILY_FORMATS[name]
+
+
+def family_formats() -> dict[str, CheckpointFormat]:
+    """The formats registered by model families (importing the registry's families first)."""
+    from cfcd.models.registry import _ensure_builtin
+
+    _ensure_builtin()
+    return _FAMILY_FORMATS
+
+
+def _family_checkpoint(path: Path | None, fmt: str, state: Mapping[str, torch.Tensor]) -> "Checkpoint | None":
+    family = family_formats().get(fmt)
+    if family is None:
+        return None
+    mapped, extra, info = family.convert(state)
+    return Checkpoint(path=path, format=fmt, state=mapped, extra=extra, model_kwargs=dict(info.get("model_kwargs", {})),
+                      model_name=info.get("model_name"), notes=list(info.get("notes", [])))

@@ -2,7 +2,8 @@
 
 Names: ``cfcd_r50/r101/r152``, ``dolg_r50/r101/r152``, ``gem_r50/r101/r152`` (cirtorch/dirtorch GeM
 ResNets), ``gem_efficientnet_lite0/1/2`` (embedded ImageNet weights; lite2 is the package default),
-``gem_timm`` (``backbone=`` any timm name) and the pattern ``gem_<timm model name>``.
+``gem_timm`` (``backbone=`` any timm name), the pattern ``gem_<timm model name>`` (a timm ViT goes to the
+ViT family, :mod:`cfcd.models.vit`: ``vit_dinov2_*``, ``vit_clip_*``, ``vit_timm``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def get_entry(name: str) -> ModelEntry:
         from cfcd.models._compat import import_timm
 
         backbone = name[len("gem_"):]
+        from cfcd.models.vit import is_vit_backbone
+
+        if is_vit_backbone(backbone):  # tokens, not a map: the ViT family pools the patch-token map
+            base = _REGISTRY["vit_timm"]
+            return ModelEntry(name, base.builder, "vit", {**base.defaults, "backbone": backbone, "pooling": "gem"},
+                              description=f"GeM of the patch-token map of timm {backbone}")
         if import_timm().is_model(backbone):
             base = _REGISTRY["gem_timm"]
             return ModelEntry(name, base.builder, "gem", {**base.defaults, "backbone": backbone},
@@ -176,6 +183,7 @@ def _ensure_builtin() -> None:
     from cfcd.models.efficientnet_lite import NATIVE_SIZE, load_imagenet_efficientnet_lite
     from cfcd.models.gem import GeMNet
     from cfcd.models.preprocess import Preprocess
+    import cfcd.models.vit  # noqa: F401 - the ViT family registers itself
 
     for depth in (50, 101, 152):
         register_model(f"cfcd_r{depth}", CFCDNet, family="cfcd", defaults={"backbone": f"resnet{depth}"}, crop_rule="truncate",
