@@ -641,7 +641,7 @@ def build(
     index = _open_in(out, info)
     if nq:
         t0 = time.perf_counter()
-        with faiss_threads(threads):
+        with faiss_threads(threads or (1 if small else None)):
             info["tuning"] = tune(index, src.reader, held_out, target_recall=target_recall, max_query_ms=max_query_ms)
         info["params"]["search"] = info["tuning"]["chosen"]["search"]
         info["build"]["tune_s"] = round(time.perf_counter() - t0, 2)
@@ -684,6 +684,11 @@ def _train(index, reader: RowReader, held_out: np.ndarray, train_size: int | Non
     else:
         rows = np.sort(rng.choice(pool, size=min(want, len(pool)), replace=False))
     sample = reader.take(rows) if want < n else reader.read(0, n)
+    bad = np.flatnonzero(~(np.isfinite(sample).all(axis=1) & np.any(sample != 0, axis=1)))
+    if bad.size:
+        where = reader.path or "descriptors"
+        raise InputError(f"{where}: rows that are NaN, inf or all zero, first: rows "
+                         + ", ".join(str(int(rows[b] if want < n else b)) for b in bad[:5]))
     if ivf is not None:
         ivf.cp.seed = seed
         if ivf.nlist > len(sample):
