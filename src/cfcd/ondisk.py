@@ -571,7 +571,7 @@ def build(
             t0 = time.perf_counter()
             index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
             if not index.is_trained:
-                index = _train(index, src.reader, held_out, train_size, seed, factory)
+                index = _train(index, src.reader, held_out, train_size, seed, factory, budget)
             _write_faiss(index, trained)
             timings["train_s"] = round(time.perf_counter() - t0, 2)
         files = {"index": f"index-g{generation}.faiss", "ids": f"images-g{generation}.txt" if src.has_ids else None}
@@ -669,14 +669,22 @@ def _open_in(out: Path, info: dict):
     return index
 
 
-def _train(index, reader: RowReader, held_out: np.ndarray, train_size: int | None, seed: int, factory: str):
+def _train(index, reader: RowReader, held_out: np.ndarray, train_size: int | None, seed: int, factory: str,
+           budget: int | None = None):
     import faiss
 
-    n = len(reader)
+    n, d = reader.shape
     ivf = faiss.try_extract_index_ivf(index)
     nlist = int(ivf.nlist) if ivf is not None else 1
-    want = int(train_size or min(n, max(64 * nlist, 65536)))
-    want = min(n - len(held_out), max(want, 39 * nlist, 9984 if "PQ" in factory else 0))
+    if train_size:
+        want = int(train_size)
+    else:
+        want = min(n, max(64 * nlist, 65536))
+        if budget:
+            # the float32 sample and FAISS's working copies take ~3x its size: a quarter of the budget
+            want = min(want, max(budget // (4 * 4 * d), 8 * nlist, 9984))
+        want = max(want, min(39 * nlist, budget // (4 * 4 * d) if budget else 39 * nlist), 9984 if "PQ" in factory else 0)
+    want = min(n - len(held_out), want)
     rng = np.random.default_rng(seed + 1)
     pool = np.setdiff1d(np.arange(n, dtype=np.int64), held_out, assume_unique=True) if len(held_out) else None
     if pool is None:

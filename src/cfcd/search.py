@@ -7,7 +7,10 @@
 * :func:`build_index` / :func:`open_index` - indexes built from a descriptor store and saved
   with its image ids and provenance: ``exact`` (the same chunked search over a copy/hard link of
   the descriptors), ``flat`` (``faiss.IndexFlatIP``), ``ivfpq`` (``faiss.IndexIVFPQ``, inner
-  product) and ``hnsw`` (``faiss.IndexHNSWFlat``, inner product).
+  product) and ``hnsw`` (``faiss.IndexHNSWFlat``, inner product); ``auto`` / ``faiss`` (a budgeted
+  choice or any index-factory string, IVF built shard by shard with on-disk lists, growing with
+  ``cfcd index add``/``remove``) are built by :mod:`cfcd.ondisk` and opened here too, on-disk lists
+  memory-mapped (docs/index-format.md).
 
 All scores are inner products (cosine similarity for the L2-normalised descriptors of the
 models). Index directory: ``index.faiss`` (``descriptors.npy`` for exact), ``images.txt`` and
@@ -751,8 +754,17 @@ def build_index(
     thread below 50k vectors, FAISS's default above). The descriptors are validated
     (finite, non-zero rows) first. With ``out`` the index is saved there.
     """
+    if type in ("auto", "faiss"):
+        # budgeted choice / any factory string, sharded and on disk: cfcd.ondisk
+        if out is None:
+            raise InputError(f"a {type!r} index is built into a directory: pass out=")
+        from cfcd import ondisk
+
+        if type == "faiss" and not params.get("factory"):
+            raise InputError("type 'faiss' needs factory= (a FAISS index-factory string)")
+        return ondisk.build(store, out, ids=ids, progress=progress, **params)
     if type not in INDEX_TYPES:
-        raise InputError(f"unknown index type {type!r}; choose from {', '.join(INDEX_TYPES)}")
+        raise InputError(f"unknown index type {type!r}; choose from {', '.join(INDEX_TYPES)}, auto, faiss")
     data_file = None
     if isinstance(store, np.ndarray):
         st = DescriptorStore(path=Path("<array>"), descriptors=store, ids=list(ids) if ids is not None else None)
