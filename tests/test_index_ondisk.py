@@ -246,3 +246,23 @@ def test_legacy_ivfpq_index_grows_and_shrinks(coll, tmp_path):
     assert sum(ids[6000 + i] in row for i, row in enumerate(res.ids)) >= 8
     shrunk = ondisk.remove(tmp_path / "ix", ids[6000:6010])
     assert not {i for row in shrunk.search(x[6000:6010], 10).ids for i in row} & set(ids[6000:6010])
+
+
+def test_two_level_training_of_many_lists_with_a_tiny_cluster(coll, tmp_path, monkeypatch):
+    # the path a large collection takes (two-level k-means from _TWO_LEVEL_FROM lists), on a small one
+    # with one cluster of 5 rows: it gets its own centroids, and probing every list is exact search
+    root, x, ids = coll
+    rng = np.random.default_rng(7)
+    far = rng.standard_normal((5, 16)).astype(np.float32) * 0.01 + 3.0
+    data = np.concatenate([x[:3000], far / np.linalg.norm(far, axis=1, keepdims=True)])
+    write_store(tmp_path / "db", [f"r{i}" for i in range(len(data))], data, meta={})
+    monkeypatch.setattr(ondisk, "_TWO_LEVEL_FROM", 16)
+    ix = ondisk.build(tmp_path / "db", tmp_path / "ix", factory="IVF64,Flat", workers=0, tune_queries=0)
+    import faiss
+
+    assert faiss.extract_index_ivf(ix.index).nlist == 64
+    got = ix.search(data[::50], 10, nprobe=64)
+    ref = exact_search(data[::50], data, 10)
+    np.testing.assert_allclose(got.scores, ref.scores, atol=1e-5)
+    # the 5 far rows are found from their own list alone
+    assert set(ix.search(data[-1:], 5, nprobe=1).ids[0]) == {f"r{i}" for i in range(3000, 3005)}

@@ -715,9 +715,41 @@ def _train(index, reader: RowReader, held_out: np.ndarray, train_size: int | Non
 _TWO_LEVEL_FROM = 2048
 
 
+def _two_level_centroids(x: np.ndarray, nlist: int, seed: int) -> np.ndarray:
+    """``nlist`` k-means centroids by two-level clustering, as FAISS's
+    ``contrib.clustering.two_level_clustering`` (sqrt(nlist) clusters, each split in proportion to
+    its size), except that a small first-level cluster gets at least one and at most as many
+    centroids as it has points (FAISS's version fails on a cluster allotted none)."""
+    import faiss
+
+    n, d = x.shape
+    nc1 = max(1, int(np.sqrt(nlist)))
+    km = faiss.Kmeans(d, nc1, niter=20, max_points_per_centroid=2000, seed=seed)
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    assign = assign.ravel()
+    sizes = np.bincount(assign, minlength=nc1)
+    alloc = np.minimum(np.floor(sizes * nlist / n).astype(np.int64), sizes)
+    alloc[(alloc == 0) & (sizes > 0)] = 1
+    while alloc.sum() > nlist:  # the minimum of one per cluster may overshoot: take from the largest
+        alloc[int(np.argmax(alloc))] -= 1
+    while alloc.sum() < nlist:  # the rest to the clusters with the most points per centroid
+        ratio = np.where(alloc < sizes, sizes / (alloc + 1.0), -1.0)
+        alloc[int(np.argmax(ratio))] += 1
+    out = []
+    for c in np.flatnonzero(alloc):
+        sub = np.ascontiguousarray(x[assign == c])
+        if alloc[c] >= len(sub):
+            out.append(sub)
+            continue
+        km2 = faiss.Kmeans(d, int(alloc[c]), niter=20, seed=seed + int(c))
+        km2.train(sub)
+        out.append(km2.centroids)
+    return np.ascontiguousarray(np.vstack(out), dtype=np.float32)
+
+
 def _train_two_level(index, sample: np.ndarray, seed: int) -> None:
     import faiss
-    from faiss.contrib.clustering import two_level_clustering
 
     inner = faiss.downcast_index(index)
     x = sample
@@ -728,9 +760,7 @@ def _train_two_level(index, sample: np.ndarray, seed: int) -> None:
             x = vt.apply(x)
         inner = faiss.downcast_index(inner.index)
     ivf = faiss.extract_index_ivf(inner)
-    nc1 = int(np.sqrt(ivf.nlist))
-    centroids, _ = two_level_clustering(np.ascontiguousarray(x, dtype=np.float32), nc1, int(ivf.nlist),
-                                        verbose=False, seed=seed)
+    centroids = _two_level_centroids(np.ascontiguousarray(x, dtype=np.float32), int(ivf.nlist), seed)
     ivf.quantizer.train(centroids)
     ivf.quantizer.add(centroids)
     ivf.train(x)  # the quantizer is full: this trains the codes (PQ/SQ) only
