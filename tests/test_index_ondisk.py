@@ -266,3 +266,12 @@ def test_two_level_training_of_many_lists_with_a_tiny_cluster(coll, tmp_path, mo
     np.testing.assert_allclose(got.scores, ref.scores, atol=1e-5)
     # the 5 far rows are found from their own list alone
     assert set(ix.search(data[-1:], 5, nprobe=1).ids[0]) == {f"r{i}" for i in range(3000, 3005)}
+
+
+def test_exact_topk_of_the_tuning_equals_exact_search(coll):
+    _, x, _ = coll
+    got = ondisk._exact_topk(x[:30], ondisk.RowReader(x), 25, block_rows=1000)
+    ref = exact_search(x[:30], x, 25, device="cpu")
+    assert (got == ref.indices).mean() > 0.999  # ties aside
+    s = np.take_along_axis(x[:30] @ x.T, got, axis=1)
+    np.testing.assert_allclose(s, ref.scores, atol=1e-5)

@@ -770,17 +770,22 @@ def _train_two_level(index, sample: np.ndarray, seed: int) -> None:
 # --------------------------------------------------------------------------- tuning
 
 
-def _exact_topk(queries: np.ndarray, reader: RowReader, k: int) -> np.ndarray:
-    """Exact inner-product top-k rows of ``queries`` over every row (block reads, no memory map)."""
-    from cfcd.search import exact_search
+def _exact_topk(queries: np.ndarray, reader: RowReader, k: int, block_rows: int = 32768) -> np.ndarray:
+    """Exact inner-product top-k rows of ``queries`` over every row (block reads, no memory map).
 
-    best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(queries), 0), dtype=np.int64)
-    for s in range(0, len(reader), _BLOCK_ROWS):
-        block = reader.read(s, s + _BLOCK_ROWS)
-        r = exact_search(queries, block, min(k, len(block)), device="cpu")
-        cs = np.concatenate([best_s, r.scores], axis=1)
-        ci = np.concatenate([best_i, r.indices + s], axis=1)
+    NumPy only (a BLAS product and ``argpartition`` per block): the build process never imports
+    torch, whose import alone costs ~300 MB of resident memory.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(q), 0), dtype=np.int64)
+    for s in range(0, len(reader), block_rows):
+        block = reader.read(s, s + block_rows)
+        scores = q @ block.T
+        kk = min(k, scores.shape[1])
+        part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
+        cs = np.concatenate([best_s, np.take_along_axis(scores, part, axis=1)], axis=1)
+        ci = np.concatenate([best_i, part + s], axis=1)
         order = np.argsort(-cs, axis=1, kind="stable")[:, :k]
         best_s, best_i = np.take_along_axis(cs, order, axis=1), np.take_along_axis(ci, order, axis=1)
     return best_i
