@@ -43,7 +43,37 @@ def _proc_status() -> dict:
     return out
 
 
+class _Sampler:
+    """Peak anonymous and file-backed resident memory of this process, sampled every 50 ms
+    (VmHWM mixes both: file pages of memory-mapped shards and lists are page cache the kernel can
+    drop, anonymous pages must fit in RAM)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            st = _proc_status()
+            for k in self.peak:
+                self.peak[k] = max(self.peak[k], st.get(k, 0))
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {f"peak_{k}": v for k, v in self.peak.items()}
+
+
+_SAMPLER = None
+
+
 def _report(result: dict) -> None:
+    if _SAMPLER is not None:
+        result.update(_SAMPLER.stop())
     result["ru_maxrss_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["ru_maxrss_children"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     result.update(_proc_status())
@@ -169,6 +199,8 @@ def main() -> None:
     p.add_argument("--stages", default="gen,build,truth,ondisk,memory")
     a = p.parse_args()
     if a.stage:
+        global _SAMPLER
+        _SAMPLER = _Sampler()
         {"gen": stage_gen, "build": stage_build, "truth": stage_truth,
          "ondisk": lambda a: _search_stage(a, False), "memory": lambda a: _search_stage(a, True)}[a.stage](a)
         return
@@ -186,7 +218,8 @@ def main() -> None:
         r["wall_s"] = time.perf_counter() - t0
         results["stages"][stage] = r
         gb = lambda b: f"{(b or 0) / 2**30:.2f} GB"  # noqa: E731
-        print(f"{stage}: {r['wall_s']:.0f} s, peak RSS {gb(r['VmHWM'])} (anon now {gb(r.get('RssAnon'))}), "
+        print(f"{stage}: {r['wall_s']:.0f} s, peak RSS {gb(r['VmHWM'])} (peak anon {gb(r.get('peak_RssAnon'))}, "
+              f"peak file-backed {gb(r.get('peak_RssFile'))}), "
               f"largest worker {gb(r['ru_maxrss_children'])}"
               + (f", recall@10 {r['recall@10']:.3f} recall@100 {r['recall@100']:.3f}, "
                  f"{r['single_ms_per_query']:.2f} ms/query single, {r['batch_ms_per_query']:.3f} batch"

@@ -58,11 +58,11 @@ def test_sizes_and_the_budgeted_choice():
     assert ondisk.choose_index(1000, 512, max_memory="4GB")["factory"] == "Flat"
     big = ondisk.choose_index(5_000_000, 512, max_memory="4GB")
     assert big["kind"] == "ivf-pq" and big["factory"].startswith("IVF8192_HNSW32,PQ")
-    assert 2 * big["bytes"] <= 4 << 30
-    assert ondisk.choose_index(100_000_000, 512, max_memory="4GB")["kind"] == "opq-ivf-pq"
+    assert 3 * big["bytes"] <= 4 << 30
+    assert ondisk.choose_index(100_000_000, 512, max_memory="8GB")["kind"] == "opq-ivf-pq"
     assert ondisk.choose_index(1_000_000, 128, max_memory="1GB")["kind"] == "hnsw"
     with pytest.raises(CfcdError, match="no index of"):
-        ondisk.choose_index(100_000_000, 512, max_memory="100MB")
+        ondisk.choose_index(100_000_000, 512, max_memory="1GB")
 
 
 def test_auto_picks_flat_for_a_tiny_set_and_ivf_under_a_small_budget(coll, tmp_path):
@@ -75,7 +75,7 @@ def test_auto_picks_flat_for_a_tiny_set_and_ivf_under_a_small_budget(coll, tmp_p
     np.testing.assert_array_equal(got.indices, ref.indices)
     assert got.ids[0][0] == ids[0]
 
-    ivf = ondisk.build(root / "db", tmp_path / "ix", max_memory="500KB", max_query_ms=0.01, workers=0, tune_queries=100, shard_rows=2500)
+    ivf = ondisk.build(root / "db", tmp_path / "ix", max_memory="700KB", max_query_ms=0.01, workers=0, tune_queries=100, shard_rows=2500)
     info = json.loads((tmp_path / "ix" / "index.json").read_text())
     assert ivf.params["kind"].startswith("ivf") and ivf.params["ondisk"] and info["build"]["shards"] == 3
     t = info["tuning"]
@@ -221,7 +221,7 @@ def test_cli_auto_build_search_info(coll, tmp_path, capsys):
     root, x, ids = coll
     write_store(tmp_path / "q", ["q0", "q1"], x[6000:6002], meta={"model": "gem_r50"})
     assert cli(["index", "build", str(root / "db"), "--out", str(tmp_path / "ix"), "--type", "auto",
-                "--max-memory", "500KB", "--max-query-ms", "0.01", "--tune-queries", "50", "--workers", "0", "--no-progress"]) == 0
+                "--max-memory", "700KB", "--max-query-ms", "0.01", "--tune-queries", "50", "--workers", "0", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "on-disk lists" in text and "tuned on 50 held-out rows" in text
     assert cli(["index", "add", str(tmp_path / "ix"), str(root / "new"), "--workers", "0", "--no-progress"]) == 0

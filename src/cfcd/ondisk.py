@@ -124,9 +124,9 @@ def choose_index(n: int, d: int, *, max_memory, max_query_ms: float = 10.0) -> d
     2. **HNSW32** up to 1M rows when the rows and the graph fit (built in memory, not sharded).
     3. **IVF** with ~4 sqrt(N) lists (an HNSW coarse quantizer from 4096 lists, so that adding
        does not cost N x nlist dot products), and the largest codes whose index takes at most
-       half the budget (the other half: the build maps the shards and the merged lists, the
-       search maps the lists it visits): Flat, SQ8, then PQ with D/4 ... 8 bytes, with an OPQ
-       rotation once a sub-quantizer spans 16 dimensions or more.
+       a third of the budget (the merge maps the shards and writes the merged lists: twice the
+       index; the search maps the lists it visits): Flat, SQ8, then PQ with D/4 ... 8 bytes, with
+       an OPQ rotation once a sub-quantizer spans 16 dimensions or more.
     """
     budget = parse_size(max_memory)
     n, d = int(n), int(d)
@@ -151,13 +151,14 @@ def choose_index(n: int, d: int, *, max_memory, max_query_ms: float = 10.0) -> d
             candidates.append((kind, factory, m))
     for kind, factory, m in candidates:
         size = estimate_index_bytes(kind, n, d, nlist=nlist, m=m)
-        if 2 * size <= budget:
+        if 3 * size <= budget:
             return {"kind": kind, "factory": factory, "nlist": nlist, "m": m or None, "bytes": size,
-                    "reason": f"{kind} index of {_fmt_bytes(size)} is at most half the budget of {_fmt_bytes(budget)}"}
+                    "reason": f"{kind} index of {_fmt_bytes(size)} is at most a third of the budget of "
+                              f"{_fmt_bytes(budget)}"}
     smallest = estimate_index_bytes(candidates[-1][0], n, d, nlist=nlist, m=candidates[-1][2])
     raise InputError(
         f"no index of {n} x {d} descriptors fits in {_fmt_bytes(budget)}: the smallest ({candidates[-1][1]}) "
-        f"takes {_fmt_bytes(smallest)} and needs twice that; raise --max-memory or pass --factory"
+        f"takes {_fmt_bytes(smallest)} and needs three times that; raise --max-memory or pass --factory"
     )
 
 
