@@ -703,11 +703,25 @@ def _train(index, reader: RowReader, held_out: np.ndarray, train_size: int | Non
         if ivf.nlist > len(sample):
             raise InputError(f"{factory}: {ivf.nlist} lists need at least {ivf.nlist} training rows (FAISS "
                              f"advises {39 * ivf.nlist}), the store has {len(sample)}; use fewer lists or Flat")
+    _no_polysemous(index)
     if ivf is not None and ivf.nlist >= _TWO_LEVEL_FROM:
         _train_two_level(index, sample, seed)
     else:
         index.train(sample)
     return index
+
+
+def _no_polysemous(index) -> None:
+    """The index factory turns on polysemous training for PQ codes: a code re-ordering for Hamming
+    filtering (``polysemous_ht``), which cfcd never searches with, and which takes minutes for
+    128 sub-quantizers. Off."""
+    import faiss
+
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if hasattr(inner, "do_polysemous_training"):
+        inner.do_polysemous_training = False
 
 
 # Flat k-means costs train x nlist x D per iteration (hours for 8192 lists on two cores); from this
