@@ -34,7 +34,7 @@ def tiny(name: str = "vit_dinov2_small14", **kw) -> ViTNet:
     torch.manual_seed(0)
     kw.setdefault("backbone_kwargs", TINY)
     kw.setdefault("img_size", 56)
-    return M.create(name, **kw)
+    return M.create(name, **{"weights": "random", **kw})
 
 
 def photo(height: int, width: int) -> np.ndarray:
@@ -49,13 +49,13 @@ def test_registry_names_routing_and_errors():
     for n in ("vit_dinov2_small14", "vit_dinov2_base14", "vit_dinov2_small14_reg", "vit_clip_b16", "vit_timm"):
         assert n in names and M.get_entry(n).family == "vit"
     # gem_<timm ViT> is the ViT family with GeM over the patch map, not GeMNet pooling the token axis
-    model = M.create("gem_vit_small_patch14_dinov2", backbone_kwargs=TINY)
+    model = M.create("gem_vit_small_patch14_dinov2", backbone_kwargs=TINY, weights="random")
     assert isinstance(model, ViTNet) and model.pooling == "gem" and model.embedding_dim == 32
-    assert M.create("gem_resnet18").__class__.__name__ == "GeMNet"
+    assert M.create("gem_resnet18", weights="random").__class__.__name__ == "GeMNet"
     with pytest.raises(CfcdError, match="pooling must be one of"):
-        M.create("vit_dinov2_small14", backbone_kwargs=TINY, pooling="rmac")
+        M.create("vit_dinov2_small14", backbone_kwargs=TINY, pooling="rmac", weights="random")
     with pytest.raises(CfcdError, match="not a timm VisionTransformer"):
-        M.create("vit_timm", backbone="resnet18")
+        M.create("vit_timm", backbone="resnet18", weights="random")
     with pytest.raises(ValueError, match="smaller than one 14x14 patch"):
         tiny()(torch.zeros(1, 3, 10, 40))
     # normalisation per checkpoint family

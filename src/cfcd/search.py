@@ -7,7 +7,10 @@
 * :func:`build_index` / :func:`open_index` - indexes built from a descriptor store and saved
   with its image ids and provenance: ``exact`` (the same chunked search over a copy/hard link of
   the descriptors), ``flat`` (``faiss.IndexFlatIP``), ``ivfpq`` (``faiss.IndexIVFPQ``, inner
-  product) and ``hnsw`` (``faiss.IndexHNSWFlat``, inner product).
+  product) and ``hnsw`` (``faiss.IndexHNSWFlat``, inner product); ``auto`` / ``faiss`` (a budgeted
+  choice or any index-factory string, IVF built shard by shard with on-disk lists, growing with
+  ``cfcd index add``/``remove``) are built by :mod:`cfcd.ondisk` and opened here too, on-disk lists
+  memory-mapped (docs/index-format.md).
 
 All scores are inner products (cosine similarity for the L2-normalised descriptors of the
 models). Index directory: ``index.faiss`` (``descriptors.npy`` for exact), ``images.txt`` and
@@ -58,6 +61,8 @@ __all__ = [
     "recall_at_k",
     "check_compatible",
     "faiss_threads",
+    "IdTable",
+    "RowSegments",
 ]
 
 logger = logging.getLogger(__name__)
@@ -211,6 +216,89 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int | None = None) -> 
 # --------------------------------------------------------------------------- indexes
 
 
+class IdTable(Sequence):
+    """The image ids of an index, read from its id file on demand.
+
+    Only the end offset of each line is held in memory (8 bytes per id instead of a Python string
+    of ~60 bytes), and the file is memory-mapped, so a 100M-image index does not need 6 GB of RAM
+    for its ids. Behaves like a read-only list of str.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import mmap
+
+        self.path = Path(path)
+        ends, pos = [], 0
+        try:
+            with open(self.path, "rb") as handle:
+                while chunk := handle.read(64 << 20):
+                    ends.append(np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + pos)
+                    pos += len(chunk)
+        except FileNotFoundError:
+            raise InputError(f"{self.path}: image id list not found") from None
+        self._ends = np.concatenate(ends).astype(np.int64) if ends else np.zeros(0, dtype=np.int64)
+        if pos and (len(self._ends) == 0 or self._ends[-1] != pos - 1):
+            raise InputError(f"{self.path}: image id list does not end with a line break (truncated?)")
+        self._mm = None
+        if pos:
+            with open(self.path, "rb") as handle:
+                self._mm = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def __len__(self) -> int:
+        return int(self._ends.shape[0])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"id {i} out of range for {len(self)} ids")
+        start = int(self._ends[i - 1]) + 1 if i else 0
+        try:
+            return self._mm[start : int(self._ends[i])].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{self.path}: line {i + 1} is not valid UTF-8 ({exc})") from None
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # mutable-looking sequence semantics, like list
+
+    def __repr__(self) -> str:
+        return f"IdTable({str(self.path)!r}, {len(self)} ids)"
+
+
+class RowSegments:
+    """Several memory-mapped N_i x D matrices seen as one (the rows of an index that grew by ``add``).
+
+    Supports what exact re-ranking needs: ``shape``, ``dtype`` and ``rows[sorted_int_array]``.
+    """
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        if not parts:
+            raise CfcdError("RowSegments needs at least one matrix")
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [p.shape[0] for p in self.parts])
+        self.dtype = self.parts[0].dtype
+        self.shape = (int(self.starts[-1]), int(self.parts[0].shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((rows.shape[0], self.shape[1]), dtype=np.float32)
+        seg = np.searchsorted(self.starts, rows, side="right") - 1
+        for s in np.unique(seg):
+            sel = seg == s
+            out[sel] = self.parts[s][rows[sel] - self.starts[s]]
+        return out
+
+
+
+
 class Index:
     """A searchable database with image ids and provenance. Use :func:`build_index` / :func:`open_index`."""
 
@@ -341,25 +429,78 @@ class ExactIndex(Index):
 class FaissIndex(Index):
     """A FAISS index (flat, ivfpq or hnsw; inner product)."""
 
-    def __init__(self, index, type: str, ids, params, source, path=None, vectors=None, data_file=None):
+    def __init__(self, index, type: str, ids, params, source, path=None, vectors=None, data_file=None,
+                 removed: np.ndarray | None = None):
         super().__init__(ids, index.d, params, source, path)
         self.index = index
         self.type = type
         # full-precision rows (memory-mapped) for re-ranking approximate candidates exactly
         self.vectors = vectors
         self._data_file = data_file
+        # labels removed with 'cfcd index remove': kept in the lists, filtered at search time
+        self.removed = np.unique(np.asarray(removed, dtype=np.int64)) if removed is not None else np.zeros(0, np.int64)
         self._apply_search_params()
 
     def __len__(self) -> int:
+        return int(self.index.ntotal) - int(self.removed.shape[0])
+
+    @property
+    def n_labels(self) -> int:
+        """Rows ever added (live and removed): the length of the id list."""
         return int(self.index.ntotal)
 
-    def _apply_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    def _settings(self, nprobe: int | None = None, ef_search: int | None = None) -> dict:
+        """The effective search-time parameters: {"nprobe": ...} for IVF, {"efSearch": ...} for HNSW."""
         import faiss
 
-        if self.type == "ivfpq":
-            faiss.extract_index_ivf(self.index).nprobe = int(nprobe or self.params.get("nprobe", 16))
-        elif self.type == "hnsw":
-            self.index.hnsw.efSearch = int(ef_search or self.params.get("ef_search", 128))
+        if self.type == "faiss":
+            base = dict(self.params.get("search") or {})
+        else:
+            base = {"nprobe": self.params.get("nprobe", 16)} if self.type == "ivfpq" else {}
+            if self.type == "hnsw":
+                base["efSearch"] = self.params.get("ef_search", 128)
+        out = {}
+        if faiss.try_extract_index_ivf(self.index) is not None:
+            out["nprobe"] = int(nprobe or base.get("nprobe", 16))
+        elif isinstance(faiss.downcast_index(self.index), faiss.IndexHNSW):
+            out["efSearch"] = int(ef_search or base.get("efSearch", 128))
+        return out
+
+    def _apply_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> dict:
+        import faiss
+
+        settings = self._settings(nprobe, ef_search)
+        if "nprobe" in settings:
+            ivf = faiss.extract_index_ivf(self.index)
+            settings["nprobe"] = min(settings["nprobe"], int(ivf.nlist))
+            ivf.nprobe = settings["nprobe"]
+        if "efSearch" in settings:
+            faiss.downcast_index(self.index).hnsw.efSearch = settings["efSearch"]
+        return settings
+
+    def _search_parameters(self, settings: dict, keep: list):
+        """FAISS SearchParameters that skip the removed labels (None when nothing was removed)."""
+        import faiss
+
+        if not self.removed.shape[0]:
+            return None
+        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.removed))
+        keep.append(sel)
+        inner = faiss.downcast_index(self.index)
+        wrap = isinstance(inner, faiss.IndexPreTransform)
+        if wrap:
+            inner = faiss.downcast_index(inner.index)
+        if "nprobe" in settings:
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=settings["nprobe"])
+        elif "efSearch" in settings:
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=settings["efSearch"])
+        else:
+            params = faiss.SearchParameters(sel=sel)
+        if wrap:
+            keep.append(params)
+            params = faiss.SearchParametersPreTransform(index_params=params)
+        keep.append(params)
+        return params
 
     def _search(
         self,
@@ -379,15 +520,18 @@ class FaissIndex(Index):
                 "build the index with --rerank from a store"
             )
         kc = min(max(k, rerank), len(self)) if rerank else k
-        if self.type == "hnsw" and ef_search is None and kc > int(self.params.get("ef_search", 128)):
+        current = self._settings()
+        if "efSearch" in current and ef_search is None and kc > current["efSearch"]:
             ef_search = kc  # efSearch below k silently returns fewer good results
-        self._apply_search_params(nprobe, ef_search)
+        settings = self._apply_search_params(nprobe, ef_search)
+        keep: list = []
+        params = self._search_parameters(settings, keep)
         scores = np.empty((q.shape[0], k), dtype=np.float32)
         idx = np.empty((q.shape[0], k), dtype=np.int64)
         try:
             for s in range(0, q.shape[0], batch):
                 block = np.ascontiguousarray(q[s : s + batch], dtype=np.float32)
-                d, i = self.index.search(block, kc)
+                d, i = self.index.search(block, kc, params=params) if params is not None else self.index.search(block, kc)
                 if rerank:
                     d, i = self._rerank(block, i, k)
                 scores[s : s + len(block)] = d
@@ -419,6 +563,9 @@ class FaissIndex(Index):
     def _save_data(self, out: Path) -> None:
         import faiss
 
+        if self.removed.shape[0] or self.params.get("ondisk"):
+            raise CfcdError(f"{self.path}: an on-disk index or one with removed rows is saved by 'cfcd index' "
+                            "itself (cfcd.ondisk); it cannot be copied with save()")
         fd, tmp = make_temp_file(out, prefix=f".{INDEX_FILE}.")
         os.close(fd)
         try:
@@ -585,8 +732,17 @@ def build_index(
     thread below 50k vectors, FAISS's default above). The descriptors are validated
     (finite, non-zero rows) first. With ``out`` the index is saved there.
     """
+    if type in ("auto", "faiss"):
+        # budgeted choice / any factory string, sharded and on disk: cfcd.ondisk
+        if out is None:
+            raise InputError(f"a {type!r} index is built into a directory: pass out=")
+        from cfcd import ondisk
+
+        if type == "faiss" and not params.get("factory"):
+            raise InputError("type 'faiss' needs factory= (a FAISS index-factory string)")
+        return ondisk.build(store, out, ids=ids, progress=progress, **params)
     if type not in INDEX_TYPES:
-        raise InputError(f"unknown index type {type!r}; choose from {', '.join(INDEX_TYPES)}")
+        raise InputError(f"unknown index type {type!r}; choose from {', '.join(INDEX_TYPES)}, auto, faiss")
     data_file = None
     if isinstance(store, np.ndarray):
         st = DescriptorStore(path=Path("<array>"), descriptors=store, ids=list(ids) if ids is not None else None)
@@ -651,7 +807,13 @@ def open_index(path: str | os.PathLike, *, mmap: bool = True) -> Index:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{meta_path}: not valid JSON: {exc}") from None
     type_ = info.get("type")
-    ids = _read_ids(path / IDS_FILE) if (path / IDS_FILE).is_file() else None
+    # index directories written by cfcd.ondisk name their files (one generation per add/remove)
+    files = info.get("files") or {}
+    ids_path = path / files.get("ids", IDS_FILE)
+    if type_ == "faiss":
+        ids = IdTable(ids_path) if ids_path.is_file() else None
+    else:
+        ids = _read_ids(ids_path) if ids_path.is_file() else None
     if type_ == "exact":
         from cfcd.features import load_npy as _load_npy
 
@@ -659,30 +821,49 @@ def open_index(path: str | os.PathLike, *, mmap: bool = True) -> Index:
         if data.ndim != 2:
             raise InputError(f"{path / DESCRIPTORS_FILE}: expected an N x D matrix, got shape {data.shape}")
         index: Index = ExactIndex(data, ids, info.get("params", {}), info.get("source", {}), path, path / DESCRIPTORS_FILE)
-    elif type_ in ("flat", "ivfpq", "hnsw"):
+    elif type_ in ("flat", "ivfpq", "hnsw", "faiss"):
         import faiss
 
-        if not (path / INDEX_FILE).is_file():
-            raise InputError(f"{path / INDEX_FILE}: index file not found")
-        try:
-            flags = faiss.IO_FLAG_MMAP if (mmap and type_ != "hnsw") else 0
-            raw = faiss.read_index(str(path / INDEX_FILE), flags)
-        except Exception as exc:
-            raise InputError(f"{path / INDEX_FILE}: cannot read the FAISS index (corrupt?): {exc}") from None
-        vectors = None
-        if (path / DESCRIPTORS_FILE).is_file():
-            from cfcd.features import load_npy as _load_npy
+        from cfcd.features import load_npy as _load_npy
 
-            vectors = _load_npy(path / DESCRIPTORS_FILE, True)
-        index = FaissIndex(raw, type_, ids, info.get("params", {}), info.get("source", {}), path,
-                           vectors=vectors, data_file=(path / DESCRIPTORS_FILE) if vectors is not None else None)
-        if vectors is not None and vectors.shape != (len(index), index.dim):
-            raise InputError(f"{path / DESCRIPTORS_FILE}: shape {vectors.shape} does not match the index "
-                             f"({len(index)} x {index.dim})")
+        params = info.get("params", {})
+        index_path = path / files.get("index", INDEX_FILE)
+        if not index_path.is_file():
+            raise InputError(f"{index_path}: index file not found")
+        if params.get("ondisk"):
+            ivfdata = path / files.get("ivfdata", "")
+            if not files.get("ivfdata") or not ivfdata.is_file():
+                raise InputError(f"{path}: the on-disk inverted lists {files.get('ivfdata')!r} are missing")
+            # the lists stay in their file, memory-mapped by FAISS (IO_FLAG_MMAP must not be added: it
+            # does not combine with on-disk lists); the process holds the centroids and codebooks only
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+        else:
+            flags = faiss.IO_FLAG_MMAP if (mmap and type_ != "hnsw" and params.get("kind") != "hnsw") else 0
+        try:
+            raw = faiss.read_index(str(index_path), flags)
+        except Exception as exc:
+            raise InputError(f"{index_path}: cannot read the FAISS index (corrupt?): {exc}") from None
+        vectors = None
+        names = files.get("vectors")
+        if names is None:
+            names = [DESCRIPTORS_FILE] if (path / DESCRIPTORS_FILE).is_file() else []
+        if names:
+            parts = [_load_npy(path / name, True) for name in names]
+            vectors = parts[0] if len(parts) == 1 else RowSegments(parts)
+        removed = None
+        if files.get("removed"):
+            removed = _load_npy(path / files["removed"], False)
+        index = FaissIndex(raw, type_, ids, params, info.get("source", {}), path,
+                           vectors=vectors, data_file=(path / names[0]) if len(names) == 1 else None,
+                           removed=removed)
+        if vectors is not None and tuple(vectors.shape) != (index.n_labels, index.dim):
+            raise InputError(f"{path}: re-ranking rows {', '.join(names)} have shape {tuple(vectors.shape)}, which "
+                             f"does not match the index ({index.n_labels} x {index.dim})")
     else:
         raise InputError(f"{meta_path}: unknown index type {type_!r}")
-    if ids is not None and len(ids) != len(index):
-        raise InputError(f"{path}: {IDS_FILE} has {len(ids)} ids but the index holds {len(index)} vectors")
+    n_rows = index.n_labels if isinstance(index, FaissIndex) else len(index)
+    if ids is not None and len(ids) != n_rows:
+        raise InputError(f"{path}: {ids_path.name} has {len(ids)} ids but the index holds {n_rows} vectors")
     if int(info.get("dim", index.dim)) != index.dim:
         raise InputError(f"{meta_path}: says dim {info.get('dim')} but the index is {index.dim}-D")
     return index

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("cfcd.cli.extract", "extract multi-scale global descriptors into a descriptor store"),
     "evaluate": ("cfcd.cli.evaluate", "revisitop evaluation (mAP and mP@k, Easy/Medium/Hard, +1M)"),
     "benchmark": ("cfcd.cli.benchmark", "one paper row: extract queries and database, evaluate, print"),
-    "index": ("cfcd.cli.index", "build a FAISS or exact index from a descriptor store"),
+    "index": ("cfcd.cli.index", "build (budgeted, sharded, on-disk), grow and shrink FAISS or exact indexes"),
     "search": ("cfcd.cli.search", "top-k search of query descriptors in an index"),
     "serve": ("cfcd.cli.serve", "web page and JSON API: search by photo, browse an index, explore a benchmark"),
     "whiten": ("cfcd.cli.whiten", "learn PCA whitening (whitenp) or supervised Lw on a descriptor store"),

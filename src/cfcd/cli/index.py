@@ -1,35 +1,65 @@
-"""``cfcd index build``: an exact or FAISS index (flat, IVF-PQ, HNSW) from a descriptor store."""
+"""``cfcd index``: build (exact, FAISS, budgeted/sharded/on-disk), add, remove, info."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+_LEGACY = ("flat", "ivfpq", "hnsw", "exact")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="{build,info}", required=True)
+    sub = parser.add_subparsers(dest="action", metavar="{build,add,remove,info}", required=True)
     b = sub.add_parser("build", help="build an index from a descriptor store and save it to a directory")
-    b.add_argument("store", type=Path, help="descriptor store directory (or .npy, then without ids)")
+    b.add_argument("store", type=Path, help="descriptor store directory (or .npy, whose row numbers are its ids)")
     b.add_argument("--out", type=Path, required=True, help="index directory to write")
-    b.add_argument("--type", choices=("flat", "ivfpq", "hnsw", "exact"), default="flat",
-                   help="flat: exact FAISS inner product; ivfpq: compressed inverted file; hnsw: graph; "
+    b.add_argument("--type", choices=("auto",) + _LEGACY, default="flat",
+                   help="auto: choose the FAISS index (Flat, HNSW, IVF-Flat/SQ8/PQ, OPQ) for the size and "
+                        "--max-memory, build IVF shard by shard with on-disk lists, tune nprobe/efSearch; "
+                        "flat: exact FAISS inner product; ivfpq: compressed inverted file; hnsw: graph; "
                         "exact: chunked torch matmul over the memory-mapped descriptors, GPU when available "
                         "(default flat)")
+    b.add_argument("--factory", default=None, metavar="STRING",
+                   help="a FAISS index-factory string (e.g. 'OPQ32,IVF4096_HNSW32,PQ32'), built like --type auto")
+    b.add_argument("--max-memory", default="4GB",
+                   help="auto/factory: memory budget of the build and of the searched index (default 4GB)")
+    b.add_argument("--max-query-ms", type=float, default=10.0,
+                   help="auto/factory: latency target per query, used for the choice and the tuning (10)")
+    b.add_argument("--in-memory", action="store_true",
+                   help="auto/factory: merge the IVF shards into RAM instead of on-disk inverted lists")
+    b.add_argument("--shard-rows", type=int, default=None,
+                   help="auto/factory: rows per shard (default: from --max-memory and --workers)")
+    b.add_argument("--workers", type=int, default=1,
+                   help="auto/factory: processes encoding shards in parallel (0: in this process; default 1)")
+    b.add_argument("--tune-queries", type=int, default=1000,
+                   help="auto/factory: held-out rows that tune nprobe/efSearch against exact search (0: no tuning)")
+    b.add_argument("--target-recall", type=float, default=0.95,
+                   help="auto/factory: recall@10 that the tuning aims for (0.95)")
     b.add_argument("--nlist", type=int, default=None, help="ivfpq: inverted lists (default ~4 sqrt(N))")
     b.add_argument("--m", type=int, default=None, help="ivfpq: PQ sub-quantizers, must divide D (default D/8)")
     b.add_argument("--nbits", type=int, default=8, help="ivfpq: bits per PQ code (8)")
     b.add_argument("--nprobe", type=int, default=None, help="ivfpq: lists visited per query (16)")
     b.add_argument("--train-size", type=int, default=None,
-                   help="ivfpq: training subsample size (default max(64 nlist, 65536), at most N)")
+                   help="ivfpq/auto: training subsample size (default max(64 nlist, 65536), at most N)")
     b.add_argument("--hnsw-m", type=int, default=32, help="hnsw: neighbours per node (32)")
     b.add_argument("--ef-construction", type=int, default=200, help="hnsw: build-time beam (200)")
     b.add_argument("--ef-search", type=int, default=128, help="hnsw: search-time beam (128)")
     b.add_argument("--rerank", type=int, default=0, metavar="R",
-                   help="ivfpq/hnsw: re-rank the top R candidates with the exact descriptors (memory-mapped, "
-                        "hard-linked into the index directory); 0 = off (default)")
+                   help="approximate types: re-rank the top R candidates with the exact descriptors "
+                        "(memory-mapped, hard-linked into the index directory); 0 = off (default)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads (default: FAISS's choice)")
     b.add_argument("--no-progress", action="store_true")
+    a = sub.add_parser("add", help="append the images of a store to an index (same model)")
+    a.add_argument("index", type=Path, help="index directory")
+    a.add_argument("store", type=Path, help="descriptor store (or .npy) with the new images")
+    a.add_argument("--workers", type=int, default=1, help="processes encoding shards (0: in this process)")
+    a.add_argument("--force", action="store_true", help="add even when the provenance (model/whitening) differs")
+    a.add_argument("--no-progress", action="store_true")
+    r = sub.add_parser("remove", help="remove images from an index")
+    r.add_argument("index", type=Path, help="index directory")
+    r.add_argument("--ids", type=Path, required=True, help="text file, one image id per line")
+    r.add_argument("--missing-ok", action="store_true", help="ignore ids that are not in the index")
     i = sub.add_parser("info", help="describe an index directory")
     i.add_argument("index", type=Path)
 
@@ -37,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.action == "info":
         return _info(args)
+    if args.action == "add":
+        return _add(args)
+    if args.action == "remove":
+        return _remove(args)
+    if args.type == "auto" or args.factory:
+        return _build_budgeted(args)
     import time
     import warnings
 
@@ -64,6 +100,53 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_budgeted(args) -> int:
+    import json
+    import time
+
+    from cfcd import ondisk
+
+    t0 = time.perf_counter()
+    index = ondisk.build(
+        args.store, args.out, factory=args.factory, max_memory=args.max_memory, max_query_ms=args.max_query_ms,
+        ondisk=not args.in_memory, shard_rows=args.shard_rows, workers=args.workers, threads=args.threads,
+        train_size=args.train_size, seed=args.seed, tune_queries=args.tune_queries,
+        target_recall=args.target_recall, rerank=args.rerank, progress=not args.no_progress,
+    )
+    info = json.loads((args.out / "index.json").read_text(encoding="utf-8"))
+    p = index.params
+    print(f"built {p['factory']} ({p['kind']}, {'on-disk lists' if p.get('ondisk') else 'in memory'}) of "
+          f"{len(index)} x {index.dim} in {time.perf_counter() - t0:.1f} s -> {args.out}")
+    print(f"choice: {info['choice'].get('reason')}")
+    tuning = info.get("tuning")
+    if tuning:
+        c = tuning["chosen"]
+        rk = "recall@100" if "recall@100" in c else f"recall@{tuning['k']}"
+        print(f"tuned on {tuning['queries']} held-out rows: {c['search']} recall@10={c['recall@10']:.3f} "
+              f"{rk}={c.get(rk, float('nan')):.3f} {c['ms_per_query']:.2f} ms/query")
+    return 0
+
+
+def _add(args) -> int:
+    import time
+
+    from cfcd import ondisk
+
+    t0 = time.perf_counter()
+    index = ondisk.add(args.index, args.store, force=args.force, workers=args.workers, progress=not args.no_progress)
+    print(f"added {args.store} -> {args.index}: {len(index)} images in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _remove(args) -> int:
+    from cfcd import ondisk
+
+    ids = ondisk.read_id_file(args.ids)
+    index = ondisk.remove(args.index, ids, missing_ok=args.missing_ok)
+    print(f"removed {len(ids)} ids from {args.index}: {len(index)} images remain")
+    return 0
+
+
 def _info(args) -> int:
     import json
 
@@ -73,7 +156,10 @@ def _info(args) -> int:
     if not meta.is_file():
         raise InputError(f"{args.index}: not an index directory (no index.json)")
     info = json.loads(meta.read_text(encoding="utf-8"))
-    print(json.dumps({k: v for k, v in info.items() if k != "source"}, indent=2))
+    print(json.dumps({k: v for k, v in info.items() if k not in ("source", "tuning")}, indent=2))
+    if info.get("tuning"):
+        t = info["tuning"]
+        print(f"tuning ({t['queries']} held-out rows): chosen {json.dumps(t['chosen'])}")
     src = info.get("source", {})
     print(f"source: {src.get('path')} (model: {src.get('meta', {}).get('model')})")
     return 0

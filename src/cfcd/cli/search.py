@@ -12,8 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", type=Path, required=True, help="query descriptor store or .npy (N x D)")
     parser.add_argument("--k", type=int, default=100, help="results per query (100)")
     parser.add_argument("--json", type=Path, default=None, help="write every result (ids and scores) to this JSON")
-    parser.add_argument("--nprobe", type=int, default=None, help="ivfpq: override the index's nprobe")
-    parser.add_argument("--ef-search", type=int, default=None, help="hnsw: override efSearch")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF indexes (ivfpq, auto/factory IVF): override the index's nprobe")
+    parser.add_argument("--ef-search", type=int, default=None, help="HNSW indexes: override efSearch")
     parser.add_argument("--rerank", type=int, default=None, metavar="R",
                         help="ivfpq/hnsw: re-rank R candidates exactly (0 = off; default: the index's setting)")
     parser.add_argument("--device", default="auto", help="exact search device: auto (GPU if any), cpu, cuda:0")
