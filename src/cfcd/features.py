@@ -866,7 +866,8 @@ PROVENANCE_KEYS = ("model", "weights_sha256", "extract.settings.model.state_sha2
 _ABSENT = object()
 
 
-def _meta_get(meta: dict, dotted: str, default=None):
+def meta_get(meta: dict, dotted: str, default=None):
+    """``meta['a']['b']`` for ``'a.b'``, or ``default`` when any level is missing."""
     value = meta
     for key in dotted.split("."):
         if not isinstance(value, dict) or key not in value:
@@ -894,11 +895,11 @@ def check_compatible(a, b) -> None:
     name_a, meta_a = _provenance_of(a)
     name_b, meta_b = _provenance_of(b)
     state = "extract.settings.model.state_sha256"
-    same_state = _meta_get(meta_a, state) is not None and _meta_get(meta_a, state) == _meta_get(meta_b, state)
+    same_state = meta_get(meta_a, state) is not None and meta_get(meta_a, state) == meta_get(meta_b, state)
     for key in PROVENANCE_KEYS:
         if key == "weights_sha256" and same_state:
             continue  # the same tensors, whatever file they were read from
-        va, vb = _meta_get(meta_a, key, _ABSENT), _meta_get(meta_b, key, _ABSENT)
+        va, vb = meta_get(meta_a, key, _ABSENT), meta_get(meta_b, key, _ABSENT)
         if key == "whitening" and meta_a and meta_b:
             va, vb = (va or "none"), (vb or "none")  # absent and None both mean unwhitened
         # a key missing on one side is not compared; a recorded None (e.g. no --max-size) is a value

@@ -79,7 +79,7 @@ def _read_pairs(path: Path, ids: list[str] | None) -> tuple[list[int], list[int]
 
 def _learn(args) -> int:
     from cfcd.errors import InputError
-    from cfcd.features import _meta_get, load_descriptors
+    from cfcd.features import meta_get, load_descriptors
     from cfcd.postprocess import DegenerateWhiteningWarning, learn_lw, learn_pca_whitening
     from cfcd.utils.io import sha256_file
 
@@ -105,7 +105,7 @@ def _learn(args) -> int:
         "descriptors_sha256": sha256_file(data_file),
         "model": store.meta.get("model"),
         "weights_sha256": store.meta.get("weights_sha256"),
-        "state_sha256": _meta_get(store.meta, "extract.settings.model.state_sha256"),
+        "state_sha256": meta_get(store.meta, "extract.settings.model.state_sha256"),
     }
     if args.pairs is not None:
         w.info["pairs_file"] = str(args.pairs)
@@ -118,7 +118,7 @@ def _learn(args) -> int:
 
 def _apply(args) -> int:
     from cfcd.errors import InputError
-    from cfcd.features import _meta_get, check_compatible, load_descriptors, transform_store
+    from cfcd.features import check_compatible, load_descriptors, transform_store
     from cfcd.postprocess import load_whitening
 
     w = load_whitening(args.apply)

@@ -211,7 +211,6 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
 
     # 3-5. fine-tune -----------------------------------------------------------------------------
     from cfcd.train.config import load_config
-    from cfcd.train.trainer import train
 
     runs = out / "runs"
     over1 = _overrides(m, data, runs / "stage1", seed, m.s1_epochs, m.s1, im_size=m.im_size)
@@ -219,12 +218,7 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     t0 = time.perf_counter()
     say(f"[3/{n_steps}] fine-tune, stage 1: MadaCos ({S1_RECIPE}, {m.s1_epochs} epoch(s), "
         f"{data.num_classes} classes)")
-    if not steps.done("stage1"):
-        cfg1["train"]["progress"] = progress
-        train(cfg1, device="cpu")
-        steps.finish("stage1", time.perf_counter() - t0)
-    else:
-        say("      already trained")
+    _train_step(steps, "stage1", cfg1, progress, t0, say)
 
     t0 = time.perf_counter()
     confusions = runs / "landmark_scores.txt"
@@ -244,12 +238,7 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     cfg2 = load_config(S2_RECIPE, _nest(over2))
     say(f"[5/{n_steps}] fine-tune, stage 2: MadaCos + local triplets on tuples with hard negatives "
         f"({S2_RECIPE}, {m.s2_epochs} epoch(s))")
-    if not steps.done("stage2"):
-        cfg2["train"]["progress"] = progress
-        train(cfg2, device="cpu")
-        steps.finish("stage2", time.perf_counter() - t0)
-    else:
-        say("      already trained")
+    _train_step(steps, "stage2", cfg2, progress, t0, say)
 
     # 6. evaluate the fine-tuned model -----------------------------------------------------------
     t0 = time.perf_counter()
@@ -308,6 +297,18 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
 # ------------------------------------------------------------------------------------------------
 # steps
 # ------------------------------------------------------------------------------------------------
+
+
+def _train_step(steps, name: str, cfg: dict, progress: bool, t0: float, say) -> None:
+    """Train ``cfg`` unless the step is recorded as done (the trainer itself resumes a killed run)."""
+    from cfcd.train.trainer import train
+
+    if steps.done(name):
+        say("      already trained")
+        return
+    cfg["train"]["progress"] = progress
+    train(cfg, device="cpu")
+    steps.finish(name, time.perf_counter() - t0)
 
 
 def _extract_options(m: Mode, progress: bool):

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cfcd.runtime import autocast
+
 from cfcd.extract.scales import MultiScale
 
 _SYMPOW_EPS = 1e-6  # dirtorch's clamp in sympow (dirtorch/utils/common.py, pool)
@@ -64,13 +66,6 @@ def pil_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _views(x, flip: bool):
     return (x, x.flip(-1)) if flip else (x,)
-
-
-def autocast_context(device_type: str, precision: str):
-    """``torch.autocast`` for ``bf16``/``fp16``; nothing for ``fp32`` (:func:`cfcd.runtime.autocast`)."""
-    from cfcd.runtime import autocast
-
-    return autocast(device_type, precision)
 
 
 def normalisation_tensors(preprocess, device) -> tuple:
@@ -135,7 +130,7 @@ def describe_batch(
         if channels_last:
             xs = xs.contiguous(memory_format=torch.channels_last)
         for view in _views(xs, recipe.flip):
-            with autocast_context(images.device.type, precision):
+            with autocast(images.device.type, precision):
                 v = model(view)
             v = F.normalize(v.float(), p=2, dim=1)  # per-scale L2 (again in fp32 after autocast)
             if recipe.uses_power:

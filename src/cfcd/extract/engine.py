@@ -425,6 +425,7 @@ def model_fingerprint(model, weights: str | os.PathLike | None) -> dict:
     import torch
 
     from cfcd.models.checkpoints import weights_sha256
+    from cfcd.models.registry import RANDOM_WEIGHTS
 
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -436,7 +437,7 @@ def model_fingerprint(model, weights: str | os.PathLike | None) -> dict:
     return {
         "config": getattr(model, "model_config", {"name": type(model).__name__}),
         "weights": None if weights is None else str(weights),
-        "weights_sha256": None if weights is None or str(weights) == "random" else weights_sha256(weights),
+        "weights_sha256": None if weights is None or str(weights) == RANDOM_WEIGHTS else weights_sha256(weights),
         "state_sha256": digest.hexdigest(),
         "embedding_dim": int(model.embedding_dim),
         "preprocess": {
