@@ -31,6 +31,7 @@ import numpy as np
 
 from cfcd.data.images import load_image
 from cfcd.errors import InputError
+from cfcd.models.preprocess import Preprocess
 from cfcd.utils.io import atomic_write_json, atomic_write_text, sha256_file
 
 logger = logging.getLogger("cfcd.train.data")
@@ -326,29 +327,16 @@ def pca_lighting(chw_bgr01: np.ndarray, rng: np.random.Generator, alpha_std: flo
     return chw_bgr01
 
 
-def _preprocess_fields(preprocess: Any) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
-    """``(channel_order, mean, std)`` from a ``cfcd.models.Preprocess`` or a plain dict."""
-    if preprocess is None:  # the CFCD/DOLG reference normalisation
-        return "BGR", tuple(IMAGENET_MEAN_RGB[::-1]), tuple(IMAGENET_STD_RGB[::-1])
-    get = preprocess.get if isinstance(preprocess, dict) else lambda k: getattr(preprocess, k)
-    order = str(get("channel_order")).upper()
-    if order not in ("BGR", "RGB"):
-        raise InputError(f"model preprocess channel_order must be BGR or RGB, got {order!r}")
-    return order, tuple(float(v) for v in get("mean")), tuple(float(v) for v in get("std"))
-
-
 class _Normalise:
+    """The model's :meth:`Preprocess.normalise_numpy` in place on CHW BGR [0, 1] float32."""
+
     def __init__(self, preprocess: Any):
-        self.order, mean, std = _preprocess_fields(preprocess)
-        self.mean = np.asarray(mean, np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(std, np.float32).reshape(3, 1, 1)
+        self.preprocess = Preprocess.coerce(preprocess)
+        self.order = self.preprocess.channel_order
 
     def __call__(self, chw_bgr01: np.ndarray) -> np.ndarray:
-        """In place on a contiguous float32 CHW array (same arithmetic as ``(x - mean) / std``)."""
-        x = chw_bgr01 if self.order == "BGR" else np.ascontiguousarray(chw_bgr01[::-1])
-        x -= self.mean
-        x /= self.std
-        return x
+        return self.preprocess.normalise_numpy(chw_bgr01, input_order="BGR", layout="CHW", from_u8=False,
+                                               out="inplace")
 
 
 def _to_chw01(im: np.ndarray) -> np.ndarray:

@@ -30,6 +30,8 @@ differs only by float rounding.
 from __future__ import annotations
 
 
+import functools
+
 import numpy as np
 
 from cfcd.runtime import autocast
@@ -69,12 +71,10 @@ def _views(x, flip: bool):
 
 
 def normalisation_tensors(preprocess, device) -> tuple:
-    """mean and std, shaped 1 x 3 x 1 x 1 and scaled to 0-255 inputs."""
-    import torch
+    """mean and std, shaped 1 x 3 x 1 x 1 and scaled to 0-255 inputs (:meth:`Preprocess.scale_shift`)."""
+    from cfcd.models.preprocess import Preprocess
 
-    mean = torch.tensor([float(m) * 255.0 for m in preprocess.mean], dtype=torch.float32, device=device)
-    std = torch.tensor([float(s) * 255.0 for s in preprocess.std], dtype=torch.float32, device=device)
-    return mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
+    return Preprocess.coerce(preprocess).scale_shift(device)
 
 
 def resize_on_device(x, recipe: MultiScale, scale: float):
@@ -111,10 +111,13 @@ def describe_batch(
     import torch
     import torch.nn.functional as F
 
-    def normalise(u8):
-        x = u8.permute(0, 3, 1, 2).float()  # B x 3 x H x W, channels_last strides
-        x = (x - mean) / std
-        return x if channels_last else x.contiguous()
+    from cfcd.models.preprocess import Preprocess
+
+    # images are already in the model's order, so the order here is only for the arithmetic
+    prep = Preprocess()
+
+    def normalise(u8):  # B x 3 x H x W, channels_last strides unless made contiguous
+        return prep.normalise_nhwc_u8(u8, mean, std, input_order=prep.channel_order, contiguous=not channels_last)
 
     height, width = images.shape[1:3]
     host = images.cpu().numpy() if recipe.resample == "pil" else None
@@ -177,21 +180,23 @@ def describe_reference(model, image: np.ndarray, recipe: MultiScale, preprocess)
     batch 1, fp32, CPU resize, numpy normalisation, one host copy per scale."""
     import torch
 
-    mean = np.asarray(preprocess.mean, dtype=np.float32)
-    std = np.asarray(preprocess.std, dtype=np.float32)
+    from cfcd.models.preprocess import Preprocess
+
+    prep = Preprocess.coerce(preprocess)
+    norm = functools.partial(prep.normalise_numpy, layout="HWC")  # image already in the model's order
     device = next(iter(model.parameters())).device
     base = image.astype(np.float32)
     acc, count = None, 0
     for scale in recipe.scales:
         if recipe.resample == "pil":  # dirtorch: Scale() on the uint8 PIL image, then ToTensor/Normalize
             im = pil_resize(image, recipe.target_size(image.shape[0], image.shape[1], scale)).astype(np.float32)
-            im = (im / 255.0 - mean) / std
+            im = norm(im)
         elif recipe.size_rule == "scale_factor":  # cirtorch normalises first, then interpolates
-            normed = (base / 255.0 - mean) / std
+            normed = norm(base)
             im = reference_resize(normed.astype(np.float32), recipe, scale)
         else:  # CFCD: resize the 0-255 float image, then /255 and normalise
             im = reference_resize(base, recipe, scale)
-            im = (im / 255.0 - mean) / std
+            im = norm(im)
         chw = np.ascontiguousarray(im.transpose(2, 0, 1), dtype=np.float32)
         for view in (chw, chw[:, :, ::-1]) if recipe.flip else (chw,):
             x = torch.from_numpy(np.ascontiguousarray(view))[None].to(device)
