@@ -461,8 +461,24 @@ def collate(batch):
     return images, labels, index
 
 
+def opencv_fork_guard() -> None:
+    """Call in the parent before a DataLoader forks its workers (``num_workers > 0``).
+
+    OpenCV's pthreads pool is not fork-safe: once the parent has used it, a forked child that
+    changes the thread count (``worker_init``'s ``cv2.setNumThreads(1)``) waits forever on the
+    pool's threads, which do not exist in the child. Shrinking the pool to one thread in the
+    parent first makes the child's call a no-op (OpenCV ``setNumThreads`` docs; PyTorch's
+    DataLoader docs advise ``cv2.setNumThreads`` for the same deadlock). The parent's own cv2
+    calls then run single-threaded, which costs nothing here: the workers do the decoding."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def worker_init(_worker_id: int) -> None:
-    """DataLoader workers: one thread each for cv2 and torch (the workers are the parallelism)."""
+    """DataLoader workers: one thread each for cv2 and torch (the workers are the parallelism).
+
+    Pair with :func:`opencv_fork_guard` in the parent, or this hangs if the parent used cv2."""
     import cv2
     import torch
 

@@ -95,8 +95,8 @@ class Preprocess:
         """numpy normalisation in float32: ``(x / 255 - mean) / std`` (``from_u8``) or ``(x - mean) / std``.
 
         ``input_order`` defaults to this model's order (no reorder). ``layout`` is ``"HWC"`` or
-        ``"CHW"``. ``out="inplace"`` writes into ``image`` (a float32 CHW array the caller owns;
-        a reorder copies first), the training transforms' arithmetic, same values as the plain formula."""
+        ``"CHW"``. ``out="inplace"`` writes into ``image`` when it is a C-contiguous float32 array (the
+        transforms' own buffer; a reorder or any other view is copied first), the training transforms' arithmetic, same values as the plain formula."""
         import numpy as np
 
         if layout not in ("HWC", "CHW"):
@@ -110,7 +110,8 @@ class Preprocess:
         if out == "inplace":
             if from_u8:
                 raise ValueError("in-place normalisation expects [0, 1] float32 input (from_u8=False)")
-            if x is not image or x.dtype != np.float32 or not x.flags.writeable:
+            # only a C-contiguous float32 buffer is written; any other view is copied first
+            if x is not image or x.dtype != np.float32 or not x.flags.writeable or not x.flags.c_contiguous:
                 x = np.ascontiguousarray(x, dtype=np.float32)
             x -= mean
             x /= std

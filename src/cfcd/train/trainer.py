@@ -480,9 +480,11 @@ class Trainer:
     def _loader(self, sampler, dataset):
         from torch.utils.data import DataLoader
 
-        from cfcd.data.training import collate, worker_init
+        from cfcd.data.training import collate, opencv_fork_guard, worker_init
 
         workers = int(self.cfg["data"]["workers"])
+        if workers:
+            opencv_fork_guard()  # the loader forks its workers at each epoch's iter()
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                           pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
                           persistent_workers=False, worker_init_fn=worker_init if workers else None)
