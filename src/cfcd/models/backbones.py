@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cfcd.models._compat import import_timm
+from cfcd.models.preprocess import RGB_IMAGENET, Preprocess
 
 
 def create_backbone(name: str, **kwargs) -> nn.Module:
@@ -26,6 +27,15 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
     if not timm.is_model(name):
         raise ValueError(f"unknown timm backbone {name!r} (see timm.list_models())")
     return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
+
+
+def timm_preprocess(backbone: nn.Module) -> Preprocess:
+    """The RGB mean/std of a timm model's ``pretrained_cfg`` (ImageNet's when it has none)."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        return RGB_IMAGENET
+    return Preprocess("RGB", tuple(mean), tuple(std))
 
 
 def is_resnet(backbone: nn.Module) -> bool:

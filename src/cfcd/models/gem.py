@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from cfcd.errors import CfcdError
-from cfcd.models.backbones import RESNET_NAMES, create_backbone, describe_resnet
+from cfcd.models.backbones import RESNET_NAMES, create_backbone, describe_resnet, timm_preprocess
 from cfcd.models.base import RetrievalModel
 from cfcd.models.pooling import create_pooling, l2n
-from cfcd.models.preprocess import RGB_IMAGENET, Preprocess
+from cfcd.models.preprocess import Preprocess
 
 WHITENINGS = (None, "cirtorch", "dirtorch")
 
@@ -69,7 +69,7 @@ class GeMNet(RetrievalModel):
         self.embedding_dim = dim
         if isinstance(preprocess, dict):
             preprocess = Preprocess.from_dict(preprocess)
-        self.preprocess = preprocess or _timm_preprocess(self.backbone)
+        self.preprocess = preprocess or timm_preprocess(self.backbone)
 
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
         fmap = self.backbone.forward_features(x)
@@ -81,14 +81,6 @@ class GeMNet(RetrievalModel):
                 g = l2n(g)
             g = self.fc(g.to(self.fc.weight.dtype))
         return {"global": g, "local": fmap}
-
-
-def _timm_preprocess(backbone: nn.Module) -> Preprocess:
-    cfg = getattr(backbone, "pretrained_cfg", None) or {}
-    mean, std = cfg.get("mean"), cfg.get("std")
-    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
-        return RGB_IMAGENET
-    return Preprocess("RGB", tuple(mean), tuple(std))
 
 
 # --------------------------------------------------------------------------------------------------

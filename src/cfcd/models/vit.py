@@ -146,9 +146,9 @@ def _default_preprocess(name: str, backbone: nn.Module) -> Preprocess:
         return DINOV2
     if "_clip_" in name:
         return CLIP_OPENAI
-    from cfcd.models.gem import _timm_preprocess
+    from cfcd.models.backbones import timm_preprocess
 
-    return _timm_preprocess(backbone)
+    return timm_preprocess(backbone)
 
 
 # ----------------------------------------------------------------------------------------------
