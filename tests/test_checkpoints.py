@@ -10,7 +10,8 @@ import torch
 
 import cfcd.models as M
 from cfcd.errors import CfcdError
-from cfcd.models.checkpoints import FORMATS, detect_format, pycls_to_torchvision, read_checkpoint
+from cfcd.models.backbones import pycls_to_torchvision
+from cfcd.models.checkpoints import detect_format, format_names, read_checkpoint
 
 from _models_helpers import (
     backbone_state,
@@ -252,7 +253,7 @@ def test_unknown_layout_is_named():
 def test_cli_format_choices_match_library():
     from cfcd.cli import convert
 
-    assert convert.FORMATS == FORMATS
+    assert convert.FORMATS == format_names()
 
 
 def test_helper_inverse_mapping_is_consistent():

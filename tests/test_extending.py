@@ -1,5 +1,6 @@
-"""docs/extending.md runs: its new loss (NormFace) and its new benchmark (GLDv2 retrieval, CSV
-ground truth, mAP@100) work through the registries alone, as the document says."""
+"""docs/extending.md runs: its new loss (NormFace), its new benchmark (GLDv2 retrieval, CSV
+ground truth, mAP@100), its new model family (CroW) and its new checkpoint format (the official
+ConvNeXt files) work through the registries alone, as the document says."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _module(name: str, code: str) -> types.ModuleType:
 
 @pytest.fixture(scope="module")
 def doc_modules():
-    normface_code, register_code, gldv2_code = _python_blocks()
+    normface_code, register_code, gldv2_code, _, _ = _python_blocks()
     normface = _module("extending_doc_normface", normface_code)
     exec(register_code, {"NormFace": normface.NormFace})
     gldv2 = _module("extending_doc_gldv2", gldv2_code)
@@ -148,3 +149,124 @@ def test_metric_names():
     assert AveragePrecisionAt(10)(ranks, 3) == pytest.approx((1 / 1 + 2 / 3 + 3 / 6) / 3)
     assert AveragePrecisionAt(3)(ranks, 3) == pytest.approx((1 / 1 + 2 / 3) / 3)
     assert AveragePrecisionAt(2)(ranks, 3) == pytest.approx(1 / 2)  # normalised by min(3, 2)
+
+
+# ---- the model family (CroW) and the checkpoint format (official ConvNeXt)
+
+
+def _crow_yahoo(X: np.ndarray, a: float = 2, b: float = 2) -> np.ndarray:
+    """yahoo/crow crow.py, transcribed: compute_crow_spatial_weight, compute_crow_channel_weight,
+    apply_crow_aggregation, on one K x h x w map."""
+    S = X.sum(axis=0)
+    z = (S ** a).sum() ** (1.0 / a)
+    S = (S / z) ** (1.0 / b) if b != 1 else (S / z)
+    K, w, h = X.shape
+    area = float(w * h)
+    nonzeros = np.zeros(K, dtype=np.float32)
+    for i, x in enumerate(X):
+        nonzeros[i] = np.count_nonzero(x) / area
+    nzsum = nonzeros.sum()
+    for i, d in enumerate(nonzeros):
+        nonzeros[i] = np.log(nzsum / d) if d > 0.0 else 0.0
+    X = X * S
+    X = X.sum(axis=(1, 2))
+    return X * nonzeros
+
+
+@pytest.fixture(scope="module")
+def doc_family_and_format():
+    from cfcd.models import checkpoints, registry
+
+    registry._ensure_builtin()
+    *_, crow_code, convnext_code = _python_blocks()
+    crow = _module("extending_doc_crow", crow_code)
+    convnext = _module("extending_doc_convnext_fb", convnext_code)
+    yield crow, convnext
+    for name in ("crow_r50", "crow_timm"):
+        registry._REGISTRY.pop(name, None)
+    checkpoints._FORMATS.pop("convnext_fb", None)
+    for name in ("extending_doc_crow", "extending_doc_convnext_fb"):
+        sys.modules.pop(name, None)
+
+
+def _coffee_batch(size: int = 96) -> torch.Tensor:
+    from skimage import data
+    from skimage.transform import resize
+
+    im = resize(data.coffee(), (size, size), anti_aliasing=True).astype(np.float32)
+    return torch.from_numpy(im).permute(2, 0, 1)[None]
+
+
+def test_the_documented_family_registers_builds_and_equals_its_reference(doc_family_and_format):
+    from cfcd.models import create, list_models
+
+    assert {"crow_r50", "crow_timm"} <= set(list_models())
+    torch.manual_seed(0)
+    model = create("crow_timm", backbone="resnet18", weights="random")
+    x = _coffee_batch()
+    with torch.no_grad():
+        fmap = model.backbone.forward_features(x)
+        out = model.forward_features(x)["global"]
+        desc = model(x)
+        # the GPU layout: channels_last input, same numbers
+        cl = model(x.contiguous(memory_format=torch.channels_last))
+    assert out.shape == (1, model.embedding_dim) == (1, 512)
+    ref = _crow_yahoo(fmap[0].double().numpy())
+    np.testing.assert_allclose(out[0].double().numpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    torch.testing.assert_close(desc.norm(dim=1), torch.ones(1))
+    torch.testing.assert_close(cl, desc, rtol=1e-4, atol=1e-5)
+
+
+def test_the_documented_family_loads_a_torchvision_checkpoint(doc_family_and_format, tmp_path):
+    from cfcd.models import create
+    from cfcd.models.backbones import create_backbone
+
+    torch.manual_seed(1)
+    source = create_backbone("resnet50").state_dict()  # torchvision's names
+    source.update({"fc.weight": torch.randn(1000, 2048), "fc.bias": torch.randn(1000)})
+    torch.save(source, tmp_path / "resnet50-tv.pth")
+    model = create("crow_r50", weights=tmp_path / "resnet50-tv.pth")
+    assert model.load_report.complete and model.load_report.format == "torchvision"
+    assert set(model.load_report.extra) == {"imagenet_head.fc.weight", "imagenet_head.fc.bias"}
+    torch.testing.assert_close(model.backbone.layer4[2].conv3.weight, source["layer4.2.conv3.weight"])
+
+
+def _to_official_convnext(key: str) -> str:
+    """timm ConvNeXt names -> facebookresearch/ConvNeXt models/convnext.py names."""
+    key = re.sub(r"^stem\.", "downsample_layers.0.", key)
+    key = re.sub(r"^stages\.(\d+)\.downsample\.(\d+)", r"downsample_layers.\1.\2", key)
+    key = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)", r"stages.\1.\2", key)
+    key = key.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+    return key.replace("head.norm.", "norm.").replace("head.fc.", "head.")
+
+
+def test_the_documented_format_detects_and_loads_an_official_convnext_file(doc_family_and_format, tmp_path):
+    from cfcd.models import create
+    from cfcd.models._compat import import_timm
+    from cfcd.models.checkpoints import format_names, read_checkpoint
+
+    torch.manual_seed(2)
+    reference = import_timm().create_model("convnext_atto", pretrained=False, num_classes=7)
+    official = {_to_official_convnext(k): v for k, v in reference.state_dict().items()}
+    assert "downsample_layers.0.0.weight" in official and "stages.3.1.pwconv2.weight" in official
+    torch.save({"model": official, "epoch": 299}, tmp_path / "convnext_atto_official.pth")
+
+    assert "convnext_fb" in format_names()
+    assert read_checkpoint(tmp_path / "convnext_atto_official.pth").format == "convnext_fb"
+    model = create("gem_convnext_atto", weights=tmp_path / "convnext_atto_official.pth", learnable_p=False)
+    report = model.load_report
+    assert report.complete and report.format == "convnext_fb"
+    assert set(report.extra) == {"imagenet_head.weight", "imagenet_head.bias"}
+    ours = model.backbone.state_dict()
+    for key, value in reference.state_dict().items():
+        if not key.startswith("head.fc."):
+            torch.testing.assert_close(ours[key], value, rtol=0, atol=0)
+    x = _coffee_batch(64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone.forward_features(x), reference.forward_features(x))
+    # as a backbone initialisation before training: the learnable p keeps its initial value
+    from cfcd.models import load_backbone_weights
+
+    trainable = create("gem_convnext_atto", weights="random")
+    assert load_backbone_weights(trainable, tmp_path / "convnext_atto_official.pth").complete
+    torch.testing.assert_close(trainable.backbone.stem[0].weight, reference.stem[0].weight, rtol=0, atol=0)

@@ -22,9 +22,9 @@ def _kwarg(text: str) -> tuple[str, object]:
         return key, value
 
 
-# == cfcd.models.checkpoints.FORMATS (kept here so that --help does not import torch; a test checks it)
-FORMATS = ("auto", "pycls", "cfcd", "dolg", "cirtorch", "dirtorch", "torchvision", "timm", "efficientnet_lite",
-           "cfcd-safetensors")
+# == cfcd.models.checkpoints.format_names() (kept here so that --help does not import torch; a test checks it)
+FORMATS = ("auto", "cfcd", "cfcd-safetensors", "cirtorch", "dirtorch", "dolg", "efficientnet_lite", "pycls", "timm",
+           "torchvision", "vit")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -49,3 +49,21 @@ class CFCDNet(RetrievalModel):
         if self.bn is not None:
             g = self.bn(g)
         return {"global": g, "local": f4}
+
+
+def _register() -> None:
+    from cfcd.models.checkpoints import register_checkpoint_format
+    from cfcd.models.dolg import convert_dolg_layout, describe_dolg_layout
+    from cfcd.models.registry import register_model
+
+    for depth in (50, 101, 152):
+        register_model(f"cfcd_r{depth}", CFCDNet, family="cfcd", defaults={"backbone": f"resnet{depth}"},
+                       crop_rule="truncate", description=f"CFCD: ResNet-{depth}, GeM p=3, FC 512, BN, L2 (BGR input)")
+    # CFCD's checkpoints use DOLG's layout without the local branch (bassyess/CFCD core/model/model_s1.py)
+    register_checkpoint_format(
+        "cfcd", priority=20, detect=lambda state, container: any(k.startswith("globalmodel.") for k in state),
+        convert=convert_dolg_layout, describe=describe_dolg_layout,
+        description="bassyess/CFCD checkpoints (globalmodel.* pycls ResNet, fc, bn, pool_g.p, desc_cls)")
+
+
+_register()

@@ -15,11 +15,14 @@ Follows ``feymanpriv/DOLG`` ``core/model/dolg_model.py`` (the code behind the re
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cfcd.models.backbones import create_backbone, is_resnet, resnet_stages, stage_channels
+from cfcd.models.backbones import (RESNET_NAMES, backbone_from_pycls, create_backbone, describe_resnet, is_resnet,
+                                   resnet_stages, stage_channels)
 from cfcd.models.base import RetrievalModel
 from cfcd.models.pooling import GeM
 from cfcd.models.preprocess import BGR_IMAGENET
@@ -114,3 +117,63 @@ class DOLGNet(RetrievalModel):
         if self.bn is not None:
             g = self.bn(g)
         return {"global": g, "local": fl}
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoint layout of the DOLG repo (and of CFCD, which copied it) and the registry entries
+
+
+def convert_dolg_layout(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """``globalmodel.*`` (a pycls ResNet) -> ``backbone.*``; ``pool_g.p`` -> ``pool.p``; ``localmodel.*`` ->
+    ``local.*``; ``fc``/``bn``/``fc_t`` kept; the classifier ``desc_cls.*`` is an extra
+    (``core/model/dolg_model.py``; CFCD ``core/model/model_s1.py``). Unmapped keys keep their name."""
+    out: dict = {}
+    extra: dict = {}
+    unknown: dict = {}
+    backbone_from_pycls(state, "globalmodel.", out, extra, unknown)
+    for k, v in state.items():
+        if k.startswith("globalmodel."):
+            continue
+        if k.startswith("desc_cls."):
+            extra[k] = v
+        elif k == "pool_g.p":
+            out["pool.p"] = v
+        elif k.startswith("localmodel."):
+            out["local." + k[len("localmodel."):]] = v
+        elif k.startswith(("fc.", "bn.", "fc_t.")):
+            out[k] = v
+        else:
+            unknown[k] = v
+    return {**out, **unknown}, extra, {}
+
+
+def describe_dolg_layout(ckpt, container: Mapping[str, Any] | None = None) -> None:
+    """Architecture switches that follow from which tensors the checkpoint has."""
+    describe_resnet(ckpt)
+    state, kw = ckpt.state, ckpt.model_kwargs
+    kw["learnable_p"] = "pool.p" in state
+    kw["with_bn"] = "bn.weight" in state
+    if "fc.weight" in state:
+        kw["dim"] = int(state["fc.weight"].shape[0])
+    if ckpt.format == "dolg":
+        kw["with_aspp"] = any(k.startswith("local.aspp.") for k in state)
+    depth = kw.get("backbone")
+    if depth in RESNET_NAMES:
+        ckpt.model_name = f"{ckpt.format}_r{depth[len('resnet'):]}"
+
+
+def _register() -> None:
+    from cfcd.models.checkpoints import register_checkpoint_format
+    from cfcd.models.registry import register_model
+
+    for depth in (50, 101, 152):
+        register_model(f"dolg_r{depth}", DOLGNet, family="dolg", defaults={"backbone": f"resnet{depth}"},
+                       crop_rule="truncate",
+                       description=f"DOLG: ResNet-{depth}, orthogonal fusion of s3 attention and s4 GeM, FC 512")
+    register_checkpoint_format(
+        "dolg", priority=10, detect=lambda state, container: any(k.startswith(("localmodel.", "fc_t.")) for k in state),
+        convert=convert_dolg_layout, describe=describe_dolg_layout,
+        description="feymanpriv/DOLG checkpoints (globalmodel.* pycls ResNet, localmodel.*, fc_t, fc, pool_g.p, desc_cls)")
+
+
+_register()

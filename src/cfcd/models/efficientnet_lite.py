@@ -88,3 +88,39 @@ def load_imagenet_efficientnet_lite(model: torch.nn.Module, variant: int, prefix
         raise CfcdError(f"{embedded_weights_path(variant)}: no weights for {missing[:5]}")
     model.load_state_dict(mapped, strict=False)
     return leftover
+
+
+# --------------------------------------------------------------------------------------------------
+# the checkpoint layout and the registry entries
+
+
+def _adapt_to_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> tuple[dict, dict]:
+    """The names are only known against a model: map by parameter order onto its (``backbone.``) keys."""
+    target = model.state_dict()
+    prefix = "backbone." if any(k.startswith("backbone.") for k in target) else ""
+    sub = {k: v for k, v in target.items() if k.startswith(prefix)}
+    return map_efficientnet_lite_state(state, sub, origin=source)
+
+
+def _register() -> None:
+    from cfcd.models.checkpoints import register_checkpoint_format
+    from cfcd.models.gem import GeMNet
+    from cfcd.models.preprocess import Preprocess
+    from cfcd.models.registry import register_model
+
+    for variant, size in NATIVE_SIZE.items():
+        def embedded(model, variant=variant):
+            load_imagenet_efficientnet_lite(model, variant, prefix="backbone.")
+
+        register_model(
+            f"gem_efficientnet_lite{variant}", GeMNet, family="gem", embedded=embedded,
+            defaults={"backbone": f"tf_efficientnet_lite{variant}", "pooling": "gem", "p": 3.0, "learnable_p": False,
+                      "preprocess": Preprocess("RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), input_size=size)},
+            description=f"GeM p=3 on EfficientNet-Lite{variant} ImageNet (embedded weights, 1280-d, RGB, mean=std=0.5)")
+    register_checkpoint_format(
+        "efficientnet_lite", priority=60, detect=lambda state, container: "_conv_stem.weight" in state,
+        convert=lambda state: (dict(state), {}, {}), adapt=_adapt_to_model,
+        description="efficientnet_lite_pytorch state dicts (_conv_stem, _blocks.i.*, _fc), mapped by parameter order")
+
+
+_register()

@@ -174,35 +174,17 @@ _BUILTIN_DONE = False
 
 
 def _ensure_builtin() -> None:
+    """Import the built-in families; each registers its models and checkpoint formats (timm's pattern)."""
     global _BUILTIN_DONE
     if _BUILTIN_DONE:
         return
     _BUILTIN_DONE = True
-    from cfcd.models.cfcd_net import CFCDNet
-    from cfcd.models.dolg import DOLGNet
-    from cfcd.models.efficientnet_lite import NATIVE_SIZE, load_imagenet_efficientnet_lite
-    from cfcd.models.gem import GeMNet
-    from cfcd.models.preprocess import Preprocess
-    import cfcd.models.vit  # noqa: F401 - the ViT family registers itself
-
-    for depth in (50, 101, 152):
-        register_model(f"cfcd_r{depth}", CFCDNet, family="cfcd", defaults={"backbone": f"resnet{depth}"}, crop_rule="truncate",
-                       description=f"CFCD: ResNet-{depth}, GeM p=3, FC 512, BN, L2 (BGR input)")
-        register_model(f"dolg_r{depth}", DOLGNet, family="dolg", defaults={"backbone": f"resnet{depth}"}, crop_rule="truncate",
-                       description=f"DOLG: ResNet-{depth}, orthogonal fusion of s3 attention and s4 GeM, FC 512")
-        register_model(f"gem_r{depth}", GeMNet, family="gem", defaults={"backbone": f"resnet{depth}"},
-                       description=f"GeM ResNet-{depth} (cirtorch/dirtorch; whitening from the checkpoint)")
-    register_model("gem_timm", GeMNet, family="gem", defaults={"pooling": "gem", "learnable_p": True},
-                   description="GeM on any timm backbone (backbone=NAME)")
-    for variant, size in NATIVE_SIZE.items():
-        def embedded(model, variant=variant):
-            load_imagenet_efficientnet_lite(model, variant, prefix="backbone.")
-
-        register_model(
-            f"gem_efficientnet_lite{variant}", GeMNet, family="gem", embedded=embedded,
-            defaults={"backbone": f"tf_efficientnet_lite{variant}", "pooling": "gem", "p": 3.0, "learnable_p": False,
-                      "preprocess": Preprocess("RGB", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), input_size=size)},
-            description=f"GeM p=3 on EfficientNet-Lite{variant} ImageNet (embedded weights, 1280-d, RGB, mean=std=0.5)")
+    import cfcd.models.backbones  # noqa: F401 - pycls, torchvision/timm ResNet checkpoints
+    import cfcd.models.cfcd_net  # noqa: F401
+    import cfcd.models.dolg  # noqa: F401
+    import cfcd.models.efficientnet_lite  # noqa: F401 - gem_efficientnet_lite*: GeM with embedded weights
+    import cfcd.models.gem  # noqa: F401
+    import cfcd.models.vit  # noqa: F401
 
 
 def describe_models() -> list[dict[str, Any]]:

@@ -146,9 +146,9 @@ def _default_preprocess(name: str, backbone: nn.Module) -> Preprocess:
         return DINOV2
     if "_clip_" in name:
         return CLIP_OPENAI
-    from cfcd.models.gem import _timm_preprocess
+    from cfcd.models.backbones import timm_preprocess
 
-    return _timm_preprocess(backbone)
+    return timm_preprocess(backbone)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def _template(info: dict) -> nn.Module:
         return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def adapt_vit_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def adapt_vit_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "") -> tuple[dict, dict]:
     """Before loading into ``model``: resample a position embedding of another grid to the model's
     (timm's ``resample_abs_pos_embed``, bicubic, as ``checkpoint_filter_fn``). ``create(weights=)``
     builds the model at the checkpoint's grid, so this only acts when weights go into a model built
@@ -264,10 +264,10 @@ def adapt_vit_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
     backbone = getattr(model, "backbone", None)
     key = "backbone.pos_embed"
     if backbone is None or key not in state or getattr(backbone, "pos_embed", None) is None:
-        return state
+        return state, {}
     target = backbone.pos_embed
     if tuple(state[key].shape) == tuple(target.shape) or state[key].shape[-1] != target.shape[-1]:
-        return state
+        return state, {}
     import_timm()
     from timm.layers import resample_abs_pos_embed
 
@@ -275,11 +275,11 @@ def adapt_vit_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
     old = state[key].shape[1] - prefix
     side = math.isqrt(old)
     if side * side != old:
-        return state  # not a square grid: reported as a shape mismatch
+        return state, {}  # not a square grid: reported as a shape mismatch
     state = dict(state)
     state[key] = resample_abs_pos_embed(state[key], new_size=list(backbone.patch_embed.grid_size),
                                         old_size=[side, side], num_prefix_tokens=prefix)
-    return state
+    return state, {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +304,9 @@ def _register() -> None:
                        description=f"OpenAI CLIP ViT-{arch.upper()} image tower: CLS -> ln_post -> proj, CLIP mean/std")
     register_model("vit_timm", ViTNet, family="vit", defaults={"pooling": "gem"},
                    description="any timm ViT (backbone=NAME): GeM of the patch-token map or CLS")
-    register_checkpoint_format("vit", detect=is_vit_state, convert=convert_vit_state, adapt=adapt_vit_state)
+    register_checkpoint_format(
+        "vit", priority=80, detect=is_vit_state, convert=convert_vit_state, adapt=adapt_vit_state,
+        description="timm / DINOv2 (facebookresearch/dinov2 hub) / OpenAI CLIP ViT state dicts; pos_embed resampled")
 
 
 _register()
