@@ -127,9 +127,12 @@ def stage_build(a) -> None:
                          max_query_ms=a.max_query_ms, workers=a.workers, tune_queries=a.nq, rerank=a.rerank,
                          progress=False)
     info = json.loads((Path(a.work) / "index" / "index.json").read_text())
-    disk = sum(p.stat().st_size for p in (Path(a.work) / "index").iterdir() if p.is_file())
+    files = [p for p in (Path(a.work) / "index").iterdir() if p.is_file()]
+    rows = set((info.get("files") or {}).get("vectors") or [])  # hard links to the store, for re-ranking
+    disk = sum(p.stat().st_size for p in files if p.name not in rows)
     _report({"stage": "build", "seconds": time.perf_counter() - t0, "factory": index.params["factory"],
              "build": info["build"], "tuning": info.get("tuning"), "index_bytes_on_disk": disk,
+             "rerank_rows_bytes": sum(p.stat().st_size for p in files if p.name in rows),
              "shard_rows": index.params["shard_rows"]})
 
 

@@ -275,3 +275,22 @@ def test_exact_topk_of_the_tuning_equals_exact_search(coll):
     assert (got == ref.indices).mean() > 0.999  # ties aside
     s = np.take_along_axis(x[:30] @ x.T, got, axis=1)
     np.testing.assert_allclose(s, ref.scores, atol=1e-5)
+
+
+def test_reranking_an_ondisk_index_reads_rows_without_a_memory_map(coll, tmp_path):
+    root, x, _ = coll
+    ondisk.build(root / "db", tmp_path / "ix", factory="IVF32,PQ4", workers=0, tune_queries=0, shard_rows=2500,
+                 rerank=200)
+    index = open_index(tmp_path / "ix")
+    assert index.params["ondisk"] and index.params["rerank"] == 200
+    # a map would keep every re-ranked page in the process's resident memory
+    assert isinstance(index.vectors, ondisk.RowReader) and not isinstance(index.vectors, np.memmap)
+    q = x[6000:6040]
+    res = index.search(q, 10, nprobe=32)
+    exact = q @ x[:6000].T
+    np.testing.assert_allclose(res.scores, np.take_along_axis(exact, res.indices, axis=1), rtol=1e-5, atol=1e-6)
+    assert np.all(np.diff(res.scores, axis=1) <= 0)
+    coarse = index.search(q, 10, nprobe=32, rerank=0)
+    truth = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+    hits = lambda got: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])  # noqa: E731
+    assert hits(res.indices) >= hits(coarse.indices)

@@ -229,6 +229,10 @@ class RowReader:
                            offset=self.offset + start * d * self.dtype.itemsize)
         return rows.reshape(stop - start, d).astype(np.float32, copy=False)
 
+    def __getitem__(self, rows) -> np.ndarray:
+        """``reader[sorted_rows]``: what re-ranking asks of its rows (as a memory map would answer)."""
+        return self.take(rows)
+
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows at sorted positions ``rows`` (one read per row: a sample never reads the whole file)."""
         rows = np.asarray(rows, dtype=np.int64)

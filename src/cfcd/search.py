@@ -542,7 +542,7 @@ class FaissIndex(Index):
         return scores, idx
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, k: int, sub: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """Exact inner products of the candidates (read from the memory-mapped rows), best k kept.
+        """Exact inner products of the candidates (read from the stored rows), best k kept.
 
         Rows are gathered for ``sub`` queries at a time, so the working set is
         ``sub x candidates x D`` floats (64 MB for 32 x 1000 x 512), whatever the batch size.
@@ -848,7 +848,14 @@ def open_index(path: str | os.PathLike, *, mmap: bool = True) -> Index:
         if names is None:
             names = [DESCRIPTORS_FILE] if (path / DESCRIPTORS_FILE).is_file() else []
         if names:
-            parts = [_load_npy(path / name, True) for name in names]
+            if params.get("ondisk"):
+                from cfcd.ondisk import RowReader
+
+                # plain reads, not a memory map: every page a map touches stays in the process's
+                # resident memory, and re-ranking touches most of a large store over many queries
+                parts = [RowReader(path / name) for name in names]
+            else:
+                parts = [_load_npy(path / name, True) for name in names]
             vectors = parts[0] if len(parts) == 1 else RowSegments(parts)
         removed = None
         if files.get("removed"):
