@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cfcd.cli.extract import add_whitening_arguments
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -56,11 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--distractors", type=Path, nargs="+", default=[], metavar="PATH",
                    help="distractor descriptors (e.g. R1M; several shards allowed), appended as negatives")
     p = parser.add_argument_group("post-processing")
-    p.add_argument("--whiten", default=None, metavar="FILE_OR_NAME",
-                   help="whitening file from `cfcd whiten` (applied to all), or the NAME of one that `cfcd convert` "
-                        "stored beside the weights the queries were extracted with (dirtorch: Landmarks_clean)")
-    p.add_argument("--whiten-power", type=float, default=None, metavar="P",
-                   help="PCA eigenvalue power (dirtorch --whitenp, 0.25 for its README rows; default: the file's)")
+    add_whitening_arguments(p, group=None, beside="the weights the queries were extracted with")  # applied to all
     p.add_argument("--qe", nargs=2, type=float, metavar=("K", "ALPHA"), default=None, help="alpha query expansion")
     p.add_argument("--dba", nargs=2, type=float, metavar=("K", "ALPHA"), default=None, help="database augmentation")
     o = parser.add_argument_group("output")

@@ -62,11 +62,12 @@ def add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels, before decoding (default 100M; 0: no cap)")
 
 
-def add_whitening_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("whitening")
+def add_whitening_arguments(parser, *, group: str | None = "whitening", beside: str = "--weights") -> None:
+    """``--whiten`` and ``--whiten-power``, in a new group (or in ``parser`` itself, a group, with ``group=None``)."""
+    g = parser.add_argument_group(group) if group else parser
     g.add_argument("--whiten", default=None, metavar="FILE_OR_NAME",
                    help="apply a whitening: a file from `cfcd whiten`, or the NAME of one that `cfcd convert` "
-                        "stored beside --weights (dirtorch: Landmarks_clean)")
+                        f"stored beside {beside} (dirtorch: Landmarks_clean)")
     g.add_argument("--whiten-power", type=float, default=None, metavar="P",
                    help="PCA eigenvalue power (dirtorch --whitenp; its README rows use 0.25; default: the file's)")
 
