@@ -246,6 +246,26 @@ def test_cfcd_models_lists_every_model(capsys):
     assert "gem_efficientnet_lite2 (default)" in out and "embedded" in out and "--weights random" in out
 
 
+def test_cfcd_models_formats_lists_every_checkpoint_format_in_detection_order(capsys):
+    import json
+
+    from cfcd.cli import main
+    from cfcd.cli.convert import FORMATS
+    from cfcd.models.checkpoints import detect_format
+
+    assert main(["models", "--formats", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in rows]
+    assert set(names) | {a for r in rows for a in r["aliases"]} | {"auto"} == set(FORMATS)
+    assert [r["priority"] for r in rows] == sorted(r["priority"] for r in rows) and all(r["description"] for r in rows)
+    # the order is what makes a DOLG file (which has fc_t and globalmodel) a dolg, not a cfcd, checkpoint
+    assert names.index("dolg") < names.index("cfcd") < names.index("pycls")
+    dolg_keys = {"globalmodel.stem.conv.weight": None, "fc_t.weight": None, "fc.weight": None}
+    assert detect_format(dolg_keys) == "dolg" and detect_format({"globalmodel.stem.conv.weight": None}) == "cfcd"
+    assert main(["models", "--formats"]) == 0
+    assert "torchvision (also: timm)" in capsys.readouterr().out
+
+
 def test_families_carry_their_query_crop_rule():
     from cfcd.cli.extract import default_crop_rule
 

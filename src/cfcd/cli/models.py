@@ -1,4 +1,5 @@
-"""``cfcd models``: every registered model with its family, output dimension and input convention."""
+"""``cfcd models``: every registered model with its family, output dimension and input convention;
+``--formats``: every checkpoint layout that ``--weights``/``cfcd convert`` read."""
 
 from __future__ import annotations
 
@@ -8,6 +9,23 @@ import json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
+    parser.add_argument("--formats", action="store_true",
+                        help="list the checkpoint formats instead (detection order, aliases, what each reads)")
+
+
+def _formats(as_json: bool) -> int:
+    from cfcd.models.checkpoints import checkpoint_formats
+
+    rows = [{"name": f.name, "aliases": list(f.aliases), "priority": f.priority, "description": f.description}
+            for f in checkpoint_formats().values()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("checkpoint formats, in auto-detection order (force one with --format NAME):")
+    for r in rows:
+        alias = f" (also: {', '.join(r['aliases'])})" if r["aliases"] else ""
+        print(f"  {r['name']}{alias}\n    {r['description']}")
+    return 0
 
 
 def _input(row: dict) -> str:
@@ -22,6 +40,8 @@ def _input(row: dict) -> str:
 def run(args) -> int:
     from cfcd.models.registry import DEFAULT_MODEL, describe_models
 
+    if getattr(args, "formats", False):
+        return _formats(args.json)
     rows = describe_models()
     if args.json:
         print(json.dumps(rows, indent=2))
