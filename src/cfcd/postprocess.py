@@ -550,12 +550,20 @@ def database_augmentation(
 
 def whiten_store(source: str | os.PathLike, out: str | os.PathLike, whitening: Whitening):
     """Write the whitened copy of the descriptor store ``source`` to ``out`` (streamed block by
-    block); the meta keeps the source's provenance and records the whitening."""
+    block, so a 1M x 2048 store never has to fit in memory); the meta keeps the source's provenance
+    and records the whitening. A whitening learned on a store applies only to the same embedding space."""
     from cfcd.features import load_descriptors, transform_store
+
+    from cfcd.features import check_compatible
 
     store = load_descriptors(source, expected_dim=whitening.input_dim, role="descriptors to whiten", dtype=None)
     if store.ids is None:
         raise InputError(f"{store.path}: a plain .npy has no ids; whitening writes a store (use a store input)")
+    fitted = (whitening.info or {}).get("fitted_on") or {}
+    if fitted:  # learned on a store: apply it only to descriptors of the same embedding space
+        space = {"model": fitted.get("model"), "weights_sha256": fitted.get("weights_sha256"),
+                 "extract": {"settings": {"model": {"state_sha256": fitted.get("state_sha256")}}}}
+        check_compatible((f"the whitening learned on {fitted.get('path')}", space), store)
     if "whitening" in store.meta:
         raise InputError(f"{store.path}: already whitened ({store.meta['whitening']}); refusing to whiten twice")
     meta = {k: v for k, v in store.meta.items() if k not in ("count", "dim", "dtype", "created")}

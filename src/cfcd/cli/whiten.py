@@ -117,25 +117,9 @@ def _learn(args) -> int:
 
 
 def _apply(args) -> int:
-    from cfcd.errors import InputError
-    from cfcd.features import check_compatible, load_descriptors, transform_store
-    from cfcd.postprocess import load_whitening
+    from cfcd.postprocess import load_whitening, whiten_store
 
     w = load_whitening(args.apply)
-    store = load_descriptors(args.store, expected_dim=w.input_dim, role="descriptors to whiten", dtype=None)
-    if store.ids is None:
-        raise InputError(f"{store.path}: a plain .npy has no ids; whitening writes a store (use a store input)")
-    fitted = (w.info or {}).get("fitted_on") or {}
-    if fitted:  # learned on a store: apply it only to descriptors of the same embedding space
-        space = {"model": fitted.get("model"), "weights_sha256": fitted.get("weights_sha256"),
-                 "extract": {"settings": {"model": {"state_sha256": fitted.get("state_sha256")}}}}
-        check_compatible((f"{args.apply} (learned on {fitted.get('path')})", space), store)
-    if "whitening" in store.meta:
-        raise InputError(f"{store.path}: already whitened ({store.meta['whitening']}); refusing to whiten twice")
-    meta = {k: v for k, v in store.meta.items() if k not in ("count", "dim", "dtype", "created")}
-    meta["whitening"] = w.describe()
-    meta["whitened_from"] = str(store.path)
-    # streamed block by block: a 1M x 2048 store never has to fit in memory
-    out = transform_store(store, args.out, w.transform, out_dim=w.dim, meta=meta)
+    out = whiten_store(args.store, args.out, w)
     print(f"whitened {len(out)} descriptors ({w.kind}, {w.input_dim} -> {out.dim}) -> {out.path}")
     return 0
