@@ -1,43 +1,9 @@
 """Post-processing of global descriptors: PCA whitening, learned whitening (Lw), DBA and alpha-QE.
 
-Everything works on row-major N x D float arrays (one descriptor per row), unlike cirtorch
-(D x N columns). The formulas follow the original code (deep-image-retrieval ``dirtorch/utils/common.py``
-``whiten_features`` and ``dirtorch/test_dir.py`` ``eval_model``; cirtorch ``cirtorch/utils/whiten.py``):
-
-* **PCA whitening with eigenvalue power** (deep-image-retrieval ``whiten_features``)::
-
-      Y = (X - mean) @ components[:dim].T / explained_variance[:dim] ** whitenp,   then row L2
-
-  ``whitenp = 0.5`` is full whitening; ``0.25`` is dirtorch's partial ("power") whitening used
-  for its README numbers. ``explained_variance`` uses the n-1 denominator (sklearn). The
-  components come from an eigen-decomposition of the D x D covariance accumulated in float64
-  over row blocks, so a memory-mapped 1M x 2048 store is never loaded whole. Eigenvector signs
-  may differ from sklearn's ``svd_flip``; inner products between transformed rows do not.
-  cirtorch's unsupervised ``pcawhitenlearn`` is the same transform with ``whitenp = 0.5`` (its
-  n instead of n-1 denominator only rescales all components equally, which the L2 removes).
-* **Learned whitening Lw** (cirtorch ``whitenlearn``) from matching pairs (q_i, p_i): mean over
-  the query rows only; Cholesky of the intra-pair covariance with cirtorch's retry ladder
-  (add 0, 1e-10, 1e-9, ... on the diagonal); then the eigen-decomposition of the whitened data
-  scatter, sorted descending, with ``np.linalg.eigh`` (cirtorch calls ``eig`` on a symmetric
-  matrix, which can return complex values or noisy ordering). Applied as
-  ``P[:dim] (x - m)`` then L2 with ``+1e-6`` in the denominator, as cirtorch.
-* **alpha-QE / DBA** (deep-image-retrieval ``expand_descriptors``): the new descriptor is the
-  mean of the k + 1 vectors ``[q, x_j * s_qj ** alpha for the top-k j]``, then L2. DBA is the
-  same on the database with the self-similarity set to 0 (as dirtorch, not -inf), applied before
-  AQE, and AQE then uses the augmented database. ``k = 0`` is a no-op. For integer alpha the
-  weight is ``s ** alpha`` exactly as dirtorch (negative similarities with odd alpha give
-  negative weights); for fractional alpha (impossible in dirtorch, whose CLI takes ints) the
-  weight is ``sign(s) |s| ** alpha`` instead of NaN.
-
-A fitted whitening is saved as ``NAME.safetensors`` (tensors ``mean`` and ``projection``, and for
-PCA ``variance``) plus ``NAME.json`` (kind, whitenp, dim, fitted-on information);
-:func:`load_whitening` reopens it. A PCA file knows its eigenvalues, so
-:meth:`Whitening.with_power` re-weights it to another eigenvalue power (dirtorch ``--whitenp``).
-``cfcd convert`` of a deep-image-retrieval checkpoint writes its stored PCAs
-(``checkpoint['pca'][NAME]``, sklearn objects) as ``OUT/whitening/NAME.safetensors`` with
-``whitenp = 0`` (raw components); :func:`resolve_whitening` finds one by name next to the
-weights and applies the power, so ``--whiten Landmarks_clean --whiten-power 0.25`` is dirtorch's
-``--whiten Landmarks_clean --whitenp 0.25``.
+Row-major N x D float arrays throughout (cirtorch uses D x N columns). The formulas follow
+deep-image-retrieval ``dirtorch/utils/common.py`` ``whiten_features``/``expand_descriptors`` and
+cirtorch ``cirtorch/utils/whiten.py``; docs/postprocess.md gives each one, the file format and
+where cfcd differs (``eigh`` instead of ``eig``, fractional alpha).
 """
 
 from __future__ import annotations

@@ -1,37 +1,10 @@
 """MadaCos: the adaptive-scale, adaptive-margin cosine softmax of CFCD (ICCV 2023).
 
 Transcribes ``core/model/madacos.py`` of bassyess/CFCD (``MadaCosLayerFunction.forward``, lines 16-62):
-
-1. ``cos = linear(L2(emb), L2(W))``; target cosines ``t_i = cos[i, y_i]``;
-2. ``med, idx = torch.median(t)`` over the GLOBAL batch (all ranks, gathered in rank order);
-   for an even count torch returns the lower median and its index in the gathered vector;
-3. ``s = ln(K (1 - alpha) / alpha) / (1 - med)``, floored at 32;
-4. ``B_med = sum_{j != y} exp(s cos_j)`` of the median sample (the reference computes B for
-   every sample, all-gathers it and takes ``B[idx]``);
-5. ``m = med - ln(B_med alpha / (1 - alpha)) / s``, set to 0 when negative or in eval mode;
-6. logits ``s (cos - m onehot)``, mean cross-entropy; s and m are constants for autograd.
-
-With this m the median sample's target-class probability after the margin is exactly alpha.
-
-Differences from the reference code, all numerical hardening that leaves the values equal
-where the reference is finite:
-
-* Only the median sample's ``B`` is computed, by the rank that holds it, and shared with one
-  scalar all_reduce instead of an all_gather of every sample's B.
-* ``B`` is kept as ``log B = logsumexp_{j != y} (s cos_j)`` in float64. The reference sums
-  ``exp(s cos)`` in fp32, which overflows once ``s cos > 88.7`` (e.g. s = 100 with a
-  non-target cosine > 0.887): ``B = inf``, ``m = -inf``, silently clamped to 0.
-* The cosine and the statistics are computed in float32/float64 whatever the autocast.
-* The reference branches on ``cfg.NUM_GPUS``; this branches on ``dist.is_initialized()``, and
-  handles local batches of unequal sizes.
-* No ``.item()`` in the forward: the floor and the clamp are tensor ops (no device sync).
-* ``1 - med`` is floored at 1e-12 so a batch whose median target cosine is exactly 1 gives a
-  huge finite scale rather than ``inf``.
-
-The scale constant: the code hard-codes ``K = 9 999 999`` (``scale_constant="code"``, the
-default, which the released weights were trained with); the paper's text writes the scale with
-the number of negative classes, ``K = num_classes - 1`` (``scale_constant="classes"``), which
-for GLDv2-clean gives ln(81312 * 49) = 15.2 instead of 20.0. A number may also be given.
+the scale from the global batch's median target cosine, the margin that gives the median sample
+the target probability alpha. docs/madacos.md has the steps, the numerical hardening (float64
+log-sum-exp of the median row only, no ``.item()``) and the two scale constants (the code's
+``K = 9 999 999``, the default, and the paper's number of classes).
 """
 
 from __future__ import annotations
