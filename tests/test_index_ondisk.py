@@ -279,7 +279,8 @@ def test_exact_topk_of_the_tuning_equals_exact_search(coll):
 
 def test_reranking_an_ondisk_index_reads_rows_without_a_memory_map(coll, tmp_path):
     root, x, _ = coll
-    ondisk.build(root / "db", tmp_path / "ix", factory="IVF32,PQ4", workers=0, tune_queries=0, shard_rows=2500,
+    # the tuning searches with re-ranking from the directory the build commits afterwards
+    ondisk.build(root / "db", tmp_path / "ix", factory="IVF32,PQ4", workers=0, tune_queries=40, shard_rows=2500,
                  rerank=200)
     index = open_index(tmp_path / "ix")
     assert index.params["ondisk"] and index.params["rerank"] == 200

@@ -216,6 +216,32 @@ class RowReader:
         if size < self.offset + shape[0] * shape[1] * dtype.itemsize:
             raise InputError(f"{self.path}: truncated ({size} bytes for {shape[0]} x {shape[1]} {dtype})")
         self.shape, self.dtype = (int(shape[0]), int(shape[1])), dtype
+        # held open, as a memory map would be: the rows stay readable after the directory they were
+        # opened from is renamed or removed (an index opened from a temporary directory, then committed)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __getstate__(self) -> dict:  # a worker process reopens the file by its path
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.path is not None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        fd = self.__dict__.pop("_fd", None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _pread(self, nbytes: int, offset: int) -> bytearray:
+        out = bytearray()
+        while len(out) < nbytes:  # pread may return less than asked for large reads
+            chunk = os.pread(self._fd, nbytes - len(out), offset + len(out))
+            if not chunk:
+                raise InputError(f"{self.path}: truncated while reading ({len(out)} of {nbytes} bytes at {offset})")
+            out += chunk
+        return out
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -224,10 +250,9 @@ class RowReader:
         start, stop = max(0, int(start)), min(int(stop), self.shape[0])
         if self.array is not None:
             return np.ascontiguousarray(self.array[start:stop], dtype=np.float32)
-        d = self.shape[1]
-        rows = np.fromfile(self.path, dtype=self.dtype, count=(stop - start) * d,
-                           offset=self.offset + start * d * self.dtype.itemsize)
-        return rows.reshape(stop - start, d).astype(np.float32, copy=False)
+        d, item = self.shape[1], self.dtype.itemsize
+        buf = self._pread((stop - start) * d * item, self.offset + start * d * item)
+        return np.frombuffer(buf, dtype=self.dtype).reshape(stop - start, d).astype(np.float32, copy=False)
 
     def __getitem__(self, rows) -> np.ndarray:
         """``reader[sorted_rows]``: what re-ranking asks of its rows (as a memory map would answer)."""
@@ -240,13 +265,8 @@ class RowReader:
             return np.ascontiguousarray(self.array[rows], dtype=np.float32)
         d, item = self.shape[1], self.dtype.itemsize
         out = np.empty((len(rows), d), dtype=np.float32)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for j, r in enumerate(rows.tolist()):
-                buf = os.pread(fd, d * item, self.offset + r * d * item)
-                out[j] = np.frombuffer(buf, dtype=self.dtype)
-        finally:
-            os.close(fd)
+        for j, r in enumerate(rows.tolist()):
+            out[j] = np.frombuffer(os.pread(self._fd, d * item, self.offset + r * d * item), dtype=self.dtype)
         return out
 
 
