@@ -295,3 +295,75 @@ def test_reranking_an_ondisk_index_reads_rows_without_a_memory_map(coll, tmp_pat
     truth = np.argsort(-exact, axis=1, kind="stable")[:, :10]
     hits = lambda got: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])  # noqa: E731
     assert hits(res.indices) >= hits(coarse.indices)
+
+
+_KILLED_BUILD = """
+import sys
+from pathlib import Path
+
+from cfcd import ondisk
+
+store, out, marker = sys.argv[1:4]
+
+
+def pause_after_two(i):
+    if i == 1:  # two shards written: tell the parent, then wait to be killed
+        Path(marker).write_text("2")
+        sys.stdin.read()
+
+
+ondisk.build(store, out, factory="IVF32,SQ8", shard_rows=1500, workers=0, tune_queries=50, seed=3,
+             on_shard=pause_after_two)
+"""
+
+
+def test_a_sigkilled_sharded_build_resumes_without_reencoding_its_finished_shards(coll, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, x, _ = coll
+    marker = tmp_path / "paused"
+    script = tmp_path / "build.py"
+    script.write_text(_KILLED_BUILD)
+    child = subprocess.Popen([sys.executable, str(script), str(root / "db"), str(tmp_path / "ix"), str(marker)],
+                             stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the child's own signal, not a timing assumption
+        assert marker.exists(), child.stderr.read().decode(errors="replace") if child.poll() is not None else "timeout"
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stdin.close()
+        child.stderr.close()
+
+    assert not (tmp_path / "ix" / "index.json").exists()
+    with pytest.raises(CfcdError, match="not an index directory"):
+        open_index(tmp_path / "ix")
+    written = sorted(p.name for p in (tmp_path / "ix" / ".build").glob("shard-*.faiss"))
+    assert written == ["shard-00000.faiss", "shard-00001.faiss"]
+    # what a kill during the merge or the tuning leaves outside .build: gone once the build commits
+    (tmp_path / "ix" / ".index-g0.faiss.abcd.tmp").write_bytes(b"half a merge")
+    (tmp_path / "ix" / ".open-killed").mkdir()
+    resumed_shards = []
+    kw = dict(factory="IVF32,SQ8", shard_rows=1500, workers=0, tune_queries=50, seed=3)
+    resumed = ondisk.build(root / "db", tmp_path / "ix", on_shard=resumed_shards.append, **kw)
+    assert resumed_shards == [2, 3]  # the two finished shards are not encoded again
+    fresh = ondisk.build(root / "db", tmp_path / "fresh", **kw)
+    for (la, ia, ca), (lb, ib, cb) in zip(_lists(resumed), _lists(fresh), strict=True):
+        assert la == lb
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(ca, cb)
+    q = x[6000:6030]
+    a, b = resumed.search(q, 20, nprobe=8), fresh.search(q, 20, nprobe=8)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert a.ids == b.ids
+    info = json.loads((tmp_path / "ix" / "index.json").read_text())
+    assert {p.name for p in (tmp_path / "ix").iterdir()} == ondisk._referenced(info) | {"index.json"}

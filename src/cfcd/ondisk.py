@@ -476,6 +476,14 @@ def _commit(out: Path, info: dict, old: dict | None) -> None:
     for name in _referenced(old) - keep:
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
+    # what a killed build, add or remove left behind: the half-written temp files of a merge and the
+    # symlink folders that tuning opened the uncommitted index from (their names are never referenced)
+    for leftover in out.iterdir():
+        if leftover.name.startswith(".open-") and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.name.startswith(".") and leftover.name.endswith(".tmp") and leftover.name not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
     # legacy names of an index rebuilt in place
     if old and not old.get("files"):
         for name in ("index.faiss", DESCRIPTORS_FILE, IDS_FILE):
