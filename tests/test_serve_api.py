@@ -209,6 +209,23 @@ def test_benchmark_endpoints_equal_cfcd_evaluate_json(served, data, tmp_path):
             assert [p["precision"] for p in detail["pr"]] == pytest.approx([(i + 1) / (p + 1) for i, p in enumerate(pos)])
 
 
+def test_the_benchmark_query_store_is_described_once_and_reused(served, data):
+    """The page's query store is cfcd.benchmark's queries part, in the cache; a second start reuses it."""
+    from cfcd.data.gnd import load_gnd
+    from cfcd.features import open_store
+    from cfcd.serve.benchmark import query_store_for
+
+    _, state, cache = served
+    service = state.service
+    first = state.benchmark.query_store
+    assert first.is_relative_to(cache) and first.name == "queries"
+    before = (first / "descriptors.npy").stat().st_mtime_ns
+    again = query_store_for(service, load_gnd(data["gnd"]), image_root=service.images.root)
+    assert again == first and (first / "descriptors.npy").stat().st_mtime_ns == before
+    store = open_store(again)
+    assert store.ids == load_gnd(data["gnd"]).qimlist and store.meta["benchmark_part"] == "queries"
+
+
 def test_benchmark_query_lists_missed_positives_after_the_top_k(served):
     client, _, _ = served
     full = client.get("/api/benchmark/rocket_query", params={"setup": "hard", "k": 1000}).json()

@@ -35,8 +35,10 @@ class BenchmarkResult:
 
 def describe_benchmark(model, gnd, root: str | os.PathLike, out: str | os.PathLike, options, *,
                        weights=None, overwrite: bool = False, log: Callable[[str], None] | None = None,
-                       on_part: Callable[[str, Any], None] | None = None) -> tuple[dict, dict, bool]:
-    """Extract ``out/queries`` (cropped, in qimlist order) and ``out/database`` (resumable).
+                       on_part: Callable[[str, Any], None] | None = None,
+                       parts: Sequence[str] = ("queries", "database")) -> tuple[dict, dict, bool]:
+    """Extract ``out/queries`` (cropped, in qimlist order) and ``out/database`` (resumable);
+    ``parts=("queries",)`` for the queries alone (the web page evaluates a served database).
 
     Returns ``(stores, summaries, stopped)``. A benchmark image that cannot be read is an error:
     a benchmark with a hole in it gives a number that cannot be compared with anyone's.
@@ -47,7 +49,12 @@ def describe_benchmark(model, gnd, root: str | os.PathLike, out: str | os.PathLi
     out = Path(out)
     gnd_meta = {"gnd": {"dataset": gnd.dataset, "path": str(gnd.path), "sha256": gnd.sha256}}
     stores, summaries = {}, {}
+    unknown = set(parts) - {p for p, _ in PARTS}
+    if unknown:
+        raise ValueError(f"unknown benchmark parts {sorted(unknown)}; choose from queries, database")
     for part, queries in PARTS:
+        if part not in parts:
+            continue
         summary = extract_to_store(model, gnd_image_list(gnd, root=root, queries=queries), out / part, options,
                                    weights=weights, queries=queries, overwrite=overwrite, log=log,
                                    extra_meta={**gnd_meta, "benchmark_part": part})

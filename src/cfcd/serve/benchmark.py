@@ -46,34 +46,30 @@ def _json_safe(obj):
 def query_store_for(service: SearchService, gnd, *, image_root: Path, log=None) -> Path:
     """Describe the ground truth's queries (cropped to their boxes) with the service's model and
     settings into a store in the cache; reused while model, settings and ground truth stay the same."""
+    from cfcd.benchmark import describe_benchmark
     from cfcd.data.lists import gnd_image_list
-    from cfcd.extract import extract_to_store
 
     settings = (service.meta.get("extract") or {}).get("settings") or {}
     key = hashlib.sha1(
         json.dumps([gnd.sha256, settings, str(Path(image_root).resolve())], sort_keys=True, default=str).encode()
     ).hexdigest()[:12]
-    out = service.cache_dir / "benchmark" / f"{gnd.dataset}-queries-{key}.store"
-    image_list = gnd_image_list(gnd, root=image_root, queries=True)
-    missing = [str(p) for p in image_list.paths if not Path(p).is_file()]
+    missing = [str(p) for p in gnd_image_list(gnd, root=image_root, queries=True).paths if not Path(p).is_file()]
     if missing:
         raise InputError(f"{len(missing)} query image(s) of {gnd.path} not found, first: {missing[0]} "
                          "(pass --images ROOT with the benchmark's jpg directory)")
-    extra = {"gnd": {"dataset": gnd.dataset, "path": str(gnd.path), "sha256": gnd.sha256, "part": "queries"}}
-    summary = extract_to_store(service.model, image_list, out, service.extractor.options, weights=service.weights,
-                               queries=True, extra_meta=extra, log=log or (lambda message: None))
-    if summary.failures:
-        first = summary.failures[0]
-        raise InputError(f"{len(summary.failures)} query image(s) could not be described, first {first['id']}: {first['reason']}")
+    out_dir = service.cache_dir / "benchmark" / f"{gnd.dataset}-{key}"
+    stores, _, stopped = describe_benchmark(service.model, gnd, image_root, out_dir, service.extractor.options,
+                                            weights=service.weights, parts=("queries",),
+                                            log=log or (lambda message: None))
+    if stopped:
+        raise InputError(f"{out_dir / 'queries'}: the query extraction was interrupted; start again to resume it")
+    out = Path(stores["queries"].path)
     if service.whitening is not None:
-        from cfcd.features import open_store, transform_store
+        from cfcd.postprocess import whiten_store
 
-        whitened = out.with_name(out.name.replace(".store", "-whitened.store"))
+        whitened = out_dir / "queries-whitened"
         if not (whitened / "meta.json").is_file():  # what `cfcd whiten --apply` writes
-            store = open_store(out)
-            meta = {k: v for k, v in store.meta.items() if k not in ("count", "dim", "dtype", "created")}
-            meta.update(whitening=service.whitening.describe(), whitened_from=str(store.path))
-            transform_store(store, whitened, service.whitening.transform, out_dim=service.whitening.dim, meta=meta)
+            whiten_store(out, whitened, service.whitening)
         out = whitened
     return out
 
