@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,11 @@ def test_single_process_context_and_helpers():
     plain = jsonable({"a": np.float32(0.5), "b": (1, np.arange(2)), 3: torch.tensor(2.0), "p": object()})
     assert plain["a"] == 0.5 and plain["b"] == [1, [0, 1]] and plain["3"] == 2.0 and isinstance(plain["p"], str)
     json.dumps(plain)
+    # strict JSON for the page: NaN and infinities (a query without positives) become null
+    strict = jsonable({"ap": float("nan"), "v": np.array([1.0, np.inf]), "p": Path("/x")}, finite=True)
+    assert strict == {"ap": None, "v": [1.0, None], "p": "/x"}
+    json.dumps(strict, allow_nan=False)
+    assert jsonable(float("nan")) != jsonable(float("nan"))  # kept as NaN unless asked
 
 
 def test_extractor_leaves_the_callers_layout_when_told():

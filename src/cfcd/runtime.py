@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -168,17 +169,20 @@ def progress(total: int | None, *, enabled: bool = True, desc: str = "", unit: s
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
-def jsonable(value: Any) -> Any:
+def jsonable(value: Any, *, finite: bool = False) -> Any:
     """A JSON-plain copy: mappings, lists, numbers, strings; objects with ``to_dict`` converted,
-    numpy scalars/arrays to numbers/lists, anything else to ``str``."""
+    numpy scalars/arrays to numbers/lists, anything else to ``str``. ``finite=True`` turns NaN and
+    infinities into None (strict JSON, what a browser's ``JSON.parse`` accepts)."""
     if hasattr(value, "to_dict"):
         value = value.to_dict()
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v, finite=finite) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
+        return [jsonable(v, finite=finite) for v in value]
+    if isinstance(value, float) and finite and not math.isfinite(value):
+        return None
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if hasattr(value, "tolist"):  # numpy scalars and arrays, torch tensors
-        return jsonable(value.tolist())
+        return jsonable(value.tolist(), finite=finite)
     return json.loads(json.dumps(value, default=str))

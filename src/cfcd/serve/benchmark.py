@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,27 +19,11 @@ from typing import Any
 import numpy as np
 
 from cfcd.errors import InputError
+from cfcd.runtime import jsonable
 from cfcd.serve.service import RequestError, SearchService
 
 CLASS_KEYS_REVISITED = ("easy", "hard", "junk")
 CLASS_KEYS_CLASSIC = ("ok", "junk")
-
-
-def _json_safe(obj):
-    """Plain JSON types: NaN/inf -> None, numpy scalars and arrays -> Python, paths -> str."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return str(obj)
 
 
 def query_store_for(service: SearchService, gnd, *, image_root: Path, log=None) -> Path:
@@ -113,7 +96,7 @@ class Benchmark:
             check_compatible((f"the index {service.index.path}", service.meta), q)
         scores = np.asarray(q.descriptors, dtype=np.float32) @ np.asarray(x.descriptors, dtype=np.float32).T
         service.images.add_ids(list(gnd.qimlist) + list(gnd.imlist))
-        return cls(service.name, gnd, result, _json_safe(protocol), scores, Path(queries), db)
+        return cls(service.name, gnd, result, jsonable(protocol, finite=True), scores, Path(queries), db)
 
     # ---- the whole benchmark
 
