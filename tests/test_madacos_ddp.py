@@ -123,8 +123,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         out["local.matches"] = torch.tensor(lnet.loss.last_stats["matches"])
         out.update({f"local.grad.{k}": v for k, v in grads(lnet).items()})
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        # the DDP reducers hold the group: release them, and let no rank close its sockets while
+        # the other still talks, before the group goes
+        del ddp, lddp
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Skip the interpreter's teardown once the results are on disk: gloo threads still alive
+    # there can abort the process (SIGABRT, seen once on CI; pytorch/pytorch PR 179291).
+    os._exit(0)
 
 
 def _free_port() -> int:
