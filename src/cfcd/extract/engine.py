@@ -528,9 +528,7 @@ def extract_to_store(
     list order after a barrier. Images that cannot be decoded are recorded in the store's meta
     (``failures``) with their reason; truncated-but-decoded JPEGs in ``extract.warnings``.
     """
-    import shutil
-
-    from cfcd.features import StoreWriter, finalize_store, open_store
+    from cfcd.features import StoreWriter, finalize_store
 
     options = options or ExtractOptions()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -545,35 +543,13 @@ def extract_to_store(
     # ranks that finish early wait at the final barrier: allow a long job
     ctx = init_distributed(options.device, timeout=datetime.timedelta(hours=72))
     try:
-        if (out / "meta.json").exists():
-            meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-            if not overwrite and meta.get("extract", {}).get("settings") == settings:
-                store = open_store(out)
-                log(f"{out}: complete store with the same settings already exists ({len(store.descriptors)} rows)")
-                return ExtractSummary(0, list(meta.get("failures", [])), [], 0.0, store, skipped=len(store.descriptors))
-            if not overwrite:
-                raise CfcdError(
-                    f"{out}: a complete descriptor store with different settings is already here; "
-                    "use another --out or --overwrite"
-                )
-        if overwrite and ctx.rank == 0:
-            for name in ("descriptors.npy", "images.txt", "meta.json", ".partial"):
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        ctx.barrier()
-        if ctx.rank == 0:
-            (out / ".partial").mkdir(parents=True, exist_ok=True)
-            _check_settings(out, settings, rank=0)
-        ctx.barrier()
-        if ctx.rank != 0:
-            _check_settings(out, settings, rank=ctx.rank)
+        finished = _reuse_complete_store(out, settings, overwrite, log)
+        if finished is not None:
+            return finished
+        _prepare_partial(out, settings, overwrite, ctx)
 
         part = f"rank{ctx.rank:03d}" if ctx.world_size > 1 else "main"
-        device = options.device
-        if device.startswith("cuda") and ctx.world_size > 1 and ":" not in device:
+        if options.device.startswith("cuda") and ctx.world_size > 1 and ":" not in options.device:
             options = replace(options, device=f"cuda:{ctx.local_rank}")
         extractor = Extractor(model, options)
         writer = StoreWriter(out, dim=extractor.dim, dtype=options.dtype, part=part, shard_size=options.shard_size,
@@ -584,31 +560,11 @@ def extract_to_store(
         skipped = len(mine) - len(todo)
         if skipped:
             log(f"{out}: resuming, {skipped} image(s) of this rank already done, {len(todo)} to go")
-        warnings_path = out / ".partial" / f"extract-warnings-{part}.jsonl"
 
         start = time.perf_counter()
-        count = 0
-        stopped = False
-        progress = progress_bar(len(todo), enabled=options.progress and ctx.rank == 0, desc=f"extract {out.name}")
-        try:
-            for batch in extractor.iter_batches(image_list, todo):
-                for image_id, reason in batch.failures:
-                    writer.add_failure(image_id, reason)
-                if batch.warnings:
-                    with open(warnings_path, "a", encoding="utf-8") as handle:
-                        for image_id, note in batch.warnings:
-                            handle.write(json.dumps({"id": image_id, "warning": note}) + "\n")
-                if batch.ids:
-                    writer.append(batch.ids, batch.descriptors)  # writes a shard every shard_size rows
-                    count += len(batch.ids)
-                progress.update(len(batch.ids) + len(batch.failures))
-                if options.stop_after is not None and count >= options.stop_after:
-                    stopped = True  # like a kill: the unflushed buffer is lost
-                    break
-        finally:
-            progress.close()
-        if not stopped:
-            writer.flush()
+        count, stopped = _write_batches(extractor, writer, image_list, todo, options,
+                                        warnings_path=out / ".partial" / f"extract-warnings-{part}.jsonl",
+                                        show_progress=options.progress and ctx.rank == 0, desc=f"extract {out.name}")
         seconds = time.perf_counter() - start
         if stopped:
             log(f"{out}: stopped after {count} image(s) (--stop-after); rerun without it to resume")
@@ -620,25 +576,8 @@ def extract_to_store(
         warnings_all: list[dict] = []
         if ctx.rank == 0:
             warnings_all = _read_warnings(out / ".partial")
-            meta = {
-                "model": fingerprint["config"].get("name") if isinstance(fingerprint["config"], dict) else None,
-                "weights": fingerprint["weights"],
-                "weights_sha256": fingerprint["weights_sha256"],
-                "preprocess": fingerprint["preprocess"],
-                "extract": {
-                    "settings": settings,
-                    "scales": options.scales.to_meta(),
-                    **describe_rules(options, queries),
-                    "queries": queries,
-                    "crop_rule": options.crop_rule if queries else None,
-                    "precision": options.precision,
-                    "mode": options.mode,
-                    "device": str(extractor.device.type),
-                    "world_size": ctx.world_size,
-                    "list": image_list.source,
-                    "warnings": warnings_all,
-                },
-            }
+            meta = _store_meta(fingerprint, settings, options, queries, extractor, ctx.world_size, image_list,
+                               warnings_all)
             if extra_meta:
                 meta.update(jsonable(extra_meta))
             store = finalize_store(out, order=list(image_list.ids), meta=meta)
@@ -647,6 +586,97 @@ def extract_to_store(
         return ExtractSummary(count, summary_failures, warnings_all, seconds, store, skipped=skipped)
     finally:
         ctx.close()
+
+
+def _reuse_complete_store(out: Path, settings: dict, overwrite: bool, log) -> ExtractSummary | None:
+    """The summary of a finished store made with ``settings``; refuse one made otherwise unless overwriting."""
+    from cfcd.features import open_store
+
+    if not (out / "meta.json").exists():
+        return None
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    if overwrite:
+        return None
+    if meta.get("extract", {}).get("settings") == settings:
+        store = open_store(out)
+        log(f"{out}: complete store with the same settings already exists ({len(store.descriptors)} rows)")
+        return ExtractSummary(0, list(meta.get("failures", [])), [], 0.0, store, skipped=len(store.descriptors))
+    raise CfcdError(
+        f"{out}: a complete descriptor store with different settings is already here; "
+        "use another --out or --overwrite"
+    )
+
+
+def _prepare_partial(out: Path, settings: dict, overwrite: bool, ctx) -> None:
+    """Rank 0 clears what ``overwrite`` replaces and records the settings; every rank checks them."""
+    import shutil
+
+    if overwrite and ctx.rank == 0:
+        for name in ("descriptors.npy", "images.txt", "meta.json", ".partial"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    ctx.barrier()
+    if ctx.rank == 0:
+        (out / ".partial").mkdir(parents=True, exist_ok=True)
+        _check_settings(out, settings, rank=0)
+    ctx.barrier()
+    if ctx.rank != 0:
+        _check_settings(out, settings, rank=ctx.rank)
+
+
+def _write_batches(extractor, writer, image_list, todo, options, *, warnings_path: Path, show_progress: bool,
+                   desc: str) -> tuple[int, bool]:
+    """Describe ``todo`` into ``writer``; returns (rows written, stopped by ``stop_after``)."""
+    count = 0
+    stopped = False
+    progress = progress_bar(len(todo), enabled=show_progress, desc=desc)
+    try:
+        for batch in extractor.iter_batches(image_list, todo):
+            for image_id, reason in batch.failures:
+                writer.add_failure(image_id, reason)
+            if batch.warnings:
+                with open(warnings_path, "a", encoding="utf-8") as handle:
+                    for image_id, note in batch.warnings:
+                        handle.write(json.dumps({"id": image_id, "warning": note}) + "\n")
+            if batch.ids:
+                writer.append(batch.ids, batch.descriptors)  # writes a shard every shard_size rows
+                count += len(batch.ids)
+            progress.update(len(batch.ids) + len(batch.failures))
+            if options.stop_after is not None and count >= options.stop_after:
+                stopped = True  # like a kill: the unflushed buffer is lost
+                break
+    finally:
+        progress.close()
+    if not stopped:
+        writer.flush()
+    return count, stopped
+
+
+def _store_meta(fingerprint: dict, settings: dict, options, queries: bool, extractor, world_size: int,
+                image_list, warnings_all: list[dict]) -> dict:
+    """The store's provenance: model, weights, preprocessing and how the extraction ran."""
+    return {
+        "model": fingerprint["config"].get("name") if isinstance(fingerprint["config"], dict) else None,
+        "weights": fingerprint["weights"],
+        "weights_sha256": fingerprint["weights_sha256"],
+        "preprocess": fingerprint["preprocess"],
+        "extract": {
+            "settings": settings,
+            "scales": options.scales.to_meta(),
+            **describe_rules(options, queries),
+            "queries": queries,
+            "crop_rule": options.crop_rule if queries else None,
+            "precision": options.precision,
+            "mode": options.mode,
+            "device": str(extractor.device.type),
+            "world_size": world_size,
+            "list": image_list.source,
+            "warnings": warnings_all,
+        },
+    }
 
 
 def _read_warnings(partial: Path) -> list[dict]:
