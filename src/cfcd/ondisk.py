@@ -546,15 +546,8 @@ def build(
     src = _source(store, ids)
     n, d = src.reader.shape
     budget = parse_size(max_memory)
-    if factory:
-        choice = {"kind": _kind_of(factory), "factory": factory, "reason": "given with --factory"}
-    else:
-        choice = choose_index(n, d, max_memory=budget, max_query_ms=max_query_ms)
+    choice, probe = _choose_or_parse(factory, n, d, budget, max_query_ms)
     factory = choice["factory"]
-    try:
-        probe = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    except Exception as exc:
-        raise InputError(f"invalid FAISS index-factory string {factory!r}: {exc}") from None
     is_ivf = faiss.try_extract_index_ivf(probe) is not None
     ondisk = bool(ondisk and is_ivf)
     if out.exists() and not out.is_dir():
@@ -566,34 +559,13 @@ def build(
     nq = min(int(tune_queries or 0), max(0, n // 10))
     rng = np.random.default_rng(seed)
     held_out = np.sort(rng.choice(n, size=nq, replace=False)) if nq else np.zeros(0, np.int64)
-    if is_ivf:
-        ivf = faiss.extract_index_ivf(probe)
-        code = max(1, int(ivf.code_size))
-        if shard_rows is None:
-            # per worker: the shard's codes and ids, one float32 block, twice for the writer's copy
-            per_worker = max(64 << 20, budget // (2 * max(1, workers)) - 2 * _BLOCK_ROWS * d * 4)
-            shard_rows = int(max(10_000, per_worker // (2 * (code + 8))))
-        shard_rows = max(1, min(int(shard_rows), n))
-    else:
-        shard_rows = n
+    shard_rows = _shard_rows(probe, n, d, budget, workers, shard_rows) if is_ivf else n
     ranges = [(s, min(s + shard_rows, n)) for s in range(0, n, shard_rows)]
     plan = {
         "factory": factory, "source": src.fingerprint(), "shard_rows": shard_rows, "seed": int(seed),
         "train_size": train_size, "held_out": int(nq), "generation": generation, "ondisk": ondisk,
     }
-    work = out / BUILD_DIR
-    plan_path = work / "plan.json"
-    if plan_path.is_file():
-        try:
-            found = json.loads(plan_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            found = None
-        if found != plan:
-            logger.warning("%s: an unfinished build with other settings was found; starting over", out)
-            shutil.rmtree(work)
-    work.mkdir(exist_ok=True)
-    if not plan_path.is_file():
-        atomic_write_json(plan_path, plan)
+    work = _resume_or_start(out, plan)
 
     small = n < 50_000
     t_start = time.perf_counter()
@@ -682,6 +654,51 @@ def build(
     _commit(out, info, old)
     shutil.rmtree(work, ignore_errors=True)
     return open_index(out)
+
+
+def _choose_or_parse(factory: str | None, n: int, d: int, budget: int, max_query_ms: float):
+    """(choice, an untrained probe index): the given factory string checked, or choose_index's pick."""
+    import faiss
+
+    if factory:
+        choice = {"kind": _kind_of(factory), "factory": factory, "reason": "given with --factory"}
+    else:
+        choice = choose_index(n, d, max_memory=budget, max_query_ms=max_query_ms)
+    try:
+        probe = faiss.index_factory(d, choice["factory"], faiss.METRIC_INNER_PRODUCT)
+    except Exception as exc:
+        raise InputError(f"invalid FAISS index-factory string {choice['factory']!r}: {exc}") from None
+    return choice, probe
+
+
+def _shard_rows(probe, n: int, d: int, budget: int, workers: int, shard_rows: int | None) -> int:
+    """Rows per shard: given, or what one worker's share of the budget holds as codes."""
+    import faiss
+
+    if shard_rows is None:
+        code = max(1, int(faiss.extract_index_ivf(probe).code_size))
+        # per worker: the shard's codes and ids, one float32 block, twice for the writer's copy
+        per_worker = max(64 << 20, budget // (2 * max(1, workers)) - 2 * _BLOCK_ROWS * d * 4)
+        shard_rows = int(max(10_000, per_worker // (2 * (code + 8))))
+    return max(1, min(int(shard_rows), n))
+
+
+def _resume_or_start(out: Path, plan: dict) -> Path:
+    """The build's work folder: kept when its plan matches (a resumed build), else started over."""
+    work = out / BUILD_DIR
+    plan_path = work / "plan.json"
+    if plan_path.is_file():
+        try:
+            found = json.loads(plan_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            found = None
+        if found != plan:
+            logger.warning("%s: an unfinished build with other settings was found; starting over", out)
+            shutil.rmtree(work)
+    work.mkdir(exist_ok=True)
+    if not plan_path.is_file():
+        atomic_write_json(plan_path, plan)
+    return work
 
 
 def _source(store, ids):
