@@ -958,11 +958,22 @@ def evaluate_files(
     augmented database; both over the database *and* the distractors). Every bad input raises
     :class:`~cfcd.errors.InputError` naming the file.
     """
-    from cfcd import __version__
-    from cfcd.features import check_compatible, load_descriptors, open_store
-    from cfcd.utils.io import sha256_file
-
     t_load = time.perf_counter()
+    qstore, xstore, dstores = _load_inputs(gnd, queries, database, distractors)
+    q, x, dmats, names, transform, post = _postprocess(qstore, xstore, dstores, whiten, dba, qe)
+    load_seconds = time.perf_counter() - t_load
+
+    result = evaluate(
+        q, x, gnd, distractors=dmats or None, setups=setups, kappas=kappas, metrics=metrics, sources=names,
+        chunk_rows=chunk_rows, num_threads=num_threads, check=True, transform=transform,
+    )
+    result.timings["load"] = load_seconds
+    return result, _protocol(gnd, result, setups, qstore, xstore, dstores, post)
+
+
+def _load_inputs(gnd, queries, database, distractors):
+    """The query, database and distractor stores, checked against the ground truth and each other."""
+    from cfcd.features import check_compatible, load_descriptors, open_store
 
     def load(path, ids, dim, role):
         if Path(path).suffix.lower() == ".mat":
@@ -991,6 +1002,14 @@ def evaluate_files(
         dstores.append(store)
     for other in (qstore, *dstores):  # one embedding space, or a clear refusal (not a silent mAP)
         check_compatible(xstore, other)
+    return qstore, xstore, dstores
+
+
+def _postprocess(qstore, xstore, dstores, whiten, dba, qe):
+    """Whitening, then DBA, then alpha-QE, in dirtorch's order; returns the matrices to score,
+    their source names, the whitening still to apply chunk by chunk, and the ``post`` record."""
+    from cfcd.utils.io import sha256_file
+
     q = np.asarray(qstore.descriptors, dtype=np.float32)
     x = np.asarray(xstore.descriptors, dtype=np.float32)
     dmats: list[np.ndarray] = [s.descriptors for s in dstores]
@@ -1025,13 +1044,13 @@ def evaluate_files(
         x = full[: x.shape[0]]
         dmats = [full[x.shape[0]:]] if full.shape[0] > x.shape[0] else []
         names = names[:1] + ([f"{len(dstores)} distractor file(s) after post-processing"] if dmats else [])
-    load_seconds = time.perf_counter() - t_load
+    return q, x, dmats, names, transform, post
 
-    result = evaluate(
-        q, x, gnd, distractors=dmats or None, setups=setups, kappas=kappas, metrics=metrics, sources=names,
-        chunk_rows=chunk_rows, num_threads=num_threads, check=True, transform=transform,
-    )
-    result.timings["load"] = load_seconds
+
+def _protocol(gnd, result, setups, qstore, xstore, dstores, post) -> dict[str, Any]:
+    """What was evaluated and how: ground truth, inputs, post-processing, metric and timings."""
+    from cfcd import __version__
+
     qfields = _extraction_fields(qstore.meta)
     xfields = _extraction_fields(xstore.meta)
     if post["whitening"] is None and qfields.get("whitening") is not None:
@@ -1065,4 +1084,4 @@ def evaluate_files(
         "cfcd_version": __version__,
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
     }
-    return result, protocol
+    return protocol

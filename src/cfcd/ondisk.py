@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cfcd import __version__
-from cfcd.errors import CfcdError, InputError
+from cfcd.errors import InputError
 from cfcd.features import (
     DESCRIPTORS_FILE,
     IDS_FILE,
