@@ -528,7 +528,7 @@ def extract_to_store(
     list order after a barrier. Images that cannot be decoded are recorded in the store's meta
     (``failures``) with their reason; truncated-but-decoded JPEGs in ``extract.warnings``.
     """
-    from cfcd.features import StoreWriter, finalize_store
+    from cfcd.features import PARTIAL_DIR, StoreWriter, finalize_store
 
     options = options or ExtractOptions()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -563,7 +563,7 @@ def extract_to_store(
 
         start = time.perf_counter()
         count, stopped = _write_batches(extractor, writer, image_list, todo, options,
-                                        warnings_path=out / ".partial" / f"extract-warnings-{part}.jsonl",
+                                        warnings_path=out / PARTIAL_DIR / f"extract-warnings-{part}.jsonl",
                                         show_progress=options.progress and ctx.rank == 0, desc=f"extract {out.name}")
         seconds = time.perf_counter() - start
         if stopped:
@@ -575,7 +575,7 @@ def extract_to_store(
         summary_failures: list[dict] = []
         warnings_all: list[dict] = []
         if ctx.rank == 0:
-            warnings_all = _read_warnings(out / ".partial")
+            warnings_all = _read_warnings(out / PARTIAL_DIR)
             meta = _store_meta(fingerprint, settings, options, queries, extractor, ctx.world_size, image_list,
                                warnings_all)
             if extra_meta:
@@ -590,13 +590,11 @@ def extract_to_store(
 
 def _reuse_complete_store(out: Path, settings: dict, overwrite: bool, log) -> ExtractSummary | None:
     """The summary of a finished store made with ``settings``; refuse one made otherwise unless overwriting."""
-    from cfcd.features import open_store
+    from cfcd.features import META_FILE, open_store
 
-    if not (out / "meta.json").exists():
+    if overwrite or not (out / META_FILE).exists():
         return None
-    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-    if overwrite:
-        return None
+    meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
     if meta.get("extract", {}).get("settings") == settings:
         store = open_store(out)
         log(f"{out}: complete store with the same settings already exists ({len(store.descriptors)} rows)")
@@ -611,8 +609,10 @@ def _prepare_partial(out: Path, settings: dict, overwrite: bool, ctx) -> None:
     """Rank 0 clears what ``overwrite`` replaces and records the settings; every rank checks them."""
     import shutil
 
+    from cfcd.features import DESCRIPTORS_FILE, IDS_FILE, META_FILE, PARTIAL_DIR
+
     if overwrite and ctx.rank == 0:
-        for name in ("descriptors.npy", "images.txt", "meta.json", ".partial"):
+        for name in (DESCRIPTORS_FILE, IDS_FILE, META_FILE, PARTIAL_DIR):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -620,7 +620,7 @@ def _prepare_partial(out: Path, settings: dict, overwrite: bool, ctx) -> None:
                 target.unlink()
     ctx.barrier()
     if ctx.rank == 0:
-        (out / ".partial").mkdir(parents=True, exist_ok=True)
+        (out / PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
         _check_settings(out, settings, rank=0)
     ctx.barrier()
     if ctx.rank != 0:
