@@ -504,7 +504,7 @@ def check_train_step(run: Run, ctx: Context) -> None:
     import torch
     import torch.nn.functional as F
 
-    from cfcd.data.training import collate
+    from cfcd.train.data import collate
     from cfcd.train.trainer import Trainer
 
     s = ctx.sizes
@@ -587,7 +587,7 @@ def search_data(sizes: Sizes) -> SearchData:
 
 
 def check_search(run: Run, ctx: Context) -> None:
-    from cfcd.search import build_index
+    from cfcd.index import build_index
 
     data = search_data(ctx.sizes)
     ref_scores, ref_idx = data.numpy_reference()
@@ -617,7 +617,7 @@ def check_torchrun(run: Run, ctx: Context) -> None:
     weights file, images and options)."""
     import cfcd.models
     from cfcd.extract import ExtractOptions, extract_to_store, parse_scales
-    from cfcd.features import open_store
+    from cfcd.store import open_store
 
     s = ctx.sizes
     weights = ctx.workdir / "torchrun_weights"
@@ -787,7 +787,7 @@ def speed_compile(run: Run, ctx: Context) -> None:
 
 
 def speed_search(run: Run, ctx: Context) -> None:
-    from cfcd.search import build_index, recall_at_k
+    from cfcd.index import build_index, recall_at_k
 
     data = search_data(ctx.sizes)
     ref_scores, ref_idx = data.numpy_reference()
@@ -867,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     # Before any cv2 call: a DataLoader worker forked after cv2 has started its thread pool hangs in the
-    # cv2.setNumThreads(1) of cfcd.data.training.worker_init (the pool's threads do not exist in the child).
+    # cv2.setNumThreads(1) of cfcd.train.data.worker_init (the pool's threads do not exist in the child).
     cv2.setNumThreads(1)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("FAIL setup: --device cuda but CUDA is not available", flush=True)

@@ -4,7 +4,7 @@ Stages (each in its own child process, so that its peak RSS is its own; ``ru_max
 process and of its worker children, and VmHWM / RssAnon / RssFile from /proc):
 
   gen      a synthetic clustered N x D float16 store written in blocks (never all in RAM)
-  build    ``cfcd.ondisk.build(--type auto --max-memory M)``: trains on a sample, encodes each
+  build    ``cfcd.index.ondisk.build(--type auto --max-memory M)``: trains on a sample, encodes each
            shard in a worker process, merges into on-disk inverted lists, tunes nprobe on
            held-out rows against exact search (recorded in index.json)
   truth    exact top-100 of Q fresh queries (same distribution, not in the store), block reads
@@ -93,7 +93,7 @@ def _rows(rng, centers, scale, m, noise):
 
 def stage_gen(a) -> None:
     """Write STORE/descriptors.npy (float16) block by block through a plain file, then ids and meta."""
-    from cfcd.features import DESCRIPTORS_FILE, IDS_FILE, META_FILE, STORE_FORMAT, STORE_VERSION
+    from cfcd.store import DESCRIPTORS_FILE, IDS_FILE, META_FILE, STORE_FORMAT, STORE_VERSION
     from cfcd.utils.io import atomic_write_json
 
     store = Path(a.work) / "store"
@@ -120,7 +120,7 @@ def stage_gen(a) -> None:
 
 
 def stage_build(a) -> None:
-    from cfcd import ondisk
+    from cfcd.index import ondisk
 
     t0 = time.perf_counter()
     index = ondisk.build(Path(a.work) / "store", Path(a.work) / "index", max_memory=a.max_memory,
@@ -137,7 +137,7 @@ def stage_build(a) -> None:
 
 
 def stage_truth(a) -> None:
-    from cfcd.ondisk import RowReader, _exact_topk
+    from cfcd.index.ondisk import RowReader, _exact_topk
 
     t0 = time.perf_counter()
     centers, scale = _centers(a.dim, a.clusters, 0)
@@ -152,8 +152,8 @@ def stage_truth(a) -> None:
 def _search_stage(a, in_memory: bool) -> None:
     import faiss
 
-    from cfcd.ondisk import _recall
-    from cfcd.search import open_index
+    from cfcd.index.ondisk import _recall
+    from cfcd.index import open_index
 
     q = np.load(Path(a.work) / "queries.npy")
     truth = np.load(Path(a.work) / "truth.npy")

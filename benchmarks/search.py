@@ -1,7 +1,7 @@
 """Search latency, memory and recall on a generated 1M x 512 clustered database.
 
 Paths compared in one run, on the same queries:
-  * exact, chunked torch matmul + running top-k (cfcd.search.exact_search)      [the default path]
+  * exact, chunked torch matmul + running top-k (cfcd.index.exact_search)      [the default path]
   * exact, plain NumPy reference: full nq x N score matrix + argpartition         [reference]
   * FAISS IndexFlatIP (exact)
   * FAISS IVF-PQ (trained on a subsample, the standard practice), recall@k against exact, per nprobe
@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cfcd.search import build_index, exact_search, recall_at_k  # noqa: E402
+from cfcd.index import build_index, exact_search, recall_at_k  # noqa: E402
 
 
 def generate(n: int, d: int, clusters: int, seed: int, noise: float = 0.4, block: int = 100_000) -> np.ndarray:
@@ -131,7 +131,7 @@ def store_benchmark(args) -> int:
     import shutil
     import tempfile
 
-    from cfcd.features import StoreWriter, finalize_store, load_descriptors
+    from cfcd.store import StoreWriter, finalize_store, load_descriptors
 
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     root = Path(tempfile.mkdtemp(prefix="cfcd-store-bench-", dir=args.tmp))

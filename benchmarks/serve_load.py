@@ -51,7 +51,7 @@ def _build_index(work: Path, photos: list[bytes], scales: str) -> Path:
     import cfcd.models
     from cfcd.data.lists import read_image_list
     from cfcd.extract import ExtractOptions, extract_to_store, parse_scales
-    from cfcd.search import build_index
+    from cfcd.index import build_index
 
     images = work / "photos"
     images.mkdir(parents=True, exist_ok=True)

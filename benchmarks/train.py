@@ -50,8 +50,8 @@ def make_jpegs(root: Path, n: int, n_classes: int, seed: int = 0) -> Path:
 def loader_for(lst, size, preprocess, batch, workers, pin, seed=0):
     from torch.utils.data import DataLoader
 
-    from cfcd.data.samplers import ShuffleBatchSampler
-    from cfcd.data.training import TrainingDataset, TrainTransform, collate, worker_init
+    from cfcd.train.samplers import ShuffleBatchSampler
+    from cfcd.train.data import TrainingDataset, TrainTransform, collate, worker_init
 
     ds = TrainingDataset(lst, TrainTransform(size, preprocess), seed=seed)
     sampler = ShuffleBatchSampler(len(lst), global_batch=batch, micro_batch=batch, seed=seed)
@@ -111,7 +111,7 @@ def run_trainer(args) -> dict:
 def run_plain(args) -> dict:
     """The reference's loop: fp32, NCHW, pageable copies, a loss sync every step."""
     import cfcd.models as models
-    from cfcd.data.training import read_labelled_list
+    from cfcd.train.data import read_labelled_list
     from cfcd.losses import MadaCos
 
     dev = torch.device(args.device)

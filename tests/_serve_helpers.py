@@ -89,7 +89,7 @@ def build_index_dir(root: Path) -> dict[str, Path]:
     from cfcd.data.gnd import load_gnd
     from cfcd.data.lists import gnd_image_list
     from cfcd.extract import ExtractOptions, extract_to_store, parse_scales
-    from cfcd.search import build_index
+    from cfcd.index import build_index
 
     bench = root / "bench"
     gnd_path = build_benchmark(bench)

@@ -129,7 +129,7 @@ def tiny_config(root: Path, out: Path, **over) -> dict:
 @torch.no_grad()
 def retrieval_map(model, root: Path, list_name: str = "test_list.txt", size: int = 56) -> float:
     """mAP of each held-out view against the others (positives: same class)."""
-    from cfcd.data.training import TrainingDataset, ValTransform, read_labelled_list
+    from cfcd.train.data import TrainingDataset, ValTransform, read_labelled_list
 
     lst = read_labelled_list(root / list_name, root)
     ds = TrainingDataset(lst, ValTransform(48, size, model.preprocess))
@@ -177,7 +177,7 @@ def fixed_tuples_local_loss(model, root: Path, list_name: str = "train_list.txt"
     as anchor/positive and the k-th view of the next 6 classes as negatives. ``batch_statistics``
     normalises with the batch's BN statistics, as in training (the model is not changed)."""
     import copy
-    from cfcd.data.training import TrainingDataset, ValTransform, read_labelled_list
+    from cfcd.train.data import TrainingDataset, ValTransform, read_labelled_list
     from cfcd.losses import LocalTripletLoss
 
     lst = read_labelled_list(root / list_name, root)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cfcd.data.gnd import load_gnd
-from cfcd.features import write_store
+from cfcd.store import write_store
 
 from _eval_helpers import reference_setups, run_cli, tiny_gnd, unit_rows
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _extract_helpers import write_photo_dir, write_revisitop  # noqa: E402
 
 from cfcd.cli import main  # noqa: E402
-from cfcd.features import open_store  # noqa: E402
+from cfcd.store import open_store  # noqa: E402
 
 MODEL = ["--model", "gem_efficientnet_lite0"]
 FAST = ["--workers", "0", "--no-progress", "--scales", "1 0.7071"]

@@ -35,7 +35,7 @@ def test_help_texts():
 
 
 def test_closed_pipe_exits_quietly(tmp_path):
-    from cfcd.features import write_store
+    from cfcd.store import write_store
 
     write_store(tmp_path / "s", [f"id{i}" for i in range(2000)], np.ones((2000, 4), np.float32),
                 meta={"model": "m", "failures": [{"id": f"f{i}", "reason": "x" * 50} for i in range(2000)]})

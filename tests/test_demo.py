@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from cfcd.data.gnd import load_gnd
-from cfcd.data.training import read_labelled_list
+from cfcd.train.data import read_labelled_list
 from cfcd.demo.data import Sizes, build_demo_data, check_disjoint, synthetic_view
 from cfcd.errors import InputError
 
@@ -66,7 +66,7 @@ def test_synthetic_views_get_smaller_and_blurrier_with_severity(real_photos):
 def test_tiny_demo_end_to_end_report_summary_resume_and_checkpoint(tmp_path):
     import cfcd.models
     from cfcd.demo.pipeline import MODEL, run_demo
-    from cfcd.search import open_index
+    from cfcd.index import open_index
 
     out = tmp_path / "demo"
     log = io.StringIO()

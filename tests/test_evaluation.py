@@ -10,17 +10,7 @@ import pytest
 
 from cfcd.data.gnd import load_gnd
 from cfcd.errors import InputError
-from cfcd.evaluation import (
-    SETUPS,
-    compute_ap,
-    evaluate,
-    evaluate_ranking,
-    evaluate_scores,
-    labelled_indices,
-    reference_compute_ap,
-    reference_compute_map,
-    setup_gnd,
-)
+from cfcd.evaluation import SETUPS, compute_ap, evaluate, evaluate_ranking, evaluate_scores, labelled_indices, reference_compute_ap, reference_compute_map, setup_gnd
 
 from _eval_helpers import reference_setups, unit_rows
 

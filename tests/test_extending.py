@@ -18,7 +18,7 @@ import cfcd.losses as L
 from cfcd.cli import main as cli_main
 from cfcd.data.benchmarks import DATASETS, get_dataset, verify_dataset
 from cfcd.errors import InputError
-from cfcd.metrics import AveragePrecisionAt, PrecisionAt, parse_metric
+from cfcd.evaluation.metrics import AveragePrecisionAt, PrecisionAt, parse_metric
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
 

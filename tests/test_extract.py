@@ -30,7 +30,7 @@ from cfcd.extract import (  # noqa: E402
     reference_resize,
     resize_on_device,
 )
-from cfcd.features import open_store  # noqa: E402
+from cfcd.store import open_store  # noqa: E402
 
 
 @pytest.fixture(scope="module")

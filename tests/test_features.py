@@ -10,17 +10,7 @@ import numpy as np
 import pytest
 
 from cfcd.errors import CfcdError
-from cfcd.features import (
-    DescriptorStore,
-    StoreWriter,
-    finalize_store,
-    load_descriptors,
-    merge_stores,
-    open_store,
-    store_summary,
-    transform_store,
-    write_store,
-)
+from cfcd.store import DescriptorStore, StoreWriter, finalize_store, load_descriptors, merge_stores, open_store, store_summary, transform_store, write_store
 
 
 def _data(n: int = 50, d: int = 8, seed: int = 0) -> tuple[list[str], np.ndarray]:
@@ -406,7 +396,7 @@ def test_transform_store_streams_blocks(tmp_path):
 
 
 def test_writer_flushes_by_time_as_well_as_by_count(tmp_path):
-    from cfcd.features import StoreWriter, store_summary
+    from cfcd.store import StoreWriter, store_summary
 
     now = [0.0]
     writer = StoreWriter(tmp_path / "s", dim=4, shard_size=1024, flush_seconds=30.0, clock=lambda: now[0])
@@ -428,7 +418,7 @@ def test_writer_flushes_by_time_as_well_as_by_count(tmp_path):
 
 def test_all_images_failed_marks_the_store_failed(tmp_path, capsys):
     from cfcd.cli import main
-    from cfcd.features import StoreWriter, store_summary
+    from cfcd.store import StoreWriter, store_summary
 
     writer = StoreWriter(tmp_path / "s", dim=4)
     writer.add_failure("a", "not an image")

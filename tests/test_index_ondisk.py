@@ -1,4 +1,4 @@
-"""Budgeted, shard-by-shard, on-disk FAISS indexes that grow and shrink (cfcd.ondisk, cfcd index)."""
+"""Budgeted, shard-by-shard, on-disk FAISS indexes that grow and shrink (cfcd.index.ondisk, cfcd index)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from cfcd import ondisk
+from cfcd.index import ondisk
 from cfcd.cli import main as cli
 from cfcd.errors import CfcdError
-from cfcd.features import write_store
-from cfcd.search import IdTable, exact_search, open_index
+from cfcd.store import write_store
+from cfcd.index import IdTable, exact_search, open_index
 
 
 def _clustered(n, d, clusters, seed=0, noise=0.3):
@@ -236,7 +236,7 @@ def test_cli_auto_build_search_info(coll, tmp_path, capsys):
 
 
 def test_legacy_ivfpq_index_grows_and_shrinks(coll, tmp_path):
-    from cfcd.search import build_index
+    from cfcd.index import build_index
 
     root, x, ids = coll
     build_index(root / "db", "ivfpq", out=tmp_path / "ix", nlist=16, m=8, nbits=8, nprobe=16)
@@ -301,7 +301,7 @@ _KILLED_BUILD = """
 import sys
 from pathlib import Path
 
-from cfcd import ondisk
+from cfcd.index import ondisk
 
 store, out, marker = sys.argv[1:4]
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import _reference_cirtorch as cir
-from cfcd.data.mining import HardNegativeMiner, MinedTupleBatchSampler, pairs_from_labels
+from cfcd.train.mining import HardNegativeMiner, MinedTupleBatchSampler, pairs_from_labels
 from cfcd.errors import InputError
 
 

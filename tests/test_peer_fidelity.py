@@ -148,7 +148,7 @@ def test_dirtorch_stored_whitening_reproduces_whiten_features(tmp_path, real_pho
     from sklearn.decomposition import PCA
 
     from cfcd.cli import main
-    from cfcd.features import open_store
+    from cfcd.store import open_store
 
     model = _perturbed(M.create("gem_resnet18", whitening="dirtorch", out_dim=32, weights="random"), 3)
     photos = [_photos(real_photos, (n,))[0] for n in ("coffee", "chelsea", "rocket")]

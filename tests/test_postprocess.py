@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cfcd.errors import CfcdError
-from cfcd.features import open_store, write_store
+from cfcd.store import open_store, write_store
 from cfcd.postprocess import (
     alpha_query_expansion,
     cholesky_with_jitter,

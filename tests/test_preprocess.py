@@ -6,7 +6,7 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from cfcd.data.training import ValTransform, collate, opencv_fork_guard, worker_init
+from cfcd.train.data import ValTransform, collate, opencv_fork_guard, worker_init
 from cfcd.errors import InputError
 from cfcd.models.preprocess import BGR_IMAGENET, RGB_IMAGENET, Preprocess
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cfcd.errors import InputError
-from cfcd.features import check_compatible, open_store, write_store
+from cfcd.store import check_compatible, open_store, write_store
 
 import sys
 from pathlib import Path

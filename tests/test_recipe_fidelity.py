@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from cfcd.data.samplers import TupleBatchSampler
+from cfcd.train.samplers import TupleBatchSampler
 from cfcd.train.config import find_config, load_config
 from cfcd.train.trainer import build_model
 from test_samplers import reference_tuples, synthetic_labels

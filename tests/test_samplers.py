@@ -10,12 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from cfcd.data.samplers import (
-    SequentialBatchSampler,
-    ShuffleBatchSampler,
-    TupleBatchSampler,
-    build_tuples,
-)
+from cfcd.train.samplers import SequentialBatchSampler, ShuffleBatchSampler, TupleBatchSampler, build_tuples
 from cfcd.errors import InputError
 
 

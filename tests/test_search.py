@@ -9,8 +9,8 @@ import pytest
 
 from cfcd.cli import main as cli
 from cfcd.errors import CfcdError
-from cfcd.features import open_store, write_store
-from cfcd.search import build_index, exact_search, open_index, recall_at_k
+from cfcd.store import open_store, write_store
+from cfcd.index import build_index, exact_search, open_index, recall_at_k
 
 
 def _clustered(n, d, clusters, seed=0, noise=0.15):

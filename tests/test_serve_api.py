@@ -95,8 +95,8 @@ def test_search_by_upload_equals_cfcd_extract_and_search(served, data, tmp_path,
 def test_upload_with_a_box_is_described_like_a_revisitop_query(served, data):
     """The box crop is the query crop of `cfcd extract --gnd --queries` (same rule, same numbers)."""
     from cfcd.data.gnd import load_gnd
-    from cfcd.features import open_store
-    from cfcd.search import open_index
+    from cfcd.store import open_store
+    from cfcd.index import open_index
 
     client, _, _ = served
     gnd = load_gnd(data["gnd"])
@@ -111,8 +111,8 @@ def test_upload_with_a_box_is_described_like_a_revisitop_query(served, data):
 
 
 def test_search_by_id_uses_the_indexed_descriptor(served, data):
-    from cfcd.features import open_store
-    from cfcd.search import open_index
+    from cfcd.store import open_store
+    from cfcd.index import open_index
 
     client, _, _ = served
     body = client.get("/api/search", params={"id": "coffee_easy0", "k": 5}).json()
@@ -210,9 +210,9 @@ def test_benchmark_endpoints_equal_cfcd_evaluate_json(served, data, tmp_path):
 
 
 def test_the_benchmark_query_store_is_described_once_and_reused(served, data):
-    """The page's query store is cfcd.benchmark's queries part, in the cache; a second start reuses it."""
+    """The page's query store is cfcd.evaluation.benchmark's queries part, in the cache; a second start reuses it."""
     from cfcd.data.gnd import load_gnd
-    from cfcd.features import open_store
+    from cfcd.store import open_store
     from cfcd.serve.benchmark import query_store_for
 
     _, state, cache = served
@@ -410,7 +410,7 @@ def test_compare_sorts_two_models_by_ap_difference(data, tmp_path):
     from cfcd.data.gnd import load_gnd
     from cfcd.data.lists import gnd_image_list
     from cfcd.extract import ExtractOptions, extract_to_store, parse_scales
-    from cfcd.search import build_index
+    from cfcd.index import build_index
 
     gnd = load_gnd(data["gnd"])
     options = ExtractOptions(scales=parse_scales("0.5 0.7071"), workers=0, progress=False)

@@ -8,22 +8,7 @@ import numpy as np
 import pytest
 
 from cfcd.cli import main as cli_main
-from cfcd.data.training import (
-    EIG_VALS,
-    EIG_VECS,
-    LabelledList,
-    TrainingDataset,
-    TrainTransform,
-    ValTransform,
-    center_crop,
-    gldv2_image_path,
-    make_gldv2_lists,
-    pca_lighting,
-    random_sized_crop,
-    read_confusions,
-    read_labelled_list,
-    scale_short_side,
-)
+from cfcd.train.data import EIG_VALS, EIG_VECS, LabelledList, TrainingDataset, TrainTransform, ValTransform, center_crop, gldv2_image_path, make_gldv2_lists, pca_lighting, random_sized_crop, read_confusions, read_labelled_list, scale_short_side
 from cfcd.errors import InputError
 
 

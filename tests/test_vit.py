@@ -282,7 +282,7 @@ def test_openai_clip_checkpoint_projection_goes_into_fc(tmp_path):
 @torch.no_grad()
 def train_accuracy(trainer, root: Path) -> float:
     """Top-1 of the MadaCos classifier (argmax cosine) on the training images, without augmentation."""
-    from cfcd.data.training import TrainingDataset, ValTransform, read_labelled_list
+    from cfcd.train.data import TrainingDataset, ValTransform, read_labelled_list
 
     lst = read_labelled_list(root / "train_list.txt", root)
     ds = TrainingDataset(lst, ValTransform(56, 64, trainer.model.preprocess))

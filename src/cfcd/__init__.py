@@ -1,8 +1,8 @@
 """cfcd: single-stage image retrieval (CFCD, DOLG, GeM baselines) with the exact revisitop protocol.
 
 The package follows the data: images (``cfcd.data``) -> models (``cfcd.models``) ->
-descriptors (``cfcd.features``, ``cfcd.extract``) -> post-processing (``cfcd.postprocess``)
--> index and search (``cfcd.search``) or evaluation (``cfcd.evaluation``).
+descriptors (``cfcd.store``, ``cfcd.extract``) -> post-processing (``cfcd.postprocess``)
+-> index and search (``cfcd.index``) or evaluation (``cfcd.evaluation``).
 Nothing heavy (torch) is imported here, so ``cfcd --help`` and ``cfcd evaluate`` start fast.
 """
 

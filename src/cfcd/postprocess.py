@@ -465,7 +465,7 @@ def alpha_query_expansion(
     if q.shape[1] != x.shape[1]:
         raise InputError(f"query expansion: queries are {q.shape[1]}-D, the database {x.shape[1]}-D")
     k = min(k, x.shape[0])
-    from cfcd.search import exact_search
+    from cfcd.index import exact_search
 
     out = np.empty(q.shape, dtype=np.float32)
     for s in range(0, q.shape[0], chunk):
@@ -496,7 +496,7 @@ def database_augmentation(
         return np.asarray(x, dtype=np.float32)
     n = x.shape[0]
     k = min(k, n)
-    from cfcd.search import exact_search
+    from cfcd.index import exact_search
 
     out = np.empty(x.shape, dtype=np.float32)
     kk = min(k + 1, n)
@@ -518,9 +518,9 @@ def whiten_store(source: str | os.PathLike, out: str | os.PathLike, whitening: W
     """Write the whitened copy of the descriptor store ``source`` to ``out`` (streamed block by
     block, so a 1M x 2048 store never has to fit in memory); the meta keeps the source's provenance
     and records the whitening. A whitening learned on a store applies only to the same embedding space."""
-    from cfcd.features import load_descriptors, transform_store
+    from cfcd.store import load_descriptors, transform_store
 
-    from cfcd.features import check_compatible
+    from cfcd.store import check_compatible
 
     store = load_descriptors(source, expected_dim=whitening.input_dim, role="descriptors to whiten", dtype=None)
     if store.ids is None:

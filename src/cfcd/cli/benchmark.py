@@ -58,7 +58,7 @@ def format_row(model: str, dataset: str, plain, with_distractors) -> str:
 
 def run(args) -> int:
     from cfcd.cli.extract import build_options, create_model, resolve_device, resolve_whitening_arguments
-    from cfcd.benchmark import run_benchmark
+    from cfcd.evaluation.benchmark import run_benchmark
     from cfcd.data.gnd import find_gnd, load_gnd
     from cfcd.utils.io import atomic_write_json
 

@@ -77,7 +77,7 @@ def _whitening(args):
 
     weights = None
     if args.whiten is not None and not Path(args.whiten).suffix:
-        from cfcd.features import is_store, open_store
+        from cfcd.store import is_store, open_store
 
         if is_store(args.queries):  # a NAME is looked up beside the weights the stores came from
             weights = open_store(args.queries).meta.get("weights")

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import time
     import warnings
 
-    from cfcd.search import build_index
+    from cfcd.index import build_index
 
     params = {}
     if args.type == "ivfpq":
@@ -104,7 +104,7 @@ def _build_budgeted(args) -> int:
     import json
     import time
 
-    from cfcd import ondisk
+    from cfcd.index import ondisk
 
     t0 = time.perf_counter()
     index = ondisk.build(
@@ -130,7 +130,7 @@ def _build_budgeted(args) -> int:
 def _add(args) -> int:
     import time
 
-    from cfcd import ondisk
+    from cfcd.index import ondisk
 
     t0 = time.perf_counter()
     index = ondisk.add(args.index, args.store, force=args.force, workers=args.workers, progress=not args.no_progress)
@@ -139,7 +139,7 @@ def _add(args) -> int:
 
 
 def _remove(args) -> int:
-    from cfcd import ondisk
+    from cfcd.index import ondisk
 
     ids = ondisk.read_id_file(args.ids)
     index = ondisk.remove(args.index, ids, missing_ok=args.missing_ok)

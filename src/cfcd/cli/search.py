@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from cfcd.errors import InputError
-    from cfcd.features import load_descriptors
-    from cfcd.search import check_compatible, open_index
+    from cfcd.store import load_descriptors
+    from cfcd.index import check_compatible, open_index
     from cfcd.utils.io import atomic_write_json
 
     if args.k <= 0:

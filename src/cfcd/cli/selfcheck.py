@@ -39,7 +39,7 @@ def make_benchmark(root: str | os.PathLike, *, seed: int = 0, num_distractors: i
     """
     import numpy as np
 
-    from cfcd.features import write_store
+    from cfcd.store import write_store
     from cfcd.utils.io import atomic_open, atomic_save_npy
 
     rng = np.random.default_rng(seed)

@@ -40,7 +40,7 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _info(args) -> int:
-    from cfcd.features import load_descriptors, open_store, store_summary
+    from cfcd.store import load_descriptors, open_store, store_summary
 
     summary = store_summary(args.store)
     failures = []
@@ -88,7 +88,7 @@ def _info(args) -> int:
 
 
 def _merge(args) -> int:
-    from cfcd.features import merge_stores
+    from cfcd.store import merge_stores
 
     out = merge_stores(args.stores, args.out)
     print(f"merged {len(args.stores)} stores -> {out.path}: {len(out)} x {out.dim} {out.descriptors.dtype.name}")
@@ -97,7 +97,7 @@ def _merge(args) -> int:
 
 def _finalize(args) -> int:
     from cfcd.errors import InputError
-    from cfcd.features import finalize_store
+    from cfcd.store import finalize_store
 
     order = None
     if args.order is not None:

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if action == "make-list":
-        from cfcd.data.training import make_gldv2_lists
+        from cfcd.train.data import make_gldv2_lists
 
         _need(args, "csv", "out")
         info = make_gldv2_lists(args.csv, args.out, val_fraction=args.val_fraction, seed=args.seed,

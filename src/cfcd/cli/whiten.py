@@ -79,7 +79,7 @@ def _read_pairs(path: Path, ids: list[str] | None) -> tuple[list[int], list[int]
 
 def _learn(args) -> int:
     from cfcd.errors import InputError
-    from cfcd.features import meta_get, load_descriptors
+    from cfcd.store import meta_get, load_descriptors
     from cfcd.postprocess import DegenerateWhiteningWarning, learn_lw, learn_pca_whitening
     from cfcd.utils.io import sha256_file
 

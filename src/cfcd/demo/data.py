@@ -374,7 +374,7 @@ def build_demo_data(out: str | os.PathLike, sizes: Sizes | None = None, *, seed:
     ``out/train/train_list.txt`` (``path label``, GLDv2 layout) and ``out/manifest.json``.
     The same ``sizes`` and ``seed`` give the same files.
     """
-    from cfcd.data.training import write_labelled_list
+    from cfcd.train.data import write_labelled_list
 
     sizes = sizes or Sizes()
     root = Path(out)

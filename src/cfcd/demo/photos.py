@@ -158,7 +158,7 @@ class PhotoLibrary:
                     shutil.rmtree(child, ignore_errors=True)
 
     def descriptors(self) -> tuple[list[str], np.ndarray]:
-        from cfcd.features import open_store
+        from cfcd.store import open_store
 
         ids, chunks = [], []
         by_part: dict[str, list[tuple[str, int]]] = {}
@@ -174,13 +174,13 @@ class PhotoLibrary:
         return ids, np.concatenate(chunks)
 
     def _build_index(self):
-        from cfcd.search import build_index
+        from cfcd.index import build_index
 
         ids, x = self.descriptors()
         return build_index(x, "flat", ids=ids, out=self.dir / "index")
 
     def open_index(self):
-        from cfcd.search import open_index
+        from cfcd.index import open_index
 
         return open_index(self.dir / "index")
 

@@ -254,7 +254,7 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     t0 = time.perf_counter()
     say(f"[7/{n_steps}] FAISS index of the fine-tuned database, search, report")
     from cfcd.demo.report import write_report
-    from cfcd.search import build_index
+    from cfcd.index import build_index
 
     index = build_index(out / "stores" / "after" / "database", "flat", out=out / "index")
     k = 8
@@ -319,7 +319,7 @@ def _extract_options(m: Mode, progress: bool):
 
 
 def _extract_and_evaluate(model, weights, gnd, data, stores: Path, options, say) -> dict:
-    from cfcd.benchmark import run_benchmark
+    from cfcd.evaluation.benchmark import run_benchmark
 
     def report(role, summary):
         if summary.count:
@@ -338,7 +338,7 @@ def _val_map(model, data, stores: Path, options, say) -> dict:
     """The held-out validation benchmark with the pretrained model: epoch 0 of the curves."""
     from dataclasses import replace
 
-    from cfcd.benchmark import run_benchmark
+    from cfcd.evaluation.benchmark import run_benchmark
     from cfcd.data.gnd import load_gnd
 
     gnd = load_gnd(data.val_gnd, "demoval")
@@ -376,7 +376,7 @@ def _nest(flat: dict) -> dict:
 
 
 def _search(index, queries: Path, k: int) -> dict[str, list[tuple[str, float]]]:
-    from cfcd.features import open_store
+    from cfcd.store import open_store
 
     store = open_store(queries)
     hits = index.search(np.asarray(store.descriptors, dtype=np.float32), k=k, query_ids=store.ids)

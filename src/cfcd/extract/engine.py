@@ -1,7 +1,7 @@
 """The extraction engine: decode in workers, group by size, describe in batches, write a store.
 
 :class:`Extractor` turns an :class:`~cfcd.data.lists.ImageList` into descriptors, batch by batch.
-:func:`extract_to_store` runs a whole job into a descriptor store (``cfcd.features``): sharded over
+:func:`extract_to_store` runs a whole job into a descriptor store (``cfcd.store``): sharded over
 ``torch.distributed`` ranks when ``WORLD_SIZE > 1`` (``torchrun``), resumable (ids already in the
 store's shards are skipped; a rerun with other settings is refused), one bad image never stops it.
 
@@ -528,7 +528,7 @@ def extract_to_store(
     list order after a barrier. Images that cannot be decoded are recorded in the store's meta
     (``failures``) with their reason; truncated-but-decoded JPEGs in ``extract.warnings``.
     """
-    from cfcd.features import PARTIAL_DIR, StoreWriter, finalize_store
+    from cfcd.store import PARTIAL_DIR, StoreWriter, finalize_store
 
     options = options or ExtractOptions()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -590,7 +590,7 @@ def extract_to_store(
 
 def _reuse_complete_store(out: Path, settings: dict, overwrite: bool, log) -> ExtractSummary | None:
     """The summary of a finished store made with ``settings``; refuse one made otherwise unless overwriting."""
-    from cfcd.features import META_FILE, open_store
+    from cfcd.store import META_FILE, open_store
 
     if overwrite or not (out / META_FILE).exists():
         return None
@@ -609,7 +609,7 @@ def _prepare_partial(out: Path, settings: dict, overwrite: bool, ctx) -> None:
     """Rank 0 clears what ``overwrite`` replaces and records the settings; every rank checks them."""
     import shutil
 
-    from cfcd.features import DESCRIPTORS_FILE, IDS_FILE, META_FILE, PARTIAL_DIR
+    from cfcd.store import DESCRIPTORS_FILE, IDS_FILE, META_FILE, PARTIAL_DIR
 
     if overwrite and ctx.rank == 0:
         for name in (DESCRIPTORS_FILE, IDS_FILE, META_FILE, PARTIAL_DIR):

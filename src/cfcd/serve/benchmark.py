@@ -29,7 +29,7 @@ CLASS_KEYS_CLASSIC = ("ok", "junk")
 def query_store_for(service: SearchService, gnd, *, image_root: Path, log=None) -> Path:
     """Describe the ground truth's queries (cropped to their boxes) with the service's model and
     settings into a store in the cache; reused while model, settings and ground truth stay the same."""
-    from cfcd.benchmark import describe_benchmark
+    from cfcd.evaluation.benchmark import describe_benchmark
     from cfcd.data.lists import gnd_image_list
 
     settings = (service.meta.get("extract") or {}).get("settings") or {}
@@ -73,7 +73,7 @@ class Benchmark:
     def build(cls, service: SearchService, gnd, *, queries: str | os.PathLike | None = None,
               image_root: Path | None = None, log=None) -> "Benchmark":
         from cfcd.evaluation import evaluate_files
-        from cfcd.features import is_store, load_descriptors
+        from cfcd.store import is_store, load_descriptors
 
         db = Path(str((service.index.source or {}).get("path") or ""))
         if not db.name or not is_store(db):
@@ -91,7 +91,7 @@ class Benchmark:
         q = load_descriptors(queries, expected_ids=gnd.qimlist, role="queries")
         x = load_descriptors(db, expected_ids=gnd.imlist, role="database")
         if service.whitening is None and q.meta:
-            from cfcd.features import check_compatible
+            from cfcd.store import check_compatible
 
             check_compatible((f"the index {service.index.path}", service.meta), q)
         scores = np.asarray(q.descriptors, dtype=np.float32) @ np.asarray(x.descriptors, dtype=np.float32).T

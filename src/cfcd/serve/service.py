@@ -2,7 +2,7 @@
 
 :class:`SearchService` describes a query exactly as the index's database was described (model,
 preprocessing, scales, size cap, crop rule and whitening all come from the source store's meta)
-and searches the index with :meth:`cfcd.search.Index.search`, so a search by upload gives the
+and searches the index with :meth:`cfcd.index.Index.search`, so a search by upload gives the
 numbers ``cfcd extract`` + ``cfcd search`` give for the same file.
 
 Thread safety: web requests run in a thread pool. The model forward and the index search each
@@ -292,7 +292,7 @@ class SearchService:
         extra_ids: Sequence[str] = (),
     ) -> "SearchService":
         from cfcd.extract import Extractor
-        from cfcd.search import open_index
+        from cfcd.index import open_index
 
         index = open_index(index_dir)
         if index.ids is None:
@@ -399,7 +399,7 @@ class SearchService:
 
     def stored_descriptor(self, row: int) -> np.ndarray | None:
         """The database row as indexed (no re-extraction), when the index keeps it exactly."""
-        from cfcd.search import ExactIndex
+        from cfcd.index import ExactIndex
 
         index = self.index
         if isinstance(index, ExactIndex):

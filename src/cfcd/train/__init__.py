@@ -8,6 +8,6 @@
 * :mod:`cfcd.train.checkpoint` -- atomic, ``weights_only`` checkpoints;
 * :mod:`cfcd.train.confusions` -- ``landmark_scores.txt`` for hard-negative tuples.
 
-Data lists, augmentation and samplers live in :mod:`cfcd.data.training` and :mod:`cfcd.data.samplers`.
+Data lists, augmentation and samplers live in :mod:`cfcd.train.data` and :mod:`cfcd.train.samplers`.
 Nothing heavy is imported here.
 """

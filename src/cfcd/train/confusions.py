@@ -49,7 +49,7 @@ def write_confusions(cfg: dict, weights: str | os.PathLike, list_path: str | os.
     """Score every image of a training list with a stage-1 model; see the module docstring."""
     from torch.utils.data import DataLoader
 
-    from cfcd.data.training import TrainingDataset, ValTransform, collate, read_labelled_list
+    from cfcd.train.data import TrainingDataset, ValTransform, collate, read_labelled_list
     from cfcd.train.distributed import barrier, destroy, init_distributed
     from cfcd.losses import is_classification_head
     from cfcd.train.trainer import build_head, init_from_checkpoint

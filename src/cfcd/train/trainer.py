@@ -3,7 +3,7 @@
 What one optimizer step does (``global_batch`` G samples, W processes, A accumulation steps
 of ``micro_batch`` samples each, ``G = W * A * micro_batch``):
 
-1. Every rank takes its contiguous slice of global batch ``t`` (:mod:`cfcd.data.samplers`), so
+1. Every rank takes its contiguous slice of global batch ``t`` (:mod:`cfcd.train.samplers`), so
    the step sees the same images whatever W and A are.
 2. Batch statistics (``loss.batch_stats: exact``): an objective whose statistics span the
    global batch (:attr:`cfcd.losses.Objective.batch_statistics`; MadaCos's median target cosine,
@@ -256,8 +256,8 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------------
     def build(self) -> None:
-        from cfcd.data.samplers import ClassBalancedBatchSampler, ShuffleBatchSampler, TupleBatchSampler
-        from cfcd.data.training import TrainingDataset, TrainTransform, read_confusions, read_labelled_list
+        from cfcd.train.samplers import ClassBalancedBatchSampler, ShuffleBatchSampler, TupleBatchSampler
+        from cfcd.train.data import TrainingDataset, TrainTransform, read_confusions, read_labelled_list
 
         cfg, t, d, lo = self.cfg, self.cfg["train"], self.cfg["data"], self.cfg["loss"]
         torch.manual_seed(int(t["seed"]))  # identical initialisation on every rank
@@ -293,7 +293,7 @@ class Trainer:
             self.sampler = TupleBatchSampler(self.train_list.labels, tuple_size=int(d["tuple_size"]),
                                              gt_pred=gt_pred, **common)
         elif d["sampler"] == "mined":  # cirtorch: hardest negatives by the current model, every epoch
-            from cfcd.data.mining import HardNegativeMiner, MinedTupleBatchSampler, model_describer, pairs_from_labels
+            from cfcd.train.mining import HardNegativeMiner, MinedTupleBatchSampler, model_describer, pairs_from_labels
 
             mi = d["mining"]
             qpool, ppool = pairs_from_labels(self.train_list.labels, seed=int(t["seed"]))
@@ -480,7 +480,7 @@ class Trainer:
     def _loader(self, sampler, dataset):
         from torch.utils.data import DataLoader
 
-        from cfcd.data.training import collate, opencv_fork_guard, worker_init
+        from cfcd.train.data import collate, opencv_fork_guard, worker_init
 
         workers = int(self.cfg["data"]["workers"])
         if workers:
@@ -584,7 +584,7 @@ class Trainer:
         """
         from torch.utils.data import DataLoader
 
-        from cfcd.data.training import TrainingDataset, ValTransform, collate, read_labelled_list
+        from cfcd.train.data import TrainingDataset, ValTransform, collate, read_labelled_list
 
         if not isinstance(self.head, CosineHead):
             return {}
@@ -617,7 +617,7 @@ class Trainer:
         return {"val_loss": float(totals[0]) / count, "val_top1": float(totals[1]) / count, "val_images": count}
 
     def benchmark(self) -> dict[str, float]:
-        """Optional revisitop evaluation hook: :func:`cfcd.benchmark.run_benchmark` with the current
+        """Optional revisitop evaluation hook: :func:`cfcd.evaluation.benchmark.run_benchmark` with the current
         model (every rank extracts its share, rank 0 evaluates), log mAP per setup. A failure is logged,
         never fatal to training."""
         from cfcd.train.distributed import broadcast_object
@@ -626,7 +626,7 @@ class Trainer:
         out: dict[str, float] = {}
         self.model.eval()
         try:
-            from cfcd.benchmark import run_benchmark
+            from cfcd.evaluation.benchmark import run_benchmark
             from cfcd.data.gnd import find_gnd, load_gnd
             from cfcd.extract import ExtractOptions, parse_scales
 

@@ -7,7 +7,7 @@ placed in ``ROOT/<name>/``) and four rules a subclass gives:
 * :meth:`BenchmarkDataset.ground_truth` loads its ground truth (a :class:`cfcd.data.gnd.GroundTruth`);
 * :meth:`BenchmarkDataset.image_name` turns a ground-truth name into a path under ``jpg/``;
 * :meth:`BenchmarkDataset.expected_images` lists the images the benchmark needs (``verify``);
-* :attr:`BenchmarkDataset.metrics` names the metrics it reports (:mod:`cfcd.metrics`).
+* :attr:`BenchmarkDataset.metrics` names the metrics it reports (:mod:`cfcd.evaluation.metrics`).
 
 Download, verification and the layout report (:mod:`cfcd.data.benchmarks.install`) and the
 evaluation (:meth:`BenchmarkDataset.evaluate`) work from these alone, so a new benchmark is one
@@ -62,7 +62,7 @@ class BenchmarkDataset:
 
     #: a set of distractors (a list of images, no queries nor ground truth)
     is_distractor_set: ClassVar[bool] = False
-    #: the metrics the benchmark reports (names for :func:`cfcd.metrics.parse_metrics`); None:
+    #: the metrics the benchmark reports (names for :func:`cfcd.evaluation.metrics.parse_metrics`); None:
     #: revisitop's mAP and mP@k for the evaluation's ``kappas``
     metrics: ClassVar[tuple[str, ...] | None] = None
     #: the setups (``{name: (positive keys, junk keys)}``); None: from the ground truth's keys

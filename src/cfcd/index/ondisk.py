@@ -39,16 +39,10 @@ import numpy as np
 
 from cfcd import __version__
 from cfcd.errors import InputError
-from cfcd.features import (
-    DESCRIPTORS_FILE,
-    IDS_FILE,
-    DescriptorStore,
-    _link_or_copy,
-    _now,
-    check_compatible,
-    open_store,
-)
+from cfcd.store import DESCRIPTORS_FILE, IDS_FILE, DescriptorStore, check_compatible, open_store
+from cfcd.store import link_or_copy as _link_or_copy
 from cfcd.utils.io import atomic_open, atomic_save_npy, atomic_write_json, make_temp_file
+from cfcd.utils.io import utc_timestamp as _now
 
 __all__ = [
     "parse_size",
@@ -328,7 +322,7 @@ class _Source:
         if self.ids is not None:
             return self.ids
         if self.ids_file is not None:
-            from cfcd.search import IdTable
+            from cfcd.index import IdTable
 
             return IdTable(self.ids_file)
         return None
@@ -540,7 +534,7 @@ def build(
     """
     import faiss
 
-    from cfcd.search import faiss_threads, open_index
+    from cfcd.index import faiss_threads, open_index
 
     out = Path(out)
     src = _source(store, ids)
@@ -707,7 +701,7 @@ def _source(store, ids):
 
 def _open_in(out: Path, info: dict):
     """Open the index described by ``info`` (not yet committed as index.json)."""
-    from cfcd.search import open_index
+    from cfcd.index import open_index
 
     with tempfile.TemporaryDirectory(dir=out, prefix=".open-") as tmp:
         for name in _referenced(info):
@@ -925,7 +919,7 @@ def tune(index, reader: RowReader, rows: np.ndarray, *, target_recall: float = 0
 
 
 def _load(index_dir: Path):
-    from cfcd.search import open_index
+    from cfcd.index import open_index
 
     info = _read_info(index_dir)
     if info is None:
@@ -936,7 +930,7 @@ def _load(index_dir: Path):
 def add(index_dir: str | os.PathLike, store, *, force: bool = False, workers: int = 0, ids: Sequence[str] | None = None,
         progress: bool = False):
     """Append the rows of ``store`` to the index in ``index_dir`` (same model: checked with
-    :func:`cfcd.features.check_compatible` unless ``force``) and return the reopened index.
+    :func:`cfcd.store.check_compatible` unless ``force``) and return the reopened index.
 
     Image ids must be new (ids removed earlier may come back). IVF indexes encode the rows with
     the stored trained index (shard by shard) and merge the old and new lists into a new
@@ -944,7 +938,7 @@ def add(index_dir: str | os.PathLike, store, *, force: bool = False, workers: in
     """
     import faiss
 
-    from cfcd.search import ExactIndex, open_index
+    from cfcd.index import ExactIndex, open_index
 
     index_dir = Path(index_dir)
     info, index = _load(index_dir)
@@ -1044,7 +1038,7 @@ def remove(index_dir: str | os.PathLike, ids: Sequence[str], *, missing_ok: bool
     The rows stay in the lists and are skipped at search time (FAISS ``IDSelector``); the space is
     reclaimed by building the index again. Unknown ids are an error unless ``missing_ok``.
     """
-    from cfcd.search import ExactIndex, open_index
+    from cfcd.index import ExactIndex, open_index
 
     index_dir = Path(index_dir)
     info, index = _load(index_dir)

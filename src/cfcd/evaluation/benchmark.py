@@ -80,7 +80,7 @@ def run_benchmark(model, gnd, root: str | os.PathLike, out: str | os.PathLike, o
     ``evaluate=False`` lets the other ranks skip the evaluation.
     """
     from cfcd.evaluation import evaluate_files
-    from cfcd.features import check_compatible, open_store
+    from cfcd.store import check_compatible, open_store
 
     out = Path(out)
     stores, summaries, stopped = describe_benchmark(model, gnd, root, out, options, weights=weights,

@@ -7,7 +7,7 @@ micro-batches for gradient accumulation. So the content of global step ``t`` doe
 on the number of processes nor on the accumulation, and a resumed run skips exactly the
 steps it has done (the sampler's state is two ints, ``epoch`` and ``step``).
 
-Items are yielded as ``(epoch, index)`` pairs; :class:`cfcd.data.training.TrainingDataset`
+Items are yielded as ``(epoch, index)`` pairs; :class:`cfcd.train.data.TrainingDataset`
 uses the epoch to seed its augmentation.
 
 :class:`TupleBatchSampler` reproduces CFCD's ``DistributedTupleHEMSampler``

@@ -15,7 +15,7 @@ loops forever when the pool holds fewer than ``nnum`` other clusters; here that 
 average query-negative distance ``||q - n + 1e-6||`` is returned for logging, as cirtorch does.
 
 :class:`MinedTupleBatchSampler` turns the mined tuples into the global batches of the trainer's
-samplers (:mod:`cfcd.data.samplers`), rows laid out ``[query, positive, negative_1..nnum]`` per
+samplers (:mod:`cfcd.train.samplers`), rows laid out ``[query, positive, negative_1..nnum]`` per
 tuple, which is what :class:`cfcd.losses.ContrastiveLoss` / :class:`~cfcd.losses.TripletLoss` take.
 """
 
@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cfcd.data.samplers import GlobalBatchSampler
+from cfcd.train.samplers import GlobalBatchSampler
 from cfcd.errors import InputError
 
 __all__ = ["MinedTuples", "HardNegativeMiner", "MinedTupleBatchSampler", "pairs_from_labels"]
