@@ -305,3 +305,23 @@ def test_a_model_error_fails_only_that_image(tmp_path):
     assert [f[0] for f in failures] == ["big"] and "model failed on the 120x90 image" in failures[0][1]
     good = [i for i, image_id in enumerate(image_list.ids) if image_id != "big"]
     assert np.isfinite(rows[good]).all() and np.isnan(rows[image_list.ids.index("big")]).all()
+
+
+def test_store_meta_reads_back_the_options_that_made_the_store(tmp_path):
+    """StoreMeta is the one reader of meta.json; ExtractOptions.from_settings inverts settings()."""
+    from cfcd.extract.scales import parse_scales
+    from cfcd.store import StoreMeta
+
+    write_photo_dir(tmp_path / "img", count=3, long_side=64)
+    image_list = read_image_list(tmp_path / "img")
+    options = ExtractOptions(scales=parse_scales("cirtorch"), max_size=48, crop_rule="round", dtype="float16",
+                             workers=0, progress=False)
+    extract_to_store(TinyNet(), image_list, tmp_path / "s", options)
+    meta = StoreMeta.of(open_store(tmp_path / "s"))
+    assert meta.image_list == image_list.source and meta.failures == [] and not meta.queries
+    assert meta.state_sha256 == meta.settings["model"]["state_sha256"]
+    back = ExtractOptions.from_settings(meta.extract_options, workers=0)
+    assert back.settings() == options.settings()
+    assert back.scales == options.scales
+    with pytest.raises(InputError, match="extraction settings"):
+        ExtractOptions.from_settings(StoreMeta.of({"model": "x"}).extract_options)

@@ -213,7 +213,7 @@ def test_whitening_save_load_roundtrip(tmp_path):
         back = load_whitening(tmp_path / name)
         assert back.kind == "pca" and back.dim == 8 and back.info["whitenp"] == 0.25
         np.testing.assert_allclose(back.transform(x), w.transform(x), atol=1e-6)
-    assert back.describe()["fitted_on"] == {"path": "db", "count": 200}
+    assert back.summary()["fitted_on"] == {"path": "db", "count": 200}
     assert not list(tmp_path.glob("*.tmp"))
 
 

@@ -151,7 +151,7 @@ class Whitening:
         atomic_write_json(stem.with_name(stem.name + ".json"), info)
         return st_path
 
-    def describe(self) -> dict:
+    def summary(self) -> dict:
         """The provenance recorded in a whitened store's ``meta["whitening"]``."""
         keys = ("kind", "whitenp", "dim", "input_dim", "fitted_on", "sha256", "source")  # not the path: copies are equal
         out = {k: self.info[k] for k in keys if k in self.info}
@@ -533,6 +533,6 @@ def whiten_store(source: str | os.PathLike, out: str | os.PathLike, whitening: W
     if "whitening" in store.meta:
         raise InputError(f"{store.path}: already whitened ({store.meta['whitening']}); refusing to whiten twice")
     meta = {k: v for k, v in store.meta.items() if k not in ("count", "dim", "dtype", "created")}
-    meta["whitening"] = whitening.describe()
+    meta["whitening"] = whitening.summary()
     meta["whitened_from"] = str(store.path)
     return transform_store(store, out, whitening.transform, out_dim=whitening.dim, meta=meta)

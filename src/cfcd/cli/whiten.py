@@ -79,7 +79,7 @@ def _read_pairs(path: Path, ids: list[str] | None) -> tuple[list[int], list[int]
 
 def _learn(args) -> int:
     from cfcd.errors import InputError
-    from cfcd.store import meta_get, load_descriptors
+    from cfcd.store import StoreMeta, load_descriptors
     from cfcd.postprocess import DegenerateWhiteningWarning, learn_lw, learn_pca_whitening
     from cfcd.utils.io import sha256_file
 
@@ -98,14 +98,15 @@ def _learn(args) -> int:
         for warning in caught:
             print(f"cfcd whiten: warning: {warning.message}", file=sys.stderr)
     data_file = store.path / "descriptors.npy" if store.path.is_dir() else store.path
+    meta = StoreMeta.of(store)
     w.info["fitted_on"] = {
         "path": str(store.path),
         "count": len(store),
         "dim": store.dim,
         "descriptors_sha256": sha256_file(data_file),
-        "model": store.meta.get("model"),
-        "weights_sha256": store.meta.get("weights_sha256"),
-        "state_sha256": meta_get(store.meta, "extract.settings.model.state_sha256"),
+        "model": meta.model,
+        "weights_sha256": meta.weights_sha256,
+        "state_sha256": meta.state_sha256,
     }
     if args.pairs is not None:
         w.info["pairs_file"] = str(args.pairs)

@@ -14,6 +14,7 @@ from cfcd.evaluation.metrics import Metric
 from cfcd.evaluation.results import EvaluationResult
 from cfcd.evaluation.scoring import _chosen_setups, evaluate
 from cfcd.evaluation.setups import DEFAULT_KAPPAS, TIE_POLICY
+from cfcd.store import StoreMeta
 
 
 def _store_summary(store: Any, role: str) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def _store_summary(store: Any, role: str) -> dict[str, Any]:
 
 def _extraction_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
     """Scales, query cropping and the model, from a store's meta (cfcd extract layout or flat keys)."""
-    extract = meta.get("extract") if isinstance(meta.get("extract"), Mapping) else {}
+    extract = StoreMeta.of(meta).extract
     out = {}
     for key, names in (
         ("model", ("model",)),
@@ -201,7 +202,7 @@ def _postprocess(qstore, xstore, dstores, whiten, dba, qe):
         from cfcd.postprocess import load_whitening
 
         w = load_whitening(whiten)  # a path, or a Whitening (cfcd.postprocess.resolve_whitening)
-        desc = w.describe() if hasattr(w, "describe") else {}
+        desc = w.summary() if hasattr(w, "summary") else {}
         post["whitening"] = {"path": str(w.info.get("file", whiten) if not isinstance(whiten, (str, os.PathLike)) else whiten), **desc}
         if isinstance(whiten, (str, os.PathLike)) and Path(whiten).is_file():
             post["whitening"].setdefault("sha256", sha256_file(whiten))

@@ -45,6 +45,17 @@ from cfcd.extract.describe import describe_batch, describe_reference, normalisat
 from cfcd.extract.scales import MultiScale, parse_scales
 from cfcd.runtime import init_distributed, jsonable
 from cfcd.runtime import progress as progress_bar
+from cfcd.store import (
+    DESCRIPTORS_FILE,
+    IDS_FILE,
+    META_FILE,
+    PARTIAL_DIR,
+    StoreMeta,
+    StoreWriter,
+    finalize_store,
+    open_store,
+)
+from cfcd.utils.io import atomic_write_json
 
 Precision = Literal["fp32", "bf16", "fp16"]
 SETTINGS_FILE = "extract-settings.json"  # inside the store's .partial/ while a job runs
@@ -104,6 +115,17 @@ class ExtractOptions:
             "precision": self.precision,
             "dtype": self.dtype,
         }
+
+    @classmethod
+    def from_settings(cls, settings: dict, **runtime) -> "ExtractOptions":
+        """The options a store was extracted with, from :meth:`settings` as recorded in its meta
+        (``StoreMeta.extract_options``); ``runtime`` sets what does not change the numbers (device, batch
+        size, workers, progress)."""
+        if not isinstance(settings, dict) or "scales" not in settings:
+            raise InputError("no extraction settings (extract.settings.options in the store's meta): the store was "
+                             "not written by 'cfcd extract', so images cannot be described the same way")
+        recorded = {k: v for k, v in settings.items() if k != "scales"}
+        return cls(scales=MultiScale.from_meta(settings["scales"]), **recorded, **runtime)
 
 
 @dataclass
@@ -448,7 +470,7 @@ def model_fingerprint(model, weights: str | os.PathLike | None) -> dict:
     }
 
 
-def describe_rules(options: ExtractOptions, queries: bool) -> dict:
+def extraction_rules(options: ExtractOptions, queries: bool) -> dict:
     """Plain-words record of the procedure, for the store's meta and the benchmark JSON."""
     s = options.scales
     resize = {
@@ -489,7 +511,7 @@ def describe_rules(options: ExtractOptions, queries: bool) -> dict:
 
 def _check_settings(out: Path, settings: dict, *, rank: int) -> None:
     """Refuse to resume a partial store written with other settings."""
-    from cfcd.utils.io import atomic_write_json
+
 
     path = out / ".partial" / SETTINGS_FILE
     if path.exists():
@@ -528,7 +550,6 @@ def extract_to_store(
     list order after a barrier. Images that cannot be decoded are recorded in the store's meta
     (``failures``) with their reason; truncated-but-decoded JPEGs in ``extract.warnings``.
     """
-    from cfcd.store import PARTIAL_DIR, StoreWriter, finalize_store
 
     options = options or ExtractOptions()
     log = log or (lambda message: print(message, file=sys.stderr))
@@ -590,15 +611,14 @@ def extract_to_store(
 
 def _reuse_complete_store(out: Path, settings: dict, overwrite: bool, log) -> ExtractSummary | None:
     """The summary of a finished store made with ``settings``; refuse one made otherwise unless overwriting."""
-    from cfcd.store import META_FILE, open_store
 
     if overwrite or not (out / META_FILE).exists():
         return None
-    meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("extract", {}).get("settings") == settings:
+    meta = StoreMeta(json.loads((out / META_FILE).read_text(encoding="utf-8")))
+    if meta.settings == settings:
         store = open_store(out)
         log(f"{out}: complete store with the same settings already exists ({len(store.descriptors)} rows)")
-        return ExtractSummary(0, list(meta.get("failures", [])), [], 0.0, store, skipped=len(store.descriptors))
+        return ExtractSummary(0, meta.failures, [], 0.0, store, skipped=len(store.descriptors))
     raise CfcdError(
         f"{out}: a complete descriptor store with different settings is already here; "
         "use another --out or --overwrite"
@@ -609,7 +629,6 @@ def _prepare_partial(out: Path, settings: dict, overwrite: bool, ctx) -> None:
     """Rank 0 clears what ``overwrite`` replaces and records the settings; every rank checks them."""
     import shutil
 
-    from cfcd.store import DESCRIPTORS_FILE, IDS_FILE, META_FILE, PARTIAL_DIR
 
     if overwrite and ctx.rank == 0:
         for name in (DESCRIPTORS_FILE, IDS_FILE, META_FILE, PARTIAL_DIR):
@@ -666,7 +685,7 @@ def _store_meta(fingerprint: dict, settings: dict, options, queries: bool, extra
         "extract": {
             "settings": settings,
             "scales": options.scales.to_meta(),
-            **describe_rules(options, queries),
+            **extraction_rules(options, queries),
             "queries": queries,
             "crop_rule": options.crop_rule if queries else None,
             "precision": options.precision,

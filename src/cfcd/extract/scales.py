@@ -112,6 +112,13 @@ class MultiScale:
         meta["scales"] = list(self.scales)
         return meta
 
+    @classmethod
+    def from_meta(cls, meta: dict) -> "MultiScale":
+        """The inverse of :meth:`to_meta` (keys a newer version added are refused by the constructor)."""
+        fields = dict(meta)
+        fields["scales"] = tuple(float(s) for s in fields["scales"])
+        return cls(**fields)
+
 
 PRESETS: dict[str, MultiScale] = {
     "cfcd": MultiScale((0.3535, 0.5, 0.7071, 1.0, 1.4142), "mean", 1.0, "round", False, "cfcd"),

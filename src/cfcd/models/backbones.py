@@ -106,7 +106,7 @@ def resnet_depth(state: Mapping[str, Any]) -> str | None:
     return table.get(len(blocks))
 
 
-def describe_resnet(ckpt, container: Mapping[str, Any] | None = None) -> None:
+def infer_resnet(ckpt, container: Mapping[str, Any] | None = None) -> None:
     """The backbone depth read from the tensors, unless the file named it."""
     depth = resnet_depth(ckpt.state)
     if depth and "backbone" not in ckpt.model_kwargs:
@@ -131,13 +131,13 @@ def _register_formats() -> None:
 
     register_checkpoint_format(
         "pycls", priority=30, detect=lambda state, container: "stem.conv.weight" in state,
-        convert=_convert_pycls, describe=describe_resnet,
+        convert=_convert_pycls, infer=infer_resnet,
         description="pycls ImageNet R-*-1x64d_dds_8gpu.pyth (model_state: stem.*, s{i}.b{j}.f.{a,b,c}[_bn], "
                     "s{i}.b1.{proj,bn}); head.fc kept as an extra")
     register_checkpoint_format(
         "torchvision", priority=70, aliases=("timm",),
         detect=lambda state, container: "conv1.weight" in state and any(k.startswith("layer1.") for k in state),
-        convert=_convert_torchvision, describe=describe_resnet,
+        convert=_convert_torchvision, infer=infer_resnet,
         description="torchvision / timm ResNet state dicts (conv1, layer1..4; fc kept as an extra)")
 
 

@@ -53,7 +53,7 @@ class CFCDNet(RetrievalModel):
 
 def _register() -> None:
     from cfcd.models.checkpoints import register_checkpoint_format
-    from cfcd.models.dolg import convert_dolg_layout, describe_dolg_layout
+    from cfcd.models.dolg import convert_dolg_layout, infer_dolg_layout
     from cfcd.models.registry import register_model
 
     for depth in (50, 101, 152):
@@ -62,7 +62,7 @@ def _register() -> None:
     # CFCD's checkpoints use DOLG's layout without the local branch (bassyess/CFCD core/model/model_s1.py)
     register_checkpoint_format(
         "cfcd", priority=20, detect=lambda state, container: any(k.startswith("globalmodel.") for k in state),
-        convert=convert_dolg_layout, describe=describe_dolg_layout,
+        convert=convert_dolg_layout, infer=infer_dolg_layout,
         description="bassyess/CFCD checkpoints (globalmodel.* pycls ResNet, fc, bn, pool_g.p, desc_cls)")
 
 

@@ -120,7 +120,7 @@ class CheckpointFormat:
       formats are asked in ``priority`` order, so a specific layout comes before a general one.
     - ``convert(state) -> (state, extra, info)``: rename into cfcd names; ``extra`` holds tensors that
       are not model parameters; ``info`` may give ``model_kwargs``, ``model_name`` and ``notes``.
-    - ``describe(checkpoint, container)`` (optional): read the architecture from the converted tensors
+    - ``infer(checkpoint, container)`` (optional): read the architecture from the converted tensors
       and the container's other entries (cirtorch ``meta``, dirtorch ``model_options``) into
       ``checkpoint.model_kwargs`` / ``model_name`` / ``notes`` / ``extra``.
     - ``adapt(model, state, source) -> (state, extra)`` (optional): just before loading into ``model``,
@@ -130,7 +130,7 @@ class CheckpointFormat:
     name: str
     detect: Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
     convert: Callable[[Mapping[str, torch.Tensor]], tuple[dict, dict, dict]]
-    describe: Callable[["Checkpoint", Mapping[str, Any]], None] | None = None
+    infer: Callable[["Checkpoint", Mapping[str, Any]], None] | None = None
     adapt: Callable[[torch.nn.Module, dict, str], tuple[dict, dict]] | None = None
     priority: int = 100
     aliases: tuple[str, ...] = ()
@@ -140,14 +140,14 @@ class CheckpointFormat:
 _FORMATS: dict[str, CheckpointFormat] = {}
 
 
-def register_checkpoint_format(name: str, *, detect, convert, describe=None, adapt=None, priority: int = 100,
+def register_checkpoint_format(name: str, *, detect, convert, infer=None, adapt=None, priority: int = 100,
                                aliases: tuple[str, ...] = (), description: str = "") -> CheckpointFormat:
     """Add a checkpoint layout (see :class:`CheckpointFormat`); a model family calls it when imported."""
     taken = set(_FORMATS) | {a for f in _FORMATS.values() for a in f.aliases} | {"auto"}
     clash = [n for n in (name, *aliases) if n in taken]
     if clash:
         raise ValueError(f"checkpoint format {clash[0]!r} is already registered")
-    _FORMATS[name] = CheckpointFormat(name, detect, convert, describe, adapt, priority, tuple(aliases), description)
+    _FORMATS[name] = CheckpointFormat(name, detect, convert, infer, adapt, priority, tuple(aliases), description)
     return _FORMATS[name]
 
 
@@ -208,8 +208,8 @@ def _convert(path: Path | None, fmt: str, state: Mapping[str, torch.Tensor], con
     ckpt = Checkpoint(path=path, format=adapter.name, state=mapped, extra=extra,
                       model_kwargs=dict(info.get("model_kwargs", {})), model_name=info.get("model_name"),
                       notes=list(info.get("notes", [])))
-    if adapter.describe is not None:
-        adapter.describe(ckpt, container)
+    if adapter.infer is not None:
+        adapter.infer(ckpt, container)
     return ckpt
 
 
@@ -311,7 +311,7 @@ def _is_cfcd_state(state: Mapping[str, Any], container: Mapping[str, Any]) -> bo
     return any(k.startswith("backbone.") for k in state)  # never a prefix of the original layouts
 
 
-def _describe_cfcd_safetensors(ckpt: Checkpoint, config: Mapping[str, Any]) -> None:
+def _infer_cfcd_safetensors(ckpt: Checkpoint, config: Mapping[str, Any]) -> None:
     ckpt.model_kwargs.update(dict(config.get("kwargs", {})))
     if config.get("name"):
         ckpt.model_name = config["name"]
@@ -319,7 +319,7 @@ def _describe_cfcd_safetensors(ckpt: Checkpoint, config: Mapping[str, Any]) -> N
 
 register_checkpoint_format(
     "cfcd-safetensors", detect=_is_cfcd_state, convert=lambda state: (dict(state), {}, {}),
-    describe=_describe_cfcd_safetensors, priority=0,
+    infer=_infer_cfcd_safetensors, priority=0,
     description="our own model.safetensors + config.json (+ extra.safetensors), written by cfcd convert")
 
 

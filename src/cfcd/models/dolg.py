@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cfcd.models.backbones import (RESNET_NAMES, backbone_from_pycls, create_backbone, describe_resnet, is_resnet,
+from cfcd.models.backbones import (RESNET_NAMES, backbone_from_pycls, create_backbone, infer_resnet, is_resnet,
                                    resnet_stages, stage_channels)
 from cfcd.models.base import RetrievalModel
 from cfcd.models.pooling import GeM
@@ -147,9 +147,9 @@ def convert_dolg_layout(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict, 
     return {**out, **unknown}, extra, {}
 
 
-def describe_dolg_layout(ckpt, container: Mapping[str, Any] | None = None) -> None:
+def infer_dolg_layout(ckpt, container: Mapping[str, Any] | None = None) -> None:
     """Architecture switches that follow from which tensors the checkpoint has."""
-    describe_resnet(ckpt)
+    infer_resnet(ckpt)
     state, kw = ckpt.state, ckpt.model_kwargs
     kw["learnable_p"] = "pool.p" in state
     kw["with_bn"] = "bn.weight" in state
@@ -172,7 +172,7 @@ def _register() -> None:
                        description=f"DOLG: ResNet-{depth}, orthogonal fusion of s3 attention and s4 GeM, FC 512")
     register_checkpoint_format(
         "dolg", priority=10, detect=lambda state, container: any(k.startswith(("localmodel.", "fc_t.")) for k in state),
-        convert=convert_dolg_layout, describe=describe_dolg_layout,
+        convert=convert_dolg_layout, infer=infer_dolg_layout,
         description="feymanpriv/DOLG checkpoints (globalmodel.* pycls ResNet, localmodel.*, fc_t, fc, pool_g.p, desc_cls)")
 
 

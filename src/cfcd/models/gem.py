@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cfcd.errors import CfcdError
-from cfcd.models.backbones import RESNET_NAMES, create_backbone, describe_resnet, timm_preprocess
+from cfcd.models.backbones import RESNET_NAMES, create_backbone, infer_resnet, timm_preprocess
 from cfcd.models.base import RetrievalModel
 from cfcd.models.pooling import create_pooling, l2n
 from cfcd.models.preprocess import Preprocess
@@ -111,7 +111,7 @@ def _convert_cirtorch(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict, di
     return {**out, **unknown}, {}, {}
 
 
-def _describe_cirtorch(ckpt, container: Mapping[str, Any]) -> None:
+def _infer_cirtorch(ckpt, container: Mapping[str, Any]) -> None:
     """``meta`` (architecture, pooling, whitening, mean/std, post-hoc ``Lw``) of ``init_network``."""
     from cfcd.models.checkpoints import as_tensor
 
@@ -137,7 +137,7 @@ def _describe_cirtorch(ckpt, container: Mapping[str, Any]) -> None:
                         ckpt.extra[f"Lw.{wset}.{mode}.{name}"] = as_tensor(mats[name], f"{ckpt.source}: meta['Lw']").float()
         if ckpt.extra:
             ckpt.notes.append("cirtorch learned whitening Lw kept as extras Lw.<set>.<ss|ms>.{m,P} (x' = P (x - m))")
-    describe_resnet(ckpt)
+    infer_resnet(ckpt)
     if "pool.p" in ckpt.state and ckpt.state["pool.p"].numel() > 1:
         ckpt.model_kwargs["pooling"] = "gemmp"
 
@@ -163,7 +163,7 @@ def _convert_dirtorch(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict, di
     return {**out, **unknown}, {}, {}
 
 
-def _describe_dirtorch(ckpt, container: Mapping[str, Any]) -> None:
+def _infer_dirtorch(ckpt, container: Mapping[str, Any]) -> None:
     """``model_options`` (arch, pooling, gemp, without_fc, norm_features), ``preprocess`` and ``pca``
     of a dirtorch checkpoint (``nets/__init__.py create_model``, ``test_dir.py``)."""
     from cfcd.models.checkpoints import as_tensor
@@ -211,7 +211,7 @@ def _describe_dirtorch(ckpt, container: Mapping[str, Any]) -> None:
         ckpt.extra[f"pca.{name}.whiten"] = torch.tensor(bool(attrs.get("whiten", False)))
     if any(k.startswith("pca.") for k in ckpt.extra):
         ckpt.notes.append("dirtorch PCA kept as extras pca.<name>.{mean,components,explained_variance,whiten}")
-    describe_resnet(ckpt)
+    infer_resnet(ckpt)
 
 
 def _register() -> None:
@@ -224,10 +224,10 @@ def _register() -> None:
     register_model("gem_timm", GeMNet, family="gem", defaults={"pooling": "gem", "learnable_p": True},
                    description="GeM on any timm backbone (backbone=NAME)")
     register_checkpoint_format(
-        "cirtorch", priority=40, detect=_is_cirtorch, convert=_convert_cirtorch, describe=_describe_cirtorch,
+        "cirtorch", priority=40, detect=_is_cirtorch, convert=_convert_cirtorch, infer=_infer_cirtorch,
         description="cnnimageretrieval-pytorch {'meta', 'state_dict'} (features.N, pool.p, whiten; meta['Lw'] as extras)")
     register_checkpoint_format(
-        "dirtorch", priority=50, detect=_is_dirtorch, convert=_convert_dirtorch, describe=_describe_dirtorch,
+        "dirtorch", priority=50, detect=_is_dirtorch, convert=_convert_dirtorch, infer=_infer_dirtorch,
         description="deep-image-retrieval {'model_options', 'state_dict', 'pca'} (ResNet_RMAC: adpool.p, fc)")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cfcd.errors import InputError
+from cfcd.store import StoreMeta
 from cfcd.runtime import jsonable
 from cfcd.serve.service import RequestError, SearchService
 
@@ -32,7 +33,7 @@ def query_store_for(service: SearchService, gnd, *, image_root: Path, log=None) 
     from cfcd.evaluation.benchmark import describe_benchmark
     from cfcd.data.lists import gnd_image_list
 
-    settings = (service.meta.get("extract") or {}).get("settings") or {}
+    settings = StoreMeta.of(service.meta).settings
     key = hashlib.sha1(
         json.dumps([gnd.sha256, settings, str(Path(image_root).resolve())], sort_keys=True, default=str).encode()
     ).hexdigest()[:12]

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cfcd.errors import CfcdError, InputError
+from cfcd.store import StoreMeta
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
@@ -118,7 +119,7 @@ def default_image_root(meta: dict) -> Path | None:
     """Where the database images were read from, from the store's meta (``extract.list``)."""
     from cfcd.data.lists import revisitop_image_dir
 
-    source = str(((meta or {}).get("extract") or {}).get("list") or "")
+    source = str(StoreMeta.of(meta).image_list or "")
     if not source:
         return None
     for suffix in (":imlist", ":qimlist"):
@@ -139,30 +140,9 @@ def default_image_root(meta: dict) -> Path | None:
 def options_from_meta(meta: dict, *, device: str = "cpu"):
     """The :class:`~cfcd.extract.ExtractOptions` a store was extracted with (from its meta)."""
     from cfcd.extract import ExtractOptions
-    from cfcd.extract.scales import MultiScale
 
-    settings = (((meta or {}).get("extract") or {}).get("settings") or {}).get("options")
-    if not isinstance(settings, dict) or "scales" not in settings:
-        raise InputError(
-            "the index's source store has no extraction settings in its meta (extract.settings.options); "
-            "it was not written by 'cfcd extract', so queries cannot be described the same way"
-        )
-    scales = dict(settings["scales"])
-    scales["scales"] = tuple(float(s) for s in scales["scales"])
-    return ExtractOptions(
-        scales=MultiScale(**scales),
-        max_size=settings.get("max_size"),
-        crop_rule=settings.get("crop_rule", "truncate"),
-        alpha=settings.get("alpha", "drop"),
-        truncated=settings.get("truncated", "warn"),
-        max_pixels=settings.get("max_pixels"),
-        precision=settings.get("precision", "fp32"),
-        dtype=settings.get("dtype", "float32"),
-        device=device,
-        batch_size=1,
-        workers=0,
-        progress=False,
-    )
+    return ExtractOptions.from_settings(StoreMeta.of(meta).extract_options, device=device, batch_size=1, workers=0,
+                                        progress=False)
 
 
 def load_model_for(meta: dict, *, model_name: str | None, weights: str | None, where: str):
@@ -171,10 +151,11 @@ def load_model_for(meta: dict, *, model_name: str | None, weights: str | None, w
     Refuses (:class:`InputError`) when the name, the weights' sha256 or the state-dict hash
     recorded at extraction differ from the model given.
     """
-    from cfcd.cli.extract import create_model
+    import cfcd.models
     from cfcd.extract import model_fingerprint
 
-    recorded_name = meta.get("model")
+    meta = StoreMeta.of(meta)
+    recorded_name = meta.model
     name = model_name or recorded_name
     if not name:
         raise InputError(f"{where}: the meta names no model; pass --model NAME (and --weights W)")
@@ -183,20 +164,19 @@ def load_model_for(meta: dict, *, model_name: str | None, weights: str | None, w
             f"--model {model_name} does not match {where}: its descriptors were extracted with "
             f"{recorded_name!r}. Serve it with --model {recorded_name} (or omit --model)"
         )
-    if weights is None and meta.get("weights"):  # the recorded weights, unless others are given
-        weights = meta["weights"]
+    if weights is None and meta.weights:  # the recorded weights, unless others are given
+        weights = meta.weights
         if not os.path.exists(weights):
             raise InputError(
                 f"{where}: was extracted with weights {weights}, which is not there any more; "
                 f"pass --model {name} --weights PATH"
             )
-    model = create_model(name, weights)
+    model = cfcd.models.create(name, weights=weights)
     fingerprint = model_fingerprint(model, weights)
-    recorded = ((meta.get("extract") or {}).get("settings") or {}).get("model") or {}
     checks = [
-        ("weights_sha256", meta.get("weights_sha256"), fingerprint["weights_sha256"]),
-        ("state_sha256", recorded.get("state_sha256"), fingerprint["state_sha256"]),
-        ("preprocess", meta.get("preprocess"), fingerprint["preprocess"]),
+        ("weights_sha256", meta.weights_sha256, fingerprint["weights_sha256"]),
+        ("state_sha256", meta.state_sha256, fingerprint["state_sha256"]),
+        ("preprocess", meta.preprocess, fingerprint["preprocess"]),
     ]
     for key, want, got in checks:
         if want is not None and got is not None and want != got:
@@ -205,8 +185,8 @@ def load_model_for(meta: dict, *, model_name: str | None, weights: str | None, w
                 f"{key} is {str(got)[:16]}... but the index was extracted with {str(want)[:16]}... "
                 "(other weights?); a query would land in another embedding space"
             )
-    if meta.get("weights_sha256") and fingerprint["weights_sha256"] is None and recorded.get("state_sha256") is None:
-        raise InputError(f"{where}: was extracted with weights (sha256 {meta['weights_sha256'][:16]}...); pass --weights")
+    if meta.weights_sha256 and fingerprint["weights_sha256"] is None and meta.state_sha256 is None:
+        raise InputError(f"{where}: was extracted with weights (sha256 {meta.weights_sha256[:16]}...); pass --weights")
     return model, weights
 
 
@@ -225,7 +205,7 @@ def load_whitening_for(meta: dict, whiten: str | None, where: str):
     from cfcd.postprocess import load_whitening
 
     w = load_whitening(whiten)
-    got = w.describe()
+    got = w.summary()
     if any(recorded.get(k) != v for k, v in got.items() if k in recorded):
         raise InputError(f"--whiten {whiten}: {got} is not the whitening of {where} ({recorded})")
     return w

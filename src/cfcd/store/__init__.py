@@ -31,13 +31,13 @@ from cfcd.store.format import (
     read_ids,
     write_ids,
 )
-from cfcd.store.meta import PROVENANCE_KEYS, check_compatible, meta_get, write_meta
+from cfcd.store.meta import PROVENANCE_KEYS, StoreMeta, check_compatible, meta_get, write_meta
 from cfcd.store.ops import merge_stores, store_summary, transform_store, write_store
 from cfcd.store.writer import StoreWriter, finalize_store
 
 __all__ = [
     "DESCRIPTORS_FILE", "IDS_FILE", "META_FILE", "PARTIAL_DIR", "PROVENANCE_KEYS", "STORE_FORMAT", "STORE_VERSION",
-    "DescriptorStore", "StoreWriter", "check_compatible", "finalize_store", "is_store", "iter_blocks", "link_or_copy",
+    "DescriptorStore", "StoreMeta", "StoreWriter", "check_compatible", "finalize_store", "is_store", "iter_blocks", "link_or_copy",
     "load_descriptors", "load_npy", "merge_stores", "meta_get", "open_store", "read_ids", "store_summary",
     "transform_store", "write_ids", "write_meta", "write_store",
 ]
