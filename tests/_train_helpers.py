@@ -47,10 +47,10 @@ class TinyCFCD(nn.Module):
 
 def register_tiny_model() -> None:
     import cfcd.models as models
-    from cfcd.models.registry import _ensure_builtin, _REGISTRY
+    from cfcd.models.registry import MODELS, _ensure_builtin
 
     _ensure_builtin()
-    if TINY_MODEL not in _REGISTRY:
+    if TINY_MODEL not in MODELS:
         models.register_model(TINY_MODEL, TinyCFCD, family="cfcd", description="test-only tiny CFCD")
 
 

@@ -42,7 +42,7 @@ def doc_modules():
     gldv2 = _module("extending_doc_gldv2", gldv2_code)
     yield normface, gldv2
     DATASETS.pop("gldv2_retrieval", None)
-    L._REGISTRY.pop("normface", None)
+    L.LOSSES.unregister("normface")
     for name in ("extending_doc_normface", "extending_doc_gldv2"):
         sys.modules.pop(name, None)
 
@@ -183,8 +183,8 @@ def doc_family_and_format():
     convnext = _module("extending_doc_convnext_fb", convnext_code)
     yield crow, convnext
     for name in ("crow_r50", "crow_timm"):
-        registry._REGISTRY.pop(name, None)
-    checkpoints._FORMATS.pop("convnext_fb", None)
+        registry.MODELS.unregister(name)
+    checkpoints.FORMATS.unregister("convnext_fb")
     for name in ("extending_doc_crow", "extending_doc_convnext_fb"):
         sys.modules.pop(name, None)
 

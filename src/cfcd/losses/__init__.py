@@ -41,18 +41,19 @@ from .distance import APLossDist, TAPLossDist, TripletLogExpLoss, sim_to_dist
 from .local_triplet import LocalTripletLoss, local_attention, match_local_descriptors
 from .madacos import MadaCos, MadaCosStats, madacos_margin, madacos_scale, madacos_statistics
 from .margin import ArcFace, CosFace, CurricularFace
+from ..utils.registry import Registry
 from .pairwise import ContrastiveLoss, TripletLoss, TupleLoss, tuples_from_cirtorch
 
 __all__ = [
     "APLoss", "APLossDist", "APQuantizer", "ArcFace", "BatchLayout", "ContrastiveLoss", "CosFace", "CosineHead",
     "CurricularFace", "LocalTripletLoss", "LossOutput", "MadaCos", "MadaCosStats", "Objective", "TAPLoss",
     "TAPLossDist", "TripletLogExpLoss", "TripletLoss", "TupleLoss",
-    "create", "create_from_recipe", "fp32_cosine", "in_batch_scores", "is_classification_head", "list_losses",
+    "LOSSES", "create", "create_from_recipe", "fp32_cosine", "in_batch_scores", "is_classification_head", "list_losses",
     "local_attention", "madacos_margin", "madacos_scale", "madacos_statistics", "match_local_descriptors",
     "register_loss", "sim_to_dist", "tuples_from_cirtorch",
 ]
 
-_REGISTRY: dict[str, type[Objective]] = {}
+LOSSES: Registry[type[Objective]] = Registry("loss", key=lambda name: name.lower().replace("-", "_"))
 
 
 def register_loss(name: str, cls: type[Objective] | None = None):
@@ -61,11 +62,7 @@ def register_loss(name: str, cls: type[Objective] | None = None):
     def _add(c: type[Objective]) -> type[Objective]:
         if not (isinstance(c, type) and issubclass(c, Objective)):
             raise TypeError(f"loss {name!r}: {c!r} is not a cfcd.losses.Objective subclass")
-        key = name.lower()
-        if key in _REGISTRY and _REGISTRY[key] is not c:
-            raise ValueError(f"loss {name!r} is already registered")
-        _REGISTRY[key] = c
-        return c
+        return LOSSES.register(name, c)
 
     return _add(cls) if cls is not None else _add
 
@@ -90,14 +87,11 @@ for _name, _cls in {
 
 def list_losses() -> list[str]:
     """Registered loss names, sorted."""
-    return sorted(_REGISTRY)
+    return LOSSES.names()
 
 
 def _lookup(name: str) -> type[Objective]:
-    key = str(name).lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise InputError(f"unknown loss {name!r}; known losses: {', '.join(list_losses())}")
-    return _REGISTRY[key]
+    return LOSSES.get(name)
 
 
 def create(name: str, **kwargs) -> Objective:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cfcd.errors import CfcdError, InputError
+from cfcd.utils.registry import Registry
 
 DEFAULT_ALLOW_EXTRA = ("desc_cls.", "imagenet_head.", "Lw.", "pca.", "unused_fc.")
 WEIGHTS_FILE = "model.safetensors"
@@ -137,18 +138,18 @@ class CheckpointFormat:
     description: str = ""
 
 
-_FORMATS: dict[str, CheckpointFormat] = {}
+FORMATS: Registry[CheckpointFormat] = Registry("checkpoint format")
 
 
 def register_checkpoint_format(name: str, *, detect, convert, infer=None, adapt=None, priority: int = 100,
                                aliases: tuple[str, ...] = (), description: str = "") -> CheckpointFormat:
     """Add a checkpoint layout (see :class:`CheckpointFormat`); a model family calls it when imported."""
-    taken = set(_FORMATS) | {a for f in _FORMATS.values() for a in f.aliases} | {"auto"}
+    taken = set(FORMATS.names()) | {a for _, f in FORMATS.items() for a in f.aliases} | {"auto"}
     clash = [n for n in (name, *aliases) if n in taken]
     if clash:
         raise ValueError(f"checkpoint format {clash[0]!r} is already registered")
-    _FORMATS[name] = CheckpointFormat(name, detect, convert, infer, adapt, priority, tuple(aliases), description)
-    return _FORMATS[name]
+    return FORMATS.register(name, CheckpointFormat(name, detect, convert, infer, adapt, priority, tuple(aliases),
+                                                   description))
 
 
 def checkpoint_formats() -> dict[str, CheckpointFormat]:
@@ -156,7 +157,7 @@ def checkpoint_formats() -> dict[str, CheckpointFormat]:
     from cfcd.models.registry import _ensure_builtin
 
     _ensure_builtin()
-    return dict(sorted(_FORMATS.items(), key=lambda item: item[1].priority))
+    return dict(sorted(FORMATS.items(), key=lambda item: item[1].priority))
 
 
 def format_names() -> tuple[str, ...]:

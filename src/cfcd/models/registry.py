@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cfcd.errors import CfcdError, InputError
+from cfcd.utils.registry import Registry
 
 DEFAULT_MODEL = "gem_efficientnet_lite2"
 RANDOM_WEIGHTS = "random"  # weights=RANDOM_WEIGHTS: an explicit random initialisation
@@ -31,32 +32,29 @@ class ModelEntry:
     crop_rule: str = "round"
 
 
-_REGISTRY: dict[str, ModelEntry] = {}
+MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def register_model(name: str, builder: Callable[..., Any], *, family: str, defaults: dict[str, Any] | None = None,
                    embedded: Callable[[Any], None] | None = None, description: str = "",
                    crop_rule: str = "round") -> ModelEntry:
     """Register ``name``; ``create(name, **kw)`` calls ``builder(**{**defaults, **kw})``."""
-    if name in _REGISTRY:
-        raise ValueError(f"model {name!r} is already registered")
     if crop_rule not in ("truncate", "round"):
         raise ValueError(f"crop_rule must be 'truncate' or 'round', got {crop_rule!r}")
     entry = ModelEntry(name, builder, family, dict(defaults or {}), embedded, description, crop_rule)
-    _REGISTRY[name] = entry
-    return entry
+    return MODELS.register(name, entry)
 
 
 def list_models() -> list[str]:
     """Registered names (``gem_<timm name>`` also works for any timm model)."""
     _ensure_builtin()
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
 def embedded_models() -> list[str]:
     """Names of the models that ship their weights (usable without ``weights=``)."""
     _ensure_builtin()
-    return sorted(n for n, e in _REGISTRY.items() if e.embedded is not None)
+    return [n for n, e in MODELS.items() if e.embedded is not None]
 
 
 def has_embedded_weights(name: str) -> bool:
@@ -65,8 +63,8 @@ def has_embedded_weights(name: str) -> bool:
 
 def get_entry(name: str) -> ModelEntry:
     _ensure_builtin()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    if name in MODELS:
+        return MODELS.get(name)
     if name.startswith("gem_"):
         from cfcd.models._compat import import_timm
 
@@ -74,11 +72,11 @@ def get_entry(name: str) -> ModelEntry:
         from cfcd.models.vit import is_vit_backbone
 
         if is_vit_backbone(backbone):  # tokens, not a map: the ViT family pools the patch-token map
-            base = _REGISTRY["vit_timm"]
+            base = MODELS.get("vit_timm")
             return ModelEntry(name, base.builder, "vit", {**base.defaults, "backbone": backbone, "pooling": "gem"},
                               description=f"GeM of the patch-token map of timm {backbone}")
         if import_timm().is_model(backbone):
-            base = _REGISTRY["gem_timm"]
+            base = MODELS.get("gem_timm")
             return ModelEntry(name, base.builder, "gem", {**base.defaults, "backbone": backbone},
                               description=f"GeM on timm {backbone}")
     raise InputError(f"unknown model {name!r}; known: {', '.join(list_models())}, or gem_<timm model name>")
@@ -196,7 +194,7 @@ def describe_models() -> list[dict[str, Any]]:
 
     rows = []
     for name in list_models():
-        entry = _REGISTRY[name]
+        entry = MODELS.get(name)
         row: dict[str, Any] = {"name": name, "family": entry.family, "embedded_weights": entry.embedded is not None,
                                "description": entry.description}
         try:
