@@ -86,6 +86,24 @@ def test_a_build_sigkilled_at_any_phase_resumes_with_the_default_options(coll, c
     assert {p.name for p in (tmp_path / "ix").iterdir()} == referenced(info) | {"index.json"}
 
 
+@pytest.mark.parametrize("phase", ["encode", "merge"])
+def test_an_add_sigkilled_after_a_shard_or_in_its_merge_resumes_with_the_default_options(coll, tmp_path, phase):
+    import shutil
+
+    root, x, _ = coll
+    build(root / "db", tmp_path / "ix", factory="IVF16,Flat", shard_rows=400, tune_queries=0, workers=0)
+    shutil.copytree(tmp_path / "ix", tmp_path / "ref")
+    reference = add(tmp_path / "ref", root / "new", workers=0)
+    args = ["index", "add", "ix", str(root / "new"), "--no-progress"]  # 2 shards of 400 and 200 rows
+    assert _cli(args, tmp_path, kill_at=phase) == -signal.SIGKILL, (tmp_path / "out.log").read_text()
+    assert len(open_index(tmp_path / "ix")) == 6000  # the previous generation, complete
+    assert _cli(args, tmp_path) == 0, (tmp_path / "out.log").read_text()
+    grown = open_index(tmp_path / "ix")
+    a, b = grown.search(x[5900:6100], 10, nprobe=16), reference.search(x[5900:6100], 10, nprobe=16)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert a.ids == b.ids and len(grown) == 6600
+
+
 def test_a_relative_out_builds_and_searches_from_its_directory(coll, tmp_path, monkeypatch, capsys):
     root, x, ids = coll
     write_store(tmp_path / "q", ["q0", "q1"], x[6000:6002], meta={"model": "gem_r50"})
@@ -157,3 +175,33 @@ def test_an_index_directory_of_an_older_cfcd_is_refused_with_a_rebuild_hint(tmp_
     (tmp_path / "old" / "index.json").write_text(json.dumps({"type": "flat", "dim": 4, "params": {}}))
     with pytest.raises(CfcdError, match="older cfcd.*build it again"):
         open_index(tmp_path / "old")
+
+
+def test_no_import_cycle_inside_cfcd_index():
+    # every `from cfcd.index... import` counts, function-local ones too (an import of the package runs __init__)
+    import ast
+
+    root = Path(cfcd.__file__).parent / "index"
+    mods = {("cfcd.index" if p.stem == "__init__" else f"cfcd.index.{p.stem}"): p for p in root.glob("*.py")}
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cfcd.index"):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[name] = {d for d in deps if d in mods and d != name}
+    done: set = set()
+
+    def visit(name, stack):
+        assert name not in stack, " -> ".join(stack[stack.index(name):] + [name])
+        if name not in done:
+            for dep in graph[name]:
+                visit(dep, stack + [name])
+            done.add(name)
+
+    for name in graph:
+        visit(name, [])
+    assert graph["cfcd.index.build"] and "cfcd.index" not in set().union(*graph.values())

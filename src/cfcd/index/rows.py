@@ -19,7 +19,13 @@ from cfcd.utils.io import atomic_save_npy
 
 def check_unique_ids(ids: Sequence[str], where: str) -> None:
     """Refuse repeated image ids: an index maps each id to one row, and removing one would remove all."""
-    seen = Counter(ids)
+    # 8 bytes per id (its hash), not a set of 100M strings; only ids whose hash repeats are compared
+    h = np.fromiter((hash(i) for i in ids), dtype=np.int64, count=len(ids))
+    h.sort()
+    clash = set(h[1:][h[1:] == h[:-1]].tolist())
+    if not clash:
+        return
+    seen = Counter(i for i in ids if hash(i) in clash)
     repeated = [i for i, c in seen.items() if c > 1]
     if repeated:
         shown = ", ".join(repr(i) for i in repeated[:5])
