@@ -127,6 +127,8 @@ def build(
     n, d = src.reader.shape
     budget = parse_size(max_memory)
     choice, probe = _choose_or_parse(factory, n, d, budget, max_query_ms)
+    if type in PRESETS:
+        choice["reason"] = f"the {type} preset"
     factory = choice["factory"]
     is_ivf = faiss.try_extract_index_ivf(probe) is not None
     ondisk = bool(ondisk and is_ivf)
