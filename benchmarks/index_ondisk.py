@@ -4,7 +4,7 @@ Stages (each in its own child process, so that its peak RSS is its own; ``ru_max
 process and of its worker children, and VmHWM / RssAnon / RssFile from /proc):
 
   gen      a synthetic clustered N x D float16 store written in blocks (never all in RAM)
-  build    ``cfcd.index.ondisk.build(--type auto --max-memory M)``: trains on a sample, encodes each
+  build    ``cfcd.index.build(--type auto --max-memory M)``: trains on a sample, encodes each
            shard in a worker process, merges into on-disk inverted lists, tunes nprobe on
            held-out rows against exact search (recorded in index.json)
   truth    exact top-100 of Q fresh queries (same distribution, not in the store), block reads
@@ -120,12 +120,12 @@ def stage_gen(a) -> None:
 
 
 def stage_build(a) -> None:
-    from cfcd.index import ondisk
+    from cfcd.index import build
 
     t0 = time.perf_counter()
-    index = ondisk.build(Path(a.work) / "store", Path(a.work) / "index", max_memory=a.max_memory,
-                         max_query_ms=a.max_query_ms, workers=a.workers, tune_queries=a.nq, rerank=a.rerank,
-                         progress=False)
+    index = build(Path(a.work) / "store", Path(a.work) / "index", max_memory=a.max_memory,
+                  max_query_ms=a.max_query_ms, workers=a.workers, tune_queries=a.nq, rerank=a.rerank,
+                  progress=False)
     info = json.loads((Path(a.work) / "index" / "index.json").read_text())
     files = [p for p in (Path(a.work) / "index").iterdir() if p.is_file()]
     rows = set((info.get("files") or {}).get("vectors") or [])  # hard links to the store, for re-ranking
@@ -137,13 +137,14 @@ def stage_build(a) -> None:
 
 
 def stage_truth(a) -> None:
-    from cfcd.index.ondisk import RowReader, _exact_topk
+    from cfcd.index.rows import RowReader
+    from cfcd.index.tune import exact_topk
 
     t0 = time.perf_counter()
     centers, scale = _centers(a.dim, a.clusters, 0)
     q = _rows(np.random.default_rng(2), centers, scale, a.nq, a.noise).astype(np.float16).astype(np.float32)
     reader = RowReader(Path(a.work) / "store" / "descriptors.npy")
-    truth = _exact_topk(q, reader, 100)
+    truth = exact_topk(q, reader, 100)
     np.save(Path(a.work) / "queries.npy", q)
     np.save(Path(a.work) / "truth.npy", truth)
     _report({"stage": "truth", "seconds": time.perf_counter() - t0})
@@ -152,7 +153,7 @@ def stage_truth(a) -> None:
 def _search_stage(a, in_memory: bool) -> None:
     import faiss
 
-    from cfcd.index.ondisk import _recall
+    from cfcd.index.tune import _recall
     from cfcd.index import open_index
 
     q = np.load(Path(a.work) / "queries.npy")

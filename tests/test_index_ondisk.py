@@ -1,4 +1,4 @@
-"""Budgeted, shard-by-shard, on-disk FAISS indexes that grow and shrink (cfcd.index.ondisk, cfcd index)."""
+"""Budgeted, shard-by-shard, on-disk FAISS indexes that grow and shrink (cfcd.index build/grow, cfcd index)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from cfcd.index import ondisk
 from cfcd.cli import main as cli
 from cfcd.errors import CfcdError
+from cfcd.index import IdTable, add, build, choose_index, exact_search, open_index, parse_size, remove
+from cfcd.index import train as train_mod
+from cfcd.index.generations import referenced
+from cfcd.index.rows import RowReader
+from cfcd.index.tune import exact_topk
 from cfcd.store import write_store
-from cfcd.index import IdTable, exact_search, open_index
 
 
 def _clustered(n, d, clusters, seed=0, noise=0.3):
@@ -51,31 +54,31 @@ def _lists(index):
 
 
 def test_sizes_and_the_budgeted_choice():
-    assert ondisk.parse_size("4GB") == 4 << 30 and ondisk.parse_size("512 MiB") == 512 << 20
-    assert ondisk.parse_size(1234) == 1234
+    assert parse_size("4GB") == 4 << 30 and parse_size("512 MiB") == 512 << 20
+    assert parse_size(1234) == 1234
     with pytest.raises(CfcdError, match="cannot read the size"):
-        ondisk.parse_size("lots")
-    assert ondisk.choose_index(1000, 512, max_memory="4GB")["factory"] == "Flat"
-    big = ondisk.choose_index(5_000_000, 512, max_memory="4GB")
+        parse_size("lots")
+    assert choose_index(1000, 512, max_memory="4GB")["factory"] == "Flat"
+    big = choose_index(5_000_000, 512, max_memory="4GB")
     assert big["kind"] == "ivf-pq" and big["factory"].startswith("IVF8192_HNSW32,PQ")
     assert 3 * big["bytes"] <= 4 << 30
-    assert ondisk.choose_index(100_000_000, 512, max_memory="8GB")["kind"] == "opq-ivf-pq"
-    assert ondisk.choose_index(1_000_000, 128, max_memory="1GB")["kind"] == "hnsw"
+    assert choose_index(100_000_000, 512, max_memory="8GB")["kind"] == "opq-ivf-pq"
+    assert choose_index(1_000_000, 128, max_memory="1GB")["kind"] == "hnsw"
     with pytest.raises(CfcdError, match="no index of"):
-        ondisk.choose_index(100_000_000, 512, max_memory="1GB")
+        choose_index(100_000_000, 512, max_memory="1GB")
 
 
 def test_auto_picks_flat_for_a_tiny_set_and_ivf_under_a_small_budget(coll, tmp_path):
     root, x, ids = coll
     write_store(tmp_path / "tiny", ids[:300], x[:300], meta={"model": "gem_r50"})
-    tiny = ondisk.build(tmp_path / "tiny", tmp_path / "ix_tiny", max_memory="4GB", workers=0, tune_queries=0)
+    tiny = build(tmp_path / "tiny", tmp_path / "ix_tiny", max_memory="4GB", workers=0, tune_queries=0)
     assert tiny.params["kind"] == "flat" and tiny.type == "faiss"
     ref = exact_search(x[:5], x[:300], 10)
     got = tiny.search(x[:5], 10)
     np.testing.assert_array_equal(got.indices, ref.indices)
     assert got.ids[0][0] == ids[0]
 
-    ivf = ondisk.build(root / "db", tmp_path / "ix", max_memory="700KB", max_query_ms=0.01, workers=0, tune_queries=100, shard_rows=2500)
+    ivf = build(root / "db", tmp_path / "ix", max_memory="700KB", max_query_ms=0.01, workers=0, tune_queries=100, shard_rows=2500)
     info = json.loads((tmp_path / "ix" / "index.json").read_text())
     assert ivf.params["kind"].startswith("ivf") and ivf.params["ondisk"] and info["build"]["shards"] == 3
     t = info["tuning"]
@@ -96,7 +99,7 @@ def test_sharded_ondisk_build_equals_a_one_shot_in_memory_build(coll, tmp_path):
 
     root, x, ids = coll
     factory = "IVF32,SQ8"
-    sharded = ondisk.build(root / "db", tmp_path / "sharded", factory=factory, shard_rows=1700, workers=2,
+    sharded = build(root / "db", tmp_path / "sharded", factory=factory, shard_rows=1700, workers=2,
                            tune_queries=0)
     assert json.loads((tmp_path / "sharded" / "index.json").read_text())["build"]["shards"] == 4
     files = json.loads((tmp_path / "sharded" / "index.json").read_text())["files"]
@@ -113,7 +116,7 @@ def test_sharded_ondisk_build_equals_a_one_shot_in_memory_build(coll, tmp_path):
     got = sharded.search(x[6000:6050], 20, nprobe=8)
     np.testing.assert_array_equal(got.indices, ref)
     # the same shards merged in memory instead of on disk: the same index
-    mem = ondisk.build(root / "db", tmp_path / "mem", factory=factory, shard_rows=1700, workers=0, ondisk=False,
+    mem = build(root / "db", tmp_path / "mem", factory=factory, shard_rows=1700, workers=0, ondisk=False,
                        tune_queries=0)
     assert not mem.params["ondisk"]
     np.testing.assert_array_equal(mem.search(x[6000:6050], 20, nprobe=8).indices, ref)
@@ -130,16 +133,16 @@ def test_a_killed_sharded_build_resumes_to_the_same_index(coll, tmp_path):
             raise KeyboardInterrupt  # what a kill leaves: two shards written, no index.json
 
     with pytest.raises(KeyboardInterrupt):
-        ondisk.build(root / "db", tmp_path / "ix", on_shard=die_after_two, **kw)
+        build(root / "db", tmp_path / "ix", on_shard=die_after_two, **kw)
     assert not (tmp_path / "ix" / "index.json").exists()
     with pytest.raises(CfcdError, match="not an index directory"):
         open_index(tmp_path / "ix")
     first = (tmp_path / "ix" / ".build" / "shard-00000.faiss").stat()
     resumed_shards = []
-    resumed = ondisk.build(root / "db", tmp_path / "ix", on_shard=resumed_shards.append, **kw)
+    resumed = build(root / "db", tmp_path / "ix", on_shard=resumed_shards.append, **kw)
     assert resumed_shards == [2, 3]  # only the shards that were not written
     assert not (tmp_path / "ix" / ".build").exists()
-    fresh = ondisk.build(root / "db", tmp_path / "fresh", **kw)
+    fresh = build(root / "db", tmp_path / "fresh", **kw)
     assert first.st_size > 0
     for (la, ia, ca), (lb, ib, cb) in zip(_lists(resumed), _lists(fresh)):
         assert la == lb
@@ -151,8 +154,8 @@ def test_a_killed_sharded_build_resumes_to_the_same_index(coll, tmp_path):
 @pytest.mark.parametrize("factory", ["IVF32,Flat", "HNSW16,Flat", "Flat"])
 def test_add_then_search_finds_the_new_images_and_remove_hides_them(coll, tmp_path, factory):
     root, x, ids = coll
-    ondisk.build(root / "db", tmp_path / "ix", factory=factory, workers=0, tune_queries=0, shard_rows=4000, rerank=50)
-    grown = ondisk.add(tmp_path / "ix", root / "new")
+    build(root / "db", tmp_path / "ix", factory=factory, workers=0, tune_queries=0, shard_rows=4000, rerank=50)
+    grown = add(tmp_path / "ix", root / "new")
     assert len(grown) == 7000 and grown.ids[6500] == ids[6500]
     new_q = x[6000:6020]
     res = grown.search(new_q, 5, nprobe=32)
@@ -172,31 +175,31 @@ def test_add_then_search_finds_the_new_images_and_remove_hides_them(coll, tmp_pa
     assert not found & set(gone)
     assert [row[0] for row in res.ids[10:20]] == ids[6010:6020]
     with pytest.raises(CfcdError, match="not in the index: 'nope'"):
-        ondisk.remove(tmp_path / "ix", ["nope"])
+        remove(tmp_path / "ix", ["nope"])
     # a removed image may come back; a live one may not be added twice
     write_store(tmp_path / "back", [ids[0]], x[:1], meta={"model": "gem_r50"})
-    back = ondisk.add(tmp_path / "ix", tmp_path / "back")
+    back = add(tmp_path / "ix", tmp_path / "back")
     assert back.search(x[:1], 1, nprobe=32).ids[0][0] == ids[0]
     with pytest.raises(CfcdError, match="already in the index"):
-        ondisk.add(tmp_path / "ix", tmp_path / "back")
+        add(tmp_path / "ix", tmp_path / "back")
     # nothing of the old generations is left behind
     info = json.loads((tmp_path / "ix" / "index.json").read_text())
     names = {p.name for p in (tmp_path / "ix").iterdir()}
-    assert names == ondisk._referenced(info) | {"index.json"}
+    assert names == referenced(info) | {"index.json"}
 
 
 def test_a_mismatched_store_is_refused_on_add(coll, tmp_path, capsys):
     root, x, _ = coll
-    ondisk.build(root / "db", tmp_path / "ix", factory="IVF16,Flat", workers=0, tune_queries=0)
+    build(root / "db", tmp_path / "ix", factory="IVF16,Flat", workers=0, tune_queries=0)
     before = (tmp_path / "ix" / "index.json").read_text()
     assert cli(["index", "add", str(tmp_path / "ix"), str(root / "other")]) == 2
     assert "'model'" in capsys.readouterr().err
     np.save(tmp_path / "d8.npy", x[:3, :8])
     with pytest.raises(CfcdError, match="8-D descriptors cannot be added to the 16-D index"):
-        ondisk.add(tmp_path / "ix", tmp_path / "d8.npy")
+        add(tmp_path / "ix", tmp_path / "d8.npy")
     np.save(tmp_path / "plain.npy", x[:3])
     with pytest.raises(CfcdError, match="has image ids but these rows have none"):
-        ondisk.add(tmp_path / "ix", tmp_path / "plain.npy")
+        add(tmp_path / "ix", tmp_path / "plain.npy")
     assert (tmp_path / "ix" / "index.json").read_text() == before  # refused before anything was written
 
 
@@ -204,17 +207,17 @@ def test_plain_npy_rows_are_their_ids_and_bad_rows_are_named(coll, tmp_path):
     root, x, _ = coll
     np.save(tmp_path / "a.npy", x[:3000])
     np.save(tmp_path / "b.npy", x[3000:3100])
-    ix = ondisk.build(tmp_path / "a.npy", tmp_path / "ix", factory="IVF16,Flat", workers=0, tune_queries=0)
+    ix = build(tmp_path / "a.npy", tmp_path / "ix", factory="IVF16,Flat", workers=0, tune_queries=0)
     assert ix.ids is None
-    grown = ondisk.add(tmp_path / "ix", tmp_path / "b.npy")
+    grown = add(tmp_path / "ix", tmp_path / "b.npy")
     assert grown.search(x[3050:3051], 1, nprobe=16).indices[0, 0] == 3050
-    shrunk = ondisk.remove(tmp_path / "ix", ["3050"])
+    shrunk = remove(tmp_path / "ix", ["3050"])
     assert shrunk.search(x[3050:3051], 1, nprobe=16).indices[0, 0] != 3050
     bad = x[:2000].copy()
     bad[1234] = np.nan
     np.save(tmp_path / "bad.npy", bad)
     with pytest.raises(CfcdError, match="rows 1234"):
-        ondisk.build(tmp_path / "bad.npy", tmp_path / "ixbad", factory="IVF8,Flat", workers=0, tune_queries=0)
+        build(tmp_path / "bad.npy", tmp_path / "ixbad", factory="IVF8,Flat", workers=0, tune_queries=0)
 
 
 def test_cli_auto_build_search_info(coll, tmp_path, capsys):
@@ -235,16 +238,16 @@ def test_cli_auto_build_search_info(coll, tmp_path, capsys):
     assert "invalid FAISS index-factory string" in capsys.readouterr().err
 
 
-def test_legacy_ivfpq_index_grows_and_shrinks(coll, tmp_path):
+def test_the_ivfpq_preset_grows_and_shrinks(coll, tmp_path):
     from cfcd.index import build_index
 
     root, x, ids = coll
     build_index(root / "db", "ivfpq", out=tmp_path / "ix", nlist=16, m=8, nbits=8, nprobe=16)
-    grown = ondisk.add(tmp_path / "ix", root / "new")
+    grown = add(tmp_path / "ix", root / "new")
     assert len(grown) == 7000 and grown.type == "ivfpq"
     res = grown.search(x[6000:6010], 10)
     assert sum(ids[6000 + i] in row for i, row in enumerate(res.ids)) >= 8
-    shrunk = ondisk.remove(tmp_path / "ix", ids[6000:6010])
+    shrunk = remove(tmp_path / "ix", ids[6000:6010])
     assert not {i for row in shrunk.search(x[6000:6010], 10).ids for i in row} & set(ids[6000:6010])
 
 
@@ -256,8 +259,8 @@ def test_two_level_training_of_many_lists_with_a_tiny_cluster(coll, tmp_path, mo
     far = rng.standard_normal((5, 16)).astype(np.float32) * 0.01 + 3.0
     data = np.concatenate([x[:3000], far / np.linalg.norm(far, axis=1, keepdims=True)])
     write_store(tmp_path / "db", [f"r{i}" for i in range(len(data))], data, meta={})
-    monkeypatch.setattr(ondisk, "_TWO_LEVEL_FROM", 16)
-    ix = ondisk.build(tmp_path / "db", tmp_path / "ix", factory="IVF64,Flat", workers=0, tune_queries=0)
+    monkeypatch.setattr(train_mod, "_TWO_LEVEL_FROM", 16)
+    ix = build(tmp_path / "db", tmp_path / "ix", factory="IVF64,Flat", workers=0, tune_queries=0)
     import faiss
 
     assert faiss.extract_index_ivf(ix.index).nlist == 64
@@ -270,7 +273,7 @@ def test_two_level_training_of_many_lists_with_a_tiny_cluster(coll, tmp_path, mo
 
 def test_exact_topk_of_the_tuning_equals_exact_search(coll):
     _, x, _ = coll
-    got = ondisk._exact_topk(x[:30], ondisk.RowReader(x), 25, block_rows=1000)
+    got = exact_topk(x[:30], RowReader(x), 25, block_rows=1000)
     ref = exact_search(x[:30], x, 25, device="cpu")
     assert (got == ref.indices).mean() > 0.999  # ties aside
     s = np.take_along_axis(x[:30] @ x.T, got, axis=1)
@@ -280,12 +283,12 @@ def test_exact_topk_of_the_tuning_equals_exact_search(coll):
 def test_reranking_an_ondisk_index_reads_rows_without_a_memory_map(coll, tmp_path):
     root, x, _ = coll
     # the tuning searches with re-ranking from the directory the build commits afterwards
-    ondisk.build(root / "db", tmp_path / "ix", factory="IVF32,PQ4", workers=0, tune_queries=40, shard_rows=2500,
+    build(root / "db", tmp_path / "ix", factory="IVF32,PQ4", workers=0, tune_queries=40, shard_rows=2500,
                  rerank=200)
     index = open_index(tmp_path / "ix")
     assert index.params["ondisk"] and index.params["rerank"] == 200
     # a map would keep every re-ranked page in the process's resident memory
-    assert isinstance(index.vectors, ondisk.RowReader) and not isinstance(index.vectors, np.memmap)
+    assert isinstance(index.vectors, RowReader) and not isinstance(index.vectors, np.memmap)
     q = x[6000:6040]
     res = index.search(q, 10, nprobe=32)
     exact = q @ x[:6000].T
@@ -295,75 +298,3 @@ def test_reranking_an_ondisk_index_reads_rows_without_a_memory_map(coll, tmp_pat
     truth = np.argsort(-exact, axis=1, kind="stable")[:, :10]
     hits = lambda got: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])  # noqa: E731
     assert hits(res.indices) >= hits(coarse.indices)
-
-
-_KILLED_BUILD = """
-import sys
-from pathlib import Path
-
-from cfcd.index import ondisk
-
-store, out, marker = sys.argv[1:4]
-
-
-def pause_after_two(i):
-    if i == 1:  # two shards written: tell the parent, then wait to be killed
-        Path(marker).write_text("2")
-        sys.stdin.read()
-
-
-ondisk.build(store, out, factory="IVF32,SQ8", shard_rows=1500, workers=0, tune_queries=50, seed=3,
-             on_shard=pause_after_two)
-"""
-
-
-def test_a_sigkilled_sharded_build_resumes_without_reencoding_its_finished_shards(coll, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    root, x, _ = coll
-    marker = tmp_path / "paused"
-    script = tmp_path / "build.py"
-    script.write_text(_KILLED_BUILD)
-    child = subprocess.Popen([sys.executable, str(script), str(root / "db"), str(tmp_path / "ix"), str(marker)],
-                             stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling the child's own signal, not a timing assumption
-        assert marker.exists(), child.stderr.read().decode(errors="replace") if child.poll() is not None else "timeout"
-        os.kill(child.pid, signal.SIGKILL)
-        assert child.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.stdin.close()
-        child.stderr.close()
-
-    assert not (tmp_path / "ix" / "index.json").exists()
-    with pytest.raises(CfcdError, match="not an index directory"):
-        open_index(tmp_path / "ix")
-    written = sorted(p.name for p in (tmp_path / "ix" / ".build").glob("shard-*.faiss"))
-    assert written == ["shard-00000.faiss", "shard-00001.faiss"]
-    # what a kill during the merge or the tuning leaves outside .build: gone once the build commits
-    (tmp_path / "ix" / ".index-g0.faiss.abcd.tmp").write_bytes(b"half a merge")
-    (tmp_path / "ix" / ".open-killed").mkdir()
-    resumed_shards = []
-    kw = dict(factory="IVF32,SQ8", shard_rows=1500, workers=0, tune_queries=50, seed=3)
-    resumed = ondisk.build(root / "db", tmp_path / "ix", on_shard=resumed_shards.append, **kw)
-    assert resumed_shards == [2, 3]  # the two finished shards are not encoded again
-    fresh = ondisk.build(root / "db", tmp_path / "fresh", **kw)
-    for (la, ia, ca), (lb, ib, cb) in zip(_lists(resumed), _lists(fresh), strict=True):
-        assert la == lb
-        np.testing.assert_array_equal(ia, ib)
-        np.testing.assert_array_equal(ca, cb)
-    q = x[6000:6030]
-    a, b = resumed.search(q, 20, nprobe=8), fresh.search(q, 20, nprobe=8)
-    np.testing.assert_array_equal(a.indices, b.indices)
-    np.testing.assert_array_equal(a.scores, b.scores)
-    assert a.ids == b.ids
-    info = json.loads((tmp_path / "ix" / "index.json").read_text())
-    assert {p.name for p in (tmp_path / "ix").iterdir()} == ondisk._referenced(info) | {"index.json"}

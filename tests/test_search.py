@@ -95,7 +95,8 @@ def test_exact_and_flat_agree_and_roundtrip(tmp_path, data):
     info = json.loads((tmp_path / "flat" / "index.json").read_text())
     assert info["type"] == "flat" and info["dim"] == 32 and info["count"] == len(db)
     # the exact index shares the store's data file (hard link) instead of a second copy
-    assert (tmp_path / "exact" / "descriptors.npy").stat().st_ino == (tmp_path / "db" / "descriptors.npy").stat().st_ino
+    rows = json.loads((tmp_path / "exact" / "index.json").read_text())["files"]["vectors"]
+    assert (tmp_path / "exact" / rows[0]).stat().st_ino == (tmp_path / "db" / "descriptors.npy").stat().st_ino
 
 
 def test_ivfpq_and_hnsw_recall_against_exact(tmp_path, data):
@@ -119,7 +120,8 @@ def test_ivfpq_and_hnsw_recall_against_exact(tmp_path, data):
         ivf.search(q, 10, rerank=50)
     hnsw = build_index(db, "hnsw", ids=ids, hnsw_m=16, out=tmp_path / "hnsw")
     assert recall_at_k(open_index(tmp_path / "hnsw").search(q, 10).indices, exact.indices) > 0.95
-    assert json.loads((tmp_path / "ivf" / "index.json").read_text())["params"]["nprobe"] == 8
+    params = json.loads((tmp_path / "ivf" / "index.json").read_text())["params"]
+    assert params["search"] == {"nprobe": 8} and params["factory"] == "IVF32,PQ8x8"
     del hnsw
 
 
@@ -144,8 +146,8 @@ def test_index_errors(tmp_path, data):
     (tmp_path / "half").mkdir()
     with pytest.raises(CfcdError, match="not an index directory"):
         open_index(tmp_path / "half")
-    idx.save(tmp_path / "bad")
-    (tmp_path / "bad" / "index.faiss").write_bytes(b"\0" * 10)
+    build_index(db[:100], "flat", ids=ids[:100], out=tmp_path / "bad")
+    (tmp_path / "bad" / "index-g0.faiss").write_bytes(b"\0" * 10)
     with pytest.raises(CfcdError, match="cannot read the FAISS index"):
         open_index(tmp_path / "bad")
 
@@ -223,6 +225,6 @@ def test_exact_index_on_gpu_matches_cpu(data):
     index = build_index(db.astype(np.float16), "exact", ids=ids)
     cpu = index.search(q, 20, device="cpu")
     gpu = index.search(q, 20, device="cuda")
-    assert index._device_cache is not None and index._device_cache.dtype == torch.float16
+    assert index._device_cache[0].dtype == torch.float16  # uploaded once, half stays half
     np.testing.assert_allclose(gpu.scores, cpu.scores, atol=1e-4)
     assert recall_at_k(gpu.indices, cpu.indices) > 0.99

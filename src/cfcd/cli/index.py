@@ -1,11 +1,11 @@
-"""``cfcd index``: build (exact, FAISS, budgeted/sharded/on-disk), add, remove, info."""
+"""``cfcd index``: build (exact, FAISS presets, budgeted/factory; sharded, on-disk, resumable), add, remove, info."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-_LEGACY = ("flat", "ivfpq", "hnsw", "exact")
+_TYPES = ("flat", "ivfpq", "hnsw", "exact")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,26 +13,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b = sub.add_parser("build", help="build an index from a descriptor store and save it to a directory")
     b.add_argument("store", type=Path, help="descriptor store directory (or .npy, whose row numbers are its ids)")
     b.add_argument("--out", type=Path, required=True, help="index directory to write")
-    b.add_argument("--type", choices=("auto",) + _LEGACY, default="flat",
+    b.add_argument("--type", choices=("auto",) + _TYPES, default="flat",
                    help="auto: choose the FAISS index (Flat, HNSW, IVF-Flat/SQ8/PQ, OPQ) for the size and "
                         "--max-memory, build IVF shard by shard with on-disk lists, tune nprobe/efSearch; "
                         "flat: exact FAISS inner product; ivfpq: compressed inverted file; hnsw: graph; "
                         "exact: chunked torch matmul over the memory-mapped descriptors, GPU when available "
-                        "(default flat)")
+                        "(default flat). Every type is built, resumed after a kill, grown and shrunk the same way")
     b.add_argument("--factory", default=None, metavar="STRING",
                    help="a FAISS index-factory string (e.g. 'OPQ32,IVF4096_HNSW32,PQ32'), built like --type auto")
     b.add_argument("--max-memory", default="4GB",
-                   help="auto/factory: memory budget of the build and of the searched index (default 4GB)")
+                   help="FAISS types: memory budget of the build and of the searched index (default 4GB)")
     b.add_argument("--max-query-ms", type=float, default=10.0,
                    help="auto/factory: latency target per query, used for the choice and the tuning (10)")
     b.add_argument("--in-memory", action="store_true",
-                   help="auto/factory: merge the IVF shards into RAM instead of on-disk inverted lists")
+                   help="IVF: merge the IVF shards into RAM instead of on-disk inverted lists")
     b.add_argument("--shard-rows", type=int, default=None,
-                   help="auto/factory: rows per shard (default: from --max-memory and --workers)")
+                   help="IVF: rows per shard (default: from --max-memory and --workers)")
     b.add_argument("--workers", type=int, default=1,
-                   help="auto/factory: processes encoding shards in parallel (0: in this process; default 1)")
-    b.add_argument("--tune-queries", type=int, default=1000,
-                   help="auto/factory: held-out rows that tune nprobe/efSearch against exact search (0: no tuning)")
+                   help="IVF: processes encoding shards in parallel (0: in this process; default 1)")
+    b.add_argument("--tune-queries", type=int, default=None,
+                   help="held-out rows that tune nprobe/efSearch against exact search (0: no tuning; default "
+                        "1000 for auto/factory, 0 for flat/ivfpq/hnsw, which keep --nprobe/--ef-search)")
     b.add_argument("--target-recall", type=float, default=0.95,
                    help="auto/factory: recall@10 that the tuning aims for (0.95)")
     b.add_argument("--nlist", type=int, default=None, help="ivfpq: inverted lists (default ~4 sqrt(N))")
@@ -45,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--ef-construction", type=int, default=200, help="hnsw: build-time beam (200)")
     b.add_argument("--ef-search", type=int, default=128, help="hnsw: search-time beam (128)")
     b.add_argument("--rerank", type=int, default=0, metavar="R",
-                   help="approximate types: re-rank the top R candidates with the exact descriptors "
-                        "(memory-mapped, hard-linked into the index directory); 0 = off (default)")
+                   help="FAISS types: re-rank the top R candidates with the exact descriptors "
+                        "(hard-linked into the index directory, read on demand); 0 = off (default)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads (default: FAISS's choice)")
     b.add_argument("--no-progress", action="store_true")
@@ -71,53 +72,44 @@ def run(args: argparse.Namespace) -> int:
         return _add(args)
     if args.action == "remove":
         return _remove(args)
-    if args.type == "auto" or args.factory:
-        return _build_budgeted(args)
+    return _build(args)
+
+
+def _build(args) -> int:
+    import json
     import time
     import warnings
 
     from cfcd.index import build_index
 
-    params = {}
-    if args.type == "ivfpq":
-        params = dict(nlist=args.nlist, m=args.m, nbits=args.nbits, nprobe=args.nprobe,
-                      train_size=args.train_size, seed=args.seed)
-    elif args.type == "hnsw":
-        params = dict(hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search)
-    if args.rerank and args.type in ("ivfpq", "hnsw"):
-        params["rerank"] = args.rerank
-    if args.threads:
-        params["threads"] = args.threads
+    type_ = "faiss" if args.factory else args.type
+    if type_ == "exact":
+        params: dict = {}
+    else:
+        params = dict(max_memory=args.max_memory, max_query_ms=args.max_query_ms, ondisk=not args.in_memory,
+                      shard_rows=args.shard_rows, workers=args.workers, threads=args.threads,
+                      train_size=args.train_size, seed=args.seed, tune_queries=args.tune_queries,
+                      target_recall=args.target_recall, rerank=args.rerank)
+    if type_ == "faiss":
+        params["factory"] = args.factory
+    elif type_ == "ivfpq":
+        params.update(nlist=args.nlist, m=args.m, nbits=args.nbits, nprobe=args.nprobe)
+    elif type_ == "hnsw":
+        params.update(hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, ef_search=args.ef_search)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        index = build_index(args.store, args.type, out=args.out, progress=not args.no_progress, **params)
+        index = build_index(args.store, type_, out=args.out, progress=not args.no_progress, **params)
     for w in caught:
         print(f"warning: {w.message}")
-    print(f"built {args.type} index of {len(index)} x {index.dim} in {time.perf_counter() - t0:.1f} s -> {args.out}")
-    if index.params:
-        print("params: " + ", ".join(f"{k}={v}" for k, v in index.params.items()))
-    return 0
-
-
-def _build_budgeted(args) -> int:
-    import json
-    import time
-
-    from cfcd.index import ondisk
-
-    t0 = time.perf_counter()
-    index = ondisk.build(
-        args.store, args.out, factory=args.factory, max_memory=args.max_memory, max_query_ms=args.max_query_ms,
-        ondisk=not args.in_memory, shard_rows=args.shard_rows, workers=args.workers, threads=args.threads,
-        train_size=args.train_size, seed=args.seed, tune_queries=args.tune_queries,
-        target_recall=args.target_recall, rerank=args.rerank, progress=not args.no_progress,
-    )
     info = json.loads((args.out / "index.json").read_text(encoding="utf-8"))
     p = index.params
-    print(f"built {p['factory']} ({p['kind']}, {'on-disk lists' if p.get('ondisk') else 'in memory'}) of "
-          f"{len(index)} x {index.dim} in {time.perf_counter() - t0:.1f} s -> {args.out}")
-    print(f"choice: {info['choice'].get('reason')}")
+    if type_ == "exact":
+        print(f"built exact index of {len(index)} x {index.dim} in {time.perf_counter() - t0:.1f} s -> {args.out}")
+        return 0
+    print(f"built {type_} index {p['factory']} ({p['kind']}, {'on-disk lists' if p.get('ondisk') else 'in memory'}) "
+          f"of {len(index)} x {index.dim} in {time.perf_counter() - t0:.1f} s -> {args.out}")
+    print(f"choice: {info['choice'].get('reason')}; search: {p.get('search') or 'exact'}")
     tuning = info.get("tuning")
     if tuning:
         c = tuning["chosen"]
@@ -130,19 +122,19 @@ def _build_budgeted(args) -> int:
 def _add(args) -> int:
     import time
 
-    from cfcd.index import ondisk
+    from cfcd.index import add
 
     t0 = time.perf_counter()
-    index = ondisk.add(args.index, args.store, force=args.force, workers=args.workers, progress=not args.no_progress)
+    index = add(args.index, args.store, force=args.force, workers=args.workers, progress=not args.no_progress)
     print(f"added {args.store} -> {args.index}: {len(index)} images in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def _remove(args) -> int:
-    from cfcd.index import ondisk
+    from cfcd.index import read_id_file, remove
 
-    ids = ondisk.read_id_file(args.ids)
-    index = ondisk.remove(args.index, ids, missing_ok=args.missing_ok)
+    ids = read_id_file(args.ids)
+    index = remove(args.index, ids, missing_ok=args.missing_ok)
     print(f"removed {len(ids)} ids from {args.index}: {len(index)} images remain")
     return 0
 

@@ -1,10 +1,9 @@
-"""The index contract: :class:`Index` (ids, provenance, ``search``), the exact index, and the
-id table and row segments that every index type shares.
+"""The index contract: :class:`Index` (ids, provenance, removed labels, ``search``), the exact index,
+and the id table and row segments that every index type shares. File names: docs/index-format.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -12,20 +11,15 @@ from typing import Sequence
 
 import numpy as np
 
-from cfcd import __version__
 from cfcd.errors import CfcdError, InputError
+from cfcd.index.exact import SearchResult, _as_matrix, exact_search
 from cfcd.runtime import resolve_device
-from cfcd.store import DESCRIPTORS_FILE, IDS_FILE, DescriptorStore
-from cfcd.store import link_or_copy as _link_or_copy
-from cfcd.store import write_ids as _write_ids
-from cfcd.utils.io import atomic_write_json
-from cfcd.utils.io import utc_timestamp as _now
+from cfcd.store import DescriptorStore
 
 logger = logging.getLogger(__name__)
-from cfcd.index.exact import SearchResult, _as_matrix, exact_search
 
-INDEX_FILE = "index.faiss"
 INDEX_META = "index.json"
+BUILD_DIR = ".build"
 _ADD_ROWS = 65536
 
 
@@ -83,13 +77,21 @@ class IdTable(Sequence):
         return f"IdTable({str(self.path)!r}, {len(self)} ids)"
 
 
-class RowSegments:
-    """Several memory-mapped N_i x D matrices seen as one (the rows of an index that grew by ``add``).
+def _rows_of(rows, n: int) -> np.ndarray:
+    """A slice or an index array as int64 row numbers."""
+    if isinstance(rows, slice):
+        return np.arange(*rows.indices(n), dtype=np.int64)
+    return np.asarray(rows, dtype=np.int64)
 
-    Supports what exact re-ranking needs: ``shape``, ``dtype`` and ``rows[sorted_int_array]``.
+
+class RowSegments:
+    """Several N_i x D matrices seen as one (the rows of an index that grew by ``add``).
+
+    Supports what exact re-ranking needs: ``shape``, ``dtype`` and ``rows[sorted_int_array]``
+    (or a slice).
     """
 
-    def __init__(self, parts: Sequence[np.ndarray]):
+    def __init__(self, parts: Sequence):
         if not parts:
             raise CfcdError("RowSegments needs at least one matrix")
         self.parts = list(parts)
@@ -101,7 +103,7 @@ class RowSegments:
         return self.shape[0]
 
     def __getitem__(self, rows):
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = _rows_of(rows, len(self))
         out = np.empty((rows.shape[0], self.shape[1]), dtype=np.float32)
         seg = np.searchsorted(self.starts, rows, side="right") - 1
         for s in np.unique(seg):
@@ -110,22 +112,34 @@ class RowSegments:
         return out
 
 
-
-
 class Index:
-    """A searchable database with image ids and provenance. Use :func:`build_index` / :func:`open_index`."""
+    """A searchable database with image ids, provenance and removed labels.
+
+    Use :func:`cfcd.index.build_index` / :func:`cfcd.index.open_index`. ``generation`` is the
+    token of the committed ``index.json`` it was opened from (see :func:`cfcd.index.generation`).
+    """
 
     type: str = ""
 
-    def __init__(self, ids: list[str] | None, dim: int, params: dict, source: dict, path: Path | None = None):
+    def __init__(self, ids: Sequence[str] | None, dim: int, params: dict, source: dict, path: Path | None = None,
+                 removed: np.ndarray | None = None):
         self.ids = ids
         self.dim = int(dim)
         self.params = dict(params)
         self.source = dict(source)
         self.path = path
+        self.generation: str | None = None
+        # labels removed with 'cfcd index remove': kept in the data, filtered at search time
+        self.removed = (np.unique(np.asarray(removed, dtype=np.int64)) if removed is not None
+                        else np.zeros(0, np.int64))
+
+    @property
+    def n_labels(self) -> int:
+        """Rows ever added (live and removed): the length of the id list."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        return self.n_labels - int(self.removed.shape[0])
 
     def _search(self, q: np.ndarray, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -145,41 +159,10 @@ class Index:
             )
         if int(k) <= 0:
             raise InputError(f"k must be positive, got {k}")
+        if len(self) == 0:
+            raise InputError(f"{self.path or 'the index'}: every image was removed; nothing to search")
         scores, idx = self._search(q, min(int(k), len(self)), **kwargs)
         return SearchResult(scores=scores, indices=idx, db_ids=self.ids, query_ids=query_ids)
-
-    def info(self) -> dict:
-        return {
-            "type": self.type,
-            "params": self.params,
-            "dim": self.dim,
-            "count": len(self),
-            "metric": "inner_product",
-            "source": self.source,
-            "cfcd_version": __version__,
-            "created": _now(),
-        }
-
-    def save(self, out: str | os.PathLike) -> Path:
-        """Write the index directory (index.json last: a directory without it is incomplete)."""
-        out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"{out}: exists and is not a directory")
-        out.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            (out / INDEX_META).unlink()
-        self._save_data(out)
-        if self.ids is not None:
-            _write_ids(out / IDS_FILE, self.ids)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                (out / IDS_FILE).unlink()
-        atomic_write_json(out / INDEX_META, self.info())
-        self.path = out
-        return out
-
-    def _save_data(self, out: Path) -> None:
-        raise NotImplementedError
 
 
 class ExactIndex(Index):
@@ -187,53 +170,54 @@ class ExactIndex(Index):
 
     type = "exact"
 
-    def __init__(self, descriptors: np.ndarray, ids, params, source, path=None, data_file: Path | None = None):
-        super().__init__(ids, descriptors.shape[1], params, source, path)
-        self.descriptors = descriptors
-        self._data_file = data_file
-        self._device_cache = None
+    def __init__(self, parts: Sequence[np.ndarray], ids, params, source, path=None, removed=None):
+        parts = list(parts)
+        super().__init__(ids, parts[0].shape[1], params, source, path, removed)
+        self.parts = parts
+        self.descriptors = parts[0] if len(parts) == 1 else RowSegments(parts)
+        self._device_cache: dict = {}
 
-    def __len__(self) -> int:
+    @property
+    def n_labels(self) -> int:
         return int(self.descriptors.shape[0])
 
-    def _database_on(self, dev):
-        """The rows to search: cached on an accelerator when they fit in half its free memory
-        (uploaded once in the stored dtype, float16 stays half), else the memory map (chunked)."""
+    def _part_on(self, i: int, dev):
+        """Part ``i`` of the rows to search: cached on an accelerator when it fits in half its free
+        memory (uploaded once in the stored dtype, float16 stays half), else the memory map (chunked)."""
         import torch
 
+        part = self.parts[i]
         if dev.type != "cuda" or not self.params.get("cache_on_device", True):
-            return self.descriptors
-        if self._device_cache is not None and self._device_cache.device == dev:
-            return self._device_cache
+            return part
+        cached = self._device_cache.get(i)
+        if cached is not None and cached.device == dev:
+            return cached
         free, _ = torch.cuda.mem_get_info(dev)
-        if self.descriptors.nbytes > free // 2:
-            return self.descriptors
-        cache = torch.empty(self.descriptors.shape, dtype=getattr(torch, self.descriptors.dtype.name), device=dev)
-        for start in range(0, len(self), _ADD_ROWS):
-            block = np.array(self.descriptors[start : start + _ADD_ROWS])
+        if part.nbytes > free // 2:
+            return part
+        cache = torch.empty(part.shape, dtype=getattr(torch, part.dtype.name), device=dev)
+        for start in range(0, len(part), _ADD_ROWS):
+            block = np.array(part[start : start + _ADD_ROWS])
             cache[start : start + len(block)] = torch.from_numpy(block).to(dev)
-        self._device_cache = cache
+        self._device_cache[i] = cache
         return cache
 
     def _search(self, q, k, *, device: str | None = None, db_chunk: int | None = None, progress: bool = False, **_):
         dev = resolve_device(device or self.params.get("device", "auto"))
-        res = exact_search(
-            q,
-            self._database_on(dev),
-            k,
-            device=dev,
-            db_chunk=db_chunk or self.params.get("db_chunk"),
-            progress=progress,
-        )
-        return res.scores, res.indices
-
-    def _save_data(self, out: Path) -> None:
-        target = out / DESCRIPTORS_FILE
-        if self._data_file is not None and self._data_file.is_file():
-            if self._data_file.resolve() != target.resolve():
-                _link_or_copy(self._data_file, target)  # a hard link: no second copy on disk
-        else:
-            from cfcd.utils.io import atomic_save_npy
-
-            atomic_save_npy(target, np.ascontiguousarray(self.descriptors))
-        self._data_file = target
+        # removed rows are dropped from each part's top-(k + removed): the k best live rows remain
+        want = k + int(self.removed.shape[0])
+        scores, idx = [], []
+        start = 0
+        for i, part in enumerate(self.parts):
+            res = exact_search(q, self._part_on(i, dev), min(want, len(part)), device=dev,
+                               db_chunk=db_chunk or self.params.get("db_chunk"), progress=progress)
+            scores.append(res.scores)
+            idx.append(res.indices + start)
+            start += len(part)
+        s, i = np.concatenate(scores, axis=1), np.concatenate(idx, axis=1)
+        if self.removed.shape[0]:
+            s = np.where(np.isin(i, self.removed), -np.inf, s)
+        if len(self.parts) > 1 or self.removed.shape[0]:
+            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            s, i = np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
+        return s.astype(np.float32, copy=False), i

@@ -158,6 +158,3 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int | None = None) -> 
     for a, e in zip(approx[:, :k], exact[:, :k]):
         hits += len(np.intersect1d(a[a >= 0], e))
     return hits / float(exact.shape[0] * k)
-
-
-# --------------------------------------------------------------------------- indexes
