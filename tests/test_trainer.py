@@ -20,7 +20,7 @@ import _train_helpers as H  # noqa: E402
 from cfcd.cli import main as cli_main  # noqa: E402
 from cfcd.errors import InputError  # noqa: E402
 from cfcd.train import checkpoint as ckpt_mod  # noqa: E402
-from cfcd.train.config import load_config  # noqa: E402
+from cfcd.train.config import from_dict, load_config, to_dict  # noqa: E402
 from cfcd.train.logging import read_log  # noqa: E402
 from cfcd.train.schedule import lr_at  # noqa: E402
 from cfcd.train.trainer import Trainer, train  # noqa: E402
@@ -83,7 +83,7 @@ def test_stage1_lowers_loss_and_raises_map(stage1):
 def test_stage2_from_stage1_with_confusions(stage1, data, tmp_path, capsys):
     # hard negatives from the stage-1 classifier, through the command line
     cfg_path = tmp_path / "s1.yaml"
-    cfg_path.write_text(json.dumps(stage1["cfg"]))
+    cfg_path.write_text(json.dumps(to_dict(stage1["cfg"])))
     scores = tmp_path / "landmark_scores.txt"
     rc = cli_main(["train", "confusions", "--config", str(cfg_path), "--weights", str(stage1["out"] / "final"),
                    "--list", str(data / "train_list.txt"), "--root", str(data), "--out", str(scores),
@@ -169,7 +169,7 @@ def test_local_triplet_step_lowers_the_local_loss(stage1, data, tmp_path):
 
 
 def _first_step(cfg):
-    return ckpt_mod.load_checkpoint(Path(cfg["train"]["out_dir"]) / "checkpoints" / "last.pt")
+    return ckpt_mod.load_checkpoint(Path(cfg.train.out_dir) / "checkpoints" / "last.pt")
 
 
 def test_two_gloo_ranks_equal_one_process(data, tmp_path):
@@ -205,9 +205,9 @@ def test_two_gloo_ranks_equal_one_process(data, tmp_path):
 
 def _run_tiny_in_subprocess(cfg, stop_after_steps):
     code = ("import sys, json, torch; torch.set_num_threads(1); sys.path.insert(0, %r); import _train_helpers as H\n"
-            "from cfcd.train.trainer import train\n"
-            "train(json.loads(sys.argv[1]), resume=True, stop_after_steps=int(sys.argv[2]))\n") % str(Path(__file__).parent)
-    subprocess.run([sys.executable, "-c", code, json.dumps(cfg), str(stop_after_steps)], check=True,
+            "from cfcd.train.config import from_dict\nfrom cfcd.train.trainer import train\n"
+            "train(from_dict(json.loads(sys.argv[1])), resume=True, stop_after_steps=int(sys.argv[2]))\n") % str(Path(__file__).parent)
+    subprocess.run([sys.executable, "-c", code, json.dumps(to_dict(cfg)), str(stop_after_steps)], check=True,
                    capture_output=True, timeout=300)
 
 
@@ -243,12 +243,12 @@ def test_killed_run_resumes_exactly(data, tmp_path, uninterrupted, where):
 
 
 def test_schedule_matches_reference_values():
-    o = load_config("cfcd_r50_s1")["optim"]
+    o = load_config("cfcd_r50_s1").optim
     expected = {0: 5.0e-4, 1: 1.399e-3, 2: 2.291e-3, 3: 3.172e-3, 4: 4.036e-3, 5: 4.878e-3, 10: 4.523e-3,
                 25: 2.5e-3, 40: 4.77e-4, 49: 4.93e-6}
     for e, v in expected.items():
         assert lr_at(o, e, step=7, steps_per_epoch=100) == pytest.approx(v, rel=2e-3)
-    s2 = load_config("cfcd_r50_s2")["optim"]
+    s2 = load_config("cfcd_r50_s2").optim
     assert lr_at(s2, 0) == pytest.approx(5e-3)
 
 
@@ -256,12 +256,12 @@ def test_recipes_resolve_and_validate(tmp_path):
     for name in ("cfcd_r50_s1", "cfcd_r50_s2", "cfcd_r101_s1", "cfcd_r101_s2", "dolg_r50", "dolg_r101",
                  "gem_r101_ap", "lite0_madacos_tiny", "lite2_madacos"):
         cfg = load_config(name)
-        assert cfg["version"] == 1 and cfg["name"] == name
+        assert cfg.version == 1 and cfg.name == name
     s2 = load_config("configs/cfcd_r50_s2.yaml" if Path("configs/cfcd_r50_s2.yaml").is_file() else "cfcd_r50_s2")
-    assert s2["stage"] == 2 and s2["loss"]["local_weight"] == 1.0 and s2["data"]["tuple_size"] == 8
-    assert s2["optim"]["warmup_epochs"] == 0 and s2["model"]["name"] == "cfcd_r50"
+    assert s2.stage == 2 and s2.loss.local_weight == 1.0 and s2.data.tuple_size == 8
+    assert s2.optim.warmup_epochs == 0 and s2.model.name == "cfcd_r50"
     r1 = load_config("cfcd_r50_s1", ["optim.lr=0.01", "loss.global_kwargs.alpha=0.1"])
-    assert r1["optim"]["lr"] == 0.01 and r1["loss"]["global_kwargs"] == {"alpha": 0.1}
+    assert r1.optim.lr == 0.01 and r1.loss.global_kwargs == {"alpha": 0.1}
     with pytest.raises(InputError, match="unknown key 'optim.lrr'"):
         load_config("cfcd_r50_s1", ["optim.lrr=1"])
     with pytest.raises(InputError, match="multiple of data.tuple_size"):
@@ -323,8 +323,8 @@ def test_cli_train_with_overrides_and_resume(data, tmp_path, capsys):
 
     recipe = tmp_path / "tiny.yaml"
     cfg = H.tiny_config(data, tmp_path / "unused")
-    cfg["train"]["out_dir"] = str(tmp_path / "run")
-    recipe.write_text(yaml.safe_dump(cfg))
+    cfg.train.out_dir = str(tmp_path / "run")
+    recipe.write_text(yaml.safe_dump(to_dict(cfg)))
     args = ["train", "--config", str(recipe), "optim.epochs=1", "train.max_steps_per_epoch=2", "data.val_list=null"]
     assert cli_main(args) == 0
     out, err = capsys.readouterr()
@@ -347,7 +347,7 @@ def test_cli_train_with_overrides_and_resume(data, tmp_path, capsys):
     assert "optim.epochs must be an integer" in capsys.readouterr().err
     assert (tmp_path / "run/checkpoints/epoch_0001.pt").is_file() and (tmp_path / "run/final/config.json").is_file()
     saved = load_config(tmp_path / "run/config.yaml")  # the resolved config documents the run
-    assert saved["optim"]["epochs"] == 1 and saved["train"]["max_steps_per_epoch"] == 2
+    assert saved.optim.epochs == 1 and saved.train.max_steps_per_epoch == 2
     # a second call finds the finished run and does not train again
     assert cli_main(args + ["optim.epochs=1"]) == 0
     assert len(read_log(tmp_path / "run/log.jsonl", "train")) == 2
