@@ -109,6 +109,9 @@ def test_stage2_from_stage1_with_confusions(stage1, data, tmp_path, capsys):
     rows = read_log(out / "log.jsonl", "train")
     assert len(rows) == 4 * 9 and all(np.isfinite(r["loss_local"]) and np.isfinite(r["loss"]) for r in rows)
     assert sum(r["loss_local"] > 0 for r in rows) > 9
+    # the share of active triplets (non-zero hinge) per step and per epoch
+    assert all(0.0 <= r["active_share"] <= 1.0 for r in rows) and any(r["active_share"] > 0 for r in rows)
+    assert 0.0 < metrics["train_active_share"] <= 1.0
     # The local triplet term is what stage 2 adds, so measure its effect in a paired run: the same
     # init, seed and tuples, with the local weight set to 0. The first-vs-last trend of the logged
     # term is not a robust signal (on a CPU with other kernels, e.g. AVX2 only, the same run went
@@ -332,6 +335,8 @@ def test_cli_train_with_overrides_and_resume(data, tmp_path, capsys):
     # one summary line per epoch, and where the weights went
     assert re.search(r"^epoch 1/1  loss \d+\.\d{4}  top-1 [\d.]+%  s [\d.]+ m [\d.]+  .* img/s\)$", err, re.M), err
     assert f"final weights: {tmp_path / 'run' / 'final'}" in err
+    assert "top-1 = batch top-1 (with margin)" in err and "raises its scale s" in err  # the legend, once
+    assert err.count("epoch lines:") == 1
     # the tiny list has 12 classes; a 20-row classifier is reported with both numbers
     assert cli_main(["train", "--config", str(recipe), "optim.epochs=1", "train.max_steps_per_epoch=1",
                      "data.val_list=null", "loss.num_classes=20", f"train.out_dir={tmp_path / 'run20'}"]) == 0
@@ -396,3 +401,61 @@ def test_recipes_print_whole_first_sentences(capsys):
     joined = " ".join(line.strip() for line in out.splitlines())
     assert "(bassyess/CFCD configs/resnet50_cfcd_s2_8gpu.yaml)." in joined  # spans two recipe lines
     assert "minutes on a CPU with a few hundred images, used by the tests and the demo." in joined
+
+
+def test_missing_files_name_the_recipe_key_to_set(tmp_path, monkeypatch, capsys):
+    """A packaged recipe run without its files says which key to set (and, for the ImageNet
+    backbone, where the file comes from) before any model is built."""
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train", "--config", "lite2_madacos"]) == 2
+    err = capsys.readouterr().err
+    assert "train_list.txt: training list not found" in err and "Set data.train_list=PATH" in err, err
+    assert "cfcd train make-list" in err
+    (tmp_path / "list.txt").write_text("a.jpg 0\n")
+    assert cli_main(["train", "--config", "cfcd_r50_s1", f"data.train_list={tmp_path / 'list.txt'}"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrained/R-50-1x64d_dds_8gpu.pyth: checkpoint file not found. Set model.weights=PATH" in err, err
+    assert "pycls ImageNet ResNet-50" in err
+    assert "https://dl.fbaipublicfiles.com/pycls/dds_baselines/161235311/R-50-1x64d_dds_8gpu.pyth" in err
+    # the stage-2 start and the confusion file name their keys too
+    assert cli_main(["train", "--config", "cfcd_r50_s2", f"data.train_list={tmp_path / 'list.txt'}"]) == 2
+    assert "Set model.init=PATH" in capsys.readouterr().err
+    assert not list(tmp_path.glob("runs/*"))  # nothing written
+
+
+def test_typed_config_overrides_and_errors():
+    cfg = load_config("dolg_r50", ["model.kwargs.learnable_p=false", "data.mining.nnum=3", "optim.warmup_epochs=0.5",
+                                   "benchmark.scales=[1, 0.5]"])
+    assert cfg.model.kwargs == {"learnable_p": False} and cfg.data.mining.nnum == 3
+    assert cfg.optim.warmup_epochs == 0.5 and cfg.benchmark.scales == [1, 0.5]
+    assert cfg.loss.global_ == "dolg_arcface" and cfg.out_dir == Path("runs/dolg_r50")
+    assert from_dict(to_dict(cfg)) == cfg  # the dump is the whole config
+    for override, message in [("data.mining.foo=1", "unknown key 'data.mining.foo'"),
+                              ("optim=1", "'optim' must be a mapping"),
+                              ("benchmark.datasets=[1]", "benchmark.datasets must be a list of strings"),
+                              ("train.compile=maybe", "train.compile must be a boolean"),
+                              ("optim.name=lion", "optim.name must be sgd, adam or adamw, got 'lion'"),
+                              ("optim.policy=linear", "optim.policy must be cos, steps, exp or constant")]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            load_config("dolg_r50", [override])
+
+
+def test_train_subcommands_have_help_on_every_option(capsys):
+    from cfcd.cli.train import SUBCOMMANDS, _parsers
+
+    parsers = _parsers()
+    assert set(parsers) == {"", *SUBCOMMANDS}
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            assert action.help, (name, action.dest)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "make-list", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: cfcd train make-list" in out and "--min-images" in out and "--confusions" not in out
+    assert cli_main(["train", "make-lists"]) == 2
+    assert "unknown subcommand 'make-lists'" in capsys.readouterr().err
+    # overrides before and after the options, the subcommand's own parser
+    assert cli_main(["train", "print-config", "optim.lr=0.5", "--config", "cfcd_r50_s1", "data.root=/x"]) == 0
+    out = capsys.readouterr().out
+    assert "  lr: 0.5\n" in out and "  root: /x\n" in out

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     f"       cfcd train {{{','.join(SUBCOMMANDS)}}} [options]")
     parser.description = (parser.description or "") + "\n\nsubcommands (cfcd train SUBCOMMAND --help):\n" + "".join(
         f"  {name:<13} {text}\n" for name, text in SUBCOMMANDS.items())
-    parser.epilog = __doc__
+    parser.epilog = "examples:\n" + __doc__.split("\n", 2)[2]
     _training_options(parser)
     # REMAINDER: a subcommand and its options, or overrides mixed with options; run() parses them
     parser.add_argument("words", nargs=argparse.REMAINDER, metavar="key=value", help=_OVERRIDES_HELP)

@@ -228,9 +228,6 @@ def make_gldv2_lists(csv_path: str | os.PathLike, out_dir: str | os.PathLike, *,
             example = next(i for ids in listed.values() for i in ids)
             raise InputError(f"{base}: none of the {csv_images} images of {csv_path} is there (looked for "
                              f"{base / gldv2_image_path(example, '', ext)} and the like)")
-        if missing:
-            logger.warning("%s: %d of the %d images of %s are missing; listing the %d present",
-                           base, missing, csv_images, csv_path, csv_images - missing)
     landmarks = sorted(lid for lid, ids in per_class.items() if len(ids) >= min_images)
     if not landmarks:
         raise InputError(f"{csv_path}: no landmark has at least {min_images} images"

@@ -295,8 +295,9 @@ class Trainer:
 
         # every file the recipe names is checked before the model is built (minutes for 81313 classes)
         train_path = data_file(cfg, "train_list")
-        if cfg.model.init:
-            check_weights_file("model.init", cfg.model.init)
+        for key, path in (("model.weights", cfg.model.weights), ("model.init", cfg.model.init)):
+            if path:
+                check_weights_file(key, path)
         self.model = build_model(cfg)
         self.head = build_head(cfg, int(self.model.embedding_dim))
         self.local_loss = build_local_loss(cfg)
