@@ -6,7 +6,8 @@ the config check refuses names no table holds, naming the recipe key.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from cfcd.errors import InputError
 

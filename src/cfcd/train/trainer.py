@@ -500,7 +500,7 @@ class Trainer:
             steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
         done_here = 0
         if self.dist.is_main and self.state.epoch < epochs:
-            print(epoch_legend(self.head, self.local_loss), file=sys.stderr, flush=True)
+            print(epoch_legend(self.head, self.local_loss, validates=bool(self.val_path)), file=sys.stderr, flush=True)
         try:
             while self.state.epoch < epochs:
                 epoch = self.state.epoch
@@ -698,19 +698,21 @@ def _warn_unused_classes(train_list, num_classes: int, path) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def epoch_legend(head: nn.Module | None, local_loss: nn.Module | None) -> str:
+def epoch_legend(head: nn.Module | None, local_loss: nn.Module | None, *, validates: bool = False) -> str:
     """What the numbers of the epoch lines mean, printed once before the first epoch."""
     from cfcd.losses.madacos import MadaCos
 
-    text = ("epoch lines: loss = mean training loss; top-1 = batch top-1 (with margin): argmax of the "
-            "training logits with the head's margin, on augmented training batches; val top-1 = top-1 on "
-            "data.val_list, eval mode (no margin, no augmentation).")
+    text = ("epoch lines: loss = mean training loss; top-1 = batch top-1 (with margin): augmented training "
+            "batches, the head's margin applied")
+    if validates:
+        text += "; val top-1 = top-1 on data.val_list, eval mode (no margin, no augmentation)"
+    text += "."
     if isinstance(head, MadaCos):
-        text += (" MadaCos holds the median sample's target probability at alpha and raises its scale s as "
-                 "the target cosines grow, so the loss rises while the model learns (docs/training.md).")
+        text += (" MadaCos raises its scale s as the target cosines grow, keeping the median sample's target "
+                 "probability at alpha: the loss rises while the model learns (docs/training.md).")
     if local_loss is not None:
-        text += (" active triplets = share of the local triplets (matched pair x negative) with a non-zero "
-                 "hinge: the part of the local term that trains.")
+        text += (" active triplets = share of the local triplets (matched pair x negative) with a non-zero hinge, "
+                 "the part of the local term that trains.")
     return text
 
 
