@@ -103,7 +103,7 @@ def make_landmarks(root: Path, *, n_classes: int = 12, train_per_class: int = 12
     return {"n_classes": n_classes, "root": root}
 
 
-def tiny_config(root: Path, out: Path, **over) -> dict:
+def tiny_config(root: Path, out: Path, **over):
     """A stage-1 MadaCos recipe for the tiny model (the packaged lite0 recipe's settings)."""
     from cfcd.train.config import load_config
 
@@ -117,11 +117,11 @@ def tiny_config(root: Path, out: Path, **over) -> dict:
         "train": {"global_batch": 16, "micro_batch": 16, "seed": 0, "out_dir": str(out), "log_every": 1,
                   "tensorboard": False, "progress": False, "amp": "none", "channels_last": False},
     }
-    from cfcd.train.config import deep_merge, validate
+    from cfcd.train.config import merge, validate
 
     cfg = load_config(None, base)
     if over:
-        cfg = deep_merge(cfg, over, source="tiny_config")  # a recipe-like merge: kwargs replaced
+        cfg = merge(cfg, over, source="tiny_config")  # a recipe-like merge: kwargs replaced
         validate(cfg)
     return cfg
 
@@ -149,7 +149,7 @@ def retrieval_map(model, root: Path, list_name: str = "test_list.txt", size: int
     return float(np.mean(aps))
 
 
-def ddp_worker(rank: int, world: int, port: int, cfg: dict) -> None:
+def ddp_worker(rank: int, world: int, port: int, cfg) -> None:
     """Entry point of the spawned gloo ranks (torch.multiprocessing.spawn)."""
     import os
 

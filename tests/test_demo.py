@@ -186,7 +186,7 @@ def test_recipe_frozen_prefixes_are_checked():
     model = cfcd.models.create("gem_efficientnet_lite0", pretrained=False)
     with pytest.raises(InputError, match="no parameter of the model starts with"):
         freeze_parameters(model, ["backbone.block.0"])  # typo: blocks
-    n = freeze_parameters(model, load_config("demo_lite0_s1")["model"]["frozen"])
+    n = freeze_parameters(model, load_config("demo_lite0_s1").model.frozen)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     assert n == len(frozen) and "backbone.blocks.3.0.conv_pw.weight" in frozen
     assert not any(name.startswith("backbone.blocks.4") for name in frozen)

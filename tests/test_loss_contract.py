@@ -155,8 +155,8 @@ def test_train_module_sums_any_registered_objectives():
 
 
 def test_recipe_key_batch_stats_keeps_its_old_name():
-    assert load_config(None, {"loss": {"madacos_stats": "micro"}})["loss"]["batch_stats"] == "micro"
-    assert load_config("cfcd_r50_s1", ["loss.madacos_stats=micro"])["loss"]["batch_stats"] == "micro"
-    assert load_config("cfcd_r50_s1", ["loss.batch_stats=micro"])["loss"]["batch_stats"] == "micro"
+    assert load_config(None, {"loss": {"madacos_stats": "micro"}}).loss.batch_stats == "micro"
+    assert load_config("cfcd_r50_s1", ["loss.madacos_stats=micro"]).loss.batch_stats == "micro"
+    assert load_config("cfcd_r50_s1", ["loss.batch_stats=micro"]).loss.batch_stats == "micro"
     with pytest.raises(InputError, match="disagree"):
         load_config(None, {"loss": {"madacos_stats": "micro", "batch_stats": "exact"}})

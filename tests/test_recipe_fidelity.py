@@ -67,7 +67,7 @@ def test_dolg_recipes_train_gem_p_like_the_reference(name):
 @pytest.mark.parametrize("name", PAPER_RECIPES)
 def test_paper_recipes_use_the_reference_sampler_seed_and_state_precision(name):
     cfg = load_config(name)
-    assert cfg["train"]["seed"] == 0
+    assert cfg.train.seed == 0
     text = find_config(name).read_text(encoding="utf-8")
     chain = [text]
     while "_base_:" in chain[-1]:
@@ -79,7 +79,7 @@ def test_paper_recipes_use_the_reference_sampler_seed_and_state_precision(name):
 def test_recipe_seed_gives_the_reference_tuples_of_each_epoch():
     cfg = load_config("cfcd_r50_s2")
     labels = synthetic_labels(seed=2)
-    sampler = TupleBatchSampler(labels, tuple_size=8, global_batch=16, micro_batch=16, seed=cfg["train"]["seed"])
+    sampler = TupleBatchSampler(labels, tuple_size=8, global_batch=16, micro_batch=16, seed=cfg.train.seed)
     for epoch in (0, 1):
         n = sampler.steps_per_epoch() * 16
         ref = reference_tuples(labels.tolist(), n, 0 + epoch)  # random.seed(0 + epoch)

@@ -20,7 +20,7 @@ import _train_helpers as H  # noqa: E402
 from cfcd.cli import main as cli_main  # noqa: E402
 from cfcd.errors import InputError  # noqa: E402
 from cfcd.train import checkpoint as ckpt_mod  # noqa: E402
-from cfcd.train.config import load_config  # noqa: E402
+from cfcd.train.config import from_dict, load_config, to_dict  # noqa: E402
 from cfcd.train.logging import read_log  # noqa: E402
 from cfcd.train.schedule import lr_at  # noqa: E402
 from cfcd.train.trainer import Trainer, train  # noqa: E402
@@ -83,7 +83,7 @@ def test_stage1_lowers_loss_and_raises_map(stage1):
 def test_stage2_from_stage1_with_confusions(stage1, data, tmp_path, capsys):
     # hard negatives from the stage-1 classifier, through the command line
     cfg_path = tmp_path / "s1.yaml"
-    cfg_path.write_text(json.dumps(stage1["cfg"]))
+    cfg_path.write_text(json.dumps(to_dict(stage1["cfg"])))
     scores = tmp_path / "landmark_scores.txt"
     rc = cli_main(["train", "confusions", "--config", str(cfg_path), "--weights", str(stage1["out"] / "final"),
                    "--list", str(data / "train_list.txt"), "--root", str(data), "--out", str(scores),
@@ -109,6 +109,9 @@ def test_stage2_from_stage1_with_confusions(stage1, data, tmp_path, capsys):
     rows = read_log(out / "log.jsonl", "train")
     assert len(rows) == 4 * 9 and all(np.isfinite(r["loss_local"]) and np.isfinite(r["loss"]) for r in rows)
     assert sum(r["loss_local"] > 0 for r in rows) > 9
+    # the share of active triplets (non-zero hinge) per step and per epoch
+    assert all(0.0 <= r["active_share"] <= 1.0 for r in rows) and any(r["active_share"] > 0 for r in rows)
+    assert 0.0 < metrics["train_active_share"] <= 1.0
     # The local triplet term is what stage 2 adds, so measure its effect in a paired run: the same
     # init, seed and tuples, with the local weight set to 0. The first-vs-last trend of the logged
     # term is not a robust signal (on a CPU with other kernels, e.g. AVX2 only, the same run went
@@ -169,7 +172,7 @@ def test_local_triplet_step_lowers_the_local_loss(stage1, data, tmp_path):
 
 
 def _first_step(cfg):
-    return ckpt_mod.load_checkpoint(Path(cfg["train"]["out_dir"]) / "checkpoints" / "last.pt")
+    return ckpt_mod.load_checkpoint(Path(cfg.train.out_dir) / "checkpoints" / "last.pt")
 
 
 def test_two_gloo_ranks_equal_one_process(data, tmp_path):
@@ -205,9 +208,9 @@ def test_two_gloo_ranks_equal_one_process(data, tmp_path):
 
 def _run_tiny_in_subprocess(cfg, stop_after_steps):
     code = ("import sys, json, torch; torch.set_num_threads(1); sys.path.insert(0, %r); import _train_helpers as H\n"
-            "from cfcd.train.trainer import train\n"
-            "train(json.loads(sys.argv[1]), resume=True, stop_after_steps=int(sys.argv[2]))\n") % str(Path(__file__).parent)
-    subprocess.run([sys.executable, "-c", code, json.dumps(cfg), str(stop_after_steps)], check=True,
+            "from cfcd.train.config import from_dict\nfrom cfcd.train.trainer import train\n"
+            "train(from_dict(json.loads(sys.argv[1])), resume=True, stop_after_steps=int(sys.argv[2]))\n") % str(Path(__file__).parent)
+    subprocess.run([sys.executable, "-c", code, json.dumps(to_dict(cfg)), str(stop_after_steps)], check=True,
                    capture_output=True, timeout=300)
 
 
@@ -243,12 +246,12 @@ def test_killed_run_resumes_exactly(data, tmp_path, uninterrupted, where):
 
 
 def test_schedule_matches_reference_values():
-    o = load_config("cfcd_r50_s1")["optim"]
+    o = load_config("cfcd_r50_s1").optim
     expected = {0: 5.0e-4, 1: 1.399e-3, 2: 2.291e-3, 3: 3.172e-3, 4: 4.036e-3, 5: 4.878e-3, 10: 4.523e-3,
                 25: 2.5e-3, 40: 4.77e-4, 49: 4.93e-6}
     for e, v in expected.items():
         assert lr_at(o, e, step=7, steps_per_epoch=100) == pytest.approx(v, rel=2e-3)
-    s2 = load_config("cfcd_r50_s2")["optim"]
+    s2 = load_config("cfcd_r50_s2").optim
     assert lr_at(s2, 0) == pytest.approx(5e-3)
 
 
@@ -256,12 +259,12 @@ def test_recipes_resolve_and_validate(tmp_path):
     for name in ("cfcd_r50_s1", "cfcd_r50_s2", "cfcd_r101_s1", "cfcd_r101_s2", "dolg_r50", "dolg_r101",
                  "gem_r101_ap", "lite0_madacos_tiny", "lite2_madacos"):
         cfg = load_config(name)
-        assert cfg["version"] == 1 and cfg["name"] == name
+        assert cfg.version == 1 and cfg.name == name
     s2 = load_config("configs/cfcd_r50_s2.yaml" if Path("configs/cfcd_r50_s2.yaml").is_file() else "cfcd_r50_s2")
-    assert s2["stage"] == 2 and s2["loss"]["local_weight"] == 1.0 and s2["data"]["tuple_size"] == 8
-    assert s2["optim"]["warmup_epochs"] == 0 and s2["model"]["name"] == "cfcd_r50"
+    assert s2.stage == 2 and s2.loss.local_weight == 1.0 and s2.data.tuple_size == 8
+    assert s2.optim.warmup_epochs == 0 and s2.model.name == "cfcd_r50"
     r1 = load_config("cfcd_r50_s1", ["optim.lr=0.01", "loss.global_kwargs.alpha=0.1"])
-    assert r1["optim"]["lr"] == 0.01 and r1["loss"]["global_kwargs"] == {"alpha": 0.1}
+    assert r1.optim.lr == 0.01 and r1.loss.global_kwargs == {"alpha": 0.1}
     with pytest.raises(InputError, match="unknown key 'optim.lrr'"):
         load_config("cfcd_r50_s1", ["optim.lrr=1"])
     with pytest.raises(InputError, match="multiple of data.tuple_size"):
@@ -323,8 +326,8 @@ def test_cli_train_with_overrides_and_resume(data, tmp_path, capsys):
 
     recipe = tmp_path / "tiny.yaml"
     cfg = H.tiny_config(data, tmp_path / "unused")
-    cfg["train"]["out_dir"] = str(tmp_path / "run")
-    recipe.write_text(yaml.safe_dump(cfg))
+    cfg.train.out_dir = str(tmp_path / "run")
+    recipe.write_text(yaml.safe_dump(to_dict(cfg)))
     args = ["train", "--config", str(recipe), "optim.epochs=1", "train.max_steps_per_epoch=2", "data.val_list=null"]
     assert cli_main(args) == 0
     out, err = capsys.readouterr()
@@ -332,6 +335,8 @@ def test_cli_train_with_overrides_and_resume(data, tmp_path, capsys):
     # one summary line per epoch, and where the weights went
     assert re.search(r"^epoch 1/1  loss \d+\.\d{4}  top-1 [\d.]+%  s [\d.]+ m [\d.]+  .* img/s\)$", err, re.M), err
     assert f"final weights: {tmp_path / 'run' / 'final'}" in err
+    assert "top-1 = batch top-1 (with margin)" in err and "raises its scale s" in err  # the legend, once
+    assert err.count("epoch lines:") == 1
     # the tiny list has 12 classes; a 20-row classifier is reported with both numbers
     assert cli_main(["train", "--config", str(recipe), "optim.epochs=1", "train.max_steps_per_epoch=1",
                      "data.val_list=null", "loss.num_classes=20", f"train.out_dir={tmp_path / 'run20'}"]) == 0
@@ -347,7 +352,7 @@ def test_cli_train_with_overrides_and_resume(data, tmp_path, capsys):
     assert "optim.epochs must be an integer" in capsys.readouterr().err
     assert (tmp_path / "run/checkpoints/epoch_0001.pt").is_file() and (tmp_path / "run/final/config.json").is_file()
     saved = load_config(tmp_path / "run/config.yaml")  # the resolved config documents the run
-    assert saved["optim"]["epochs"] == 1 and saved["train"]["max_steps_per_epoch"] == 2
+    assert saved.optim.epochs == 1 and saved.train.max_steps_per_epoch == 2
     # a second call finds the finished run and does not train again
     assert cli_main(args + ["optim.epochs=1"]) == 0
     assert len(read_log(tmp_path / "run/log.jsonl", "train")) == 2
@@ -396,3 +401,61 @@ def test_recipes_print_whole_first_sentences(capsys):
     joined = " ".join(line.strip() for line in out.splitlines())
     assert "(bassyess/CFCD configs/resnet50_cfcd_s2_8gpu.yaml)." in joined  # spans two recipe lines
     assert "minutes on a CPU with a few hundred images, used by the tests and the demo." in joined
+
+
+def test_missing_files_name_the_recipe_key_to_set(tmp_path, monkeypatch, capsys):
+    """A packaged recipe run without its files says which key to set (and, for the ImageNet
+    backbone, where the file comes from) before any model is built."""
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["train", "--config", "lite2_madacos"]) == 2
+    err = capsys.readouterr().err
+    assert "train_list.txt: training list not found" in err and "Set data.train_list=PATH" in err, err
+    assert "cfcd train make-list" in err
+    (tmp_path / "list.txt").write_text("a.jpg 0\n")
+    assert cli_main(["train", "--config", "cfcd_r50_s1", f"data.train_list={tmp_path / 'list.txt'}"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrained/R-50-1x64d_dds_8gpu.pyth: checkpoint file not found. Set model.weights=PATH" in err, err
+    assert "pycls ImageNet ResNet-50" in err
+    assert "https://dl.fbaipublicfiles.com/pycls/dds_baselines/161235311/R-50-1x64d_dds_8gpu.pyth" in err
+    # the stage-2 start and the confusion file name their keys too
+    assert cli_main(["train", "--config", "cfcd_r50_s2", f"data.train_list={tmp_path / 'list.txt'}"]) == 2
+    assert "Set model.init=PATH" in capsys.readouterr().err
+    assert not list(tmp_path.glob("runs/*"))  # nothing written
+
+
+def test_typed_config_overrides_and_errors():
+    cfg = load_config("dolg_r50", ["model.kwargs.learnable_p=false", "data.mining.nnum=3", "optim.warmup_epochs=0.5",
+                                   "benchmark.scales=[1, 0.5]"])
+    assert cfg.model.kwargs == {"learnable_p": False} and cfg.data.mining.nnum == 3
+    assert cfg.optim.warmup_epochs == 0.5 and cfg.benchmark.scales == [1, 0.5]
+    assert cfg.loss.global_ == "dolg_arcface" and cfg.out_dir == Path("runs/dolg_r50")
+    assert from_dict(to_dict(cfg)) == cfg  # the dump is the whole config
+    for override, message in [("data.mining.foo=1", "unknown key 'data.mining.foo'"),
+                              ("optim=1", "'optim' must be a mapping"),
+                              ("benchmark.datasets=[1]", "benchmark.datasets must be a list of strings"),
+                              ("train.compile=maybe", "train.compile must be a boolean"),
+                              ("optim.name=lion", "optim.name must be sgd, adam or adamw, got 'lion'"),
+                              ("optim.policy=linear", "optim.policy must be cos, steps, exp or constant")]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            load_config("dolg_r50", [override])
+
+
+def test_train_subcommands_have_help_on_every_option(capsys):
+    from cfcd.cli.train import SUBCOMMANDS, _parsers
+
+    parsers = _parsers()
+    assert set(parsers) == {"", *SUBCOMMANDS}
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            assert action.help, (name, action.dest)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "make-list", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: cfcd train make-list" in out and "--min-images" in out and "--confusions" not in out
+    assert cli_main(["train", "make-lists"]) == 2
+    assert "unknown subcommand 'make-lists'" in capsys.readouterr().err
+    # overrides before and after the options, the subcommand's own parser
+    assert cli_main(["train", "print-config", "optim.lr=0.5", "--config", "cfcd_r50_s1", "data.root=/x"]) == 0
+    out = capsys.readouterr().out
+    assert "  lr: 0.5\n" in out and "  root: /x\n" in out

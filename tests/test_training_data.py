@@ -193,3 +193,44 @@ def test_dataset_determinism_and_bad_images(tmp_path, caplog):
     only_bad = LabelledList(["bad.jpg", "missing.jpg"], np.array([0, 0]), root=tmp_path)
     with pytest.raises(InputError, match="no readable image of class 0"):
         TrainingDataset(only_bad, TrainTransform(32))[0]
+
+
+def test_make_list_keeps_the_images_on_disk(tmp_path, capsys):
+    """A partial GLDv2 download: only the images present under --root are listed, the missing ones
+    counted; labels 0..N-1 over the landmarks left, the mapping saved; train.csv gives the same lists."""
+    import json
+
+    rows = [(5, ["a01x", "a02x", "a03x", "b01x"]), (9, ["c01x", "c02x", "c03x"]), (2, ["d01x", "d02x"])]
+    present = {"a01x", "a02x", "b01x", "c01x", "d01x", "d02x"}  # landmark 9 keeps one image: dropped
+    root = tmp_path / "gldv2"
+    for image_id in present:
+        p = root / "train" / gldv2_image_path(image_id, prefix="")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"jpeg")
+    (root / "train" / "a" / "0" / "1" / "stray.jpg").write_bytes(b"not in the layout")
+    clean = tmp_path / "train_clean.csv"
+    _write_csv(clean, rows)
+    rc = cli_main(["train", "make-list", "--csv", str(clean), "--root", str(root), "--out", str(tmp_path / "lists"),
+                   "--val-fraction", "0"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"3 of the csv's 9 images are not under {root}: listed the 6 present" in captured.err
+    info = json.loads(captured.out)
+    assert info["missing_images"] == 3 and info["csv_images"] == 9 and info["num_classes"] == 2
+    assert info["dropped_landmarks"] == 1 and info["csv_format"] == "train_clean"
+    train = read_labelled_list(tmp_path / "lists/train_list.txt", root)
+    assert all(train.full_path(i).is_file() for i in range(len(train)))
+    assert sorted(train.paths) == sorted(f"train/{gldv2_image_path(i, prefix='')}" for i in present - {"c01x"})
+    assert json.loads((tmp_path / "lists/label_map.json").read_text()) == {"2": 0, "5": 1}
+    assert dict(zip(train.paths, train.labels.tolist()))["train/d/0/1/d01x.jpg"] == 0
+    # the same images from train.csv (id,url,landmark_id)
+    full = tmp_path / "train.csv"
+    full.write_text("id,url,landmark_id\n" + "".join(f"{i},http://x/{i}.jpg,{lid}\n" for lid, ids in rows for i in ids))
+    info2 = make_gldv2_lists(full, tmp_path / "lists2", root=root, val_fraction=0)
+    assert info2["csv_format"] == "train" and info2["missing_images"] == 3
+    assert (tmp_path / "lists2/train_list.txt").read_text() == (tmp_path / "lists/train_list.txt").read_text()
+    # nothing there: an error that says where it looked
+    with pytest.raises(InputError, match="none of the 9 images"):
+        make_gldv2_lists(clean, tmp_path / "lists3", root=tmp_path / "gldv2", prefix="train/a/0/1")
+    with pytest.raises(InputError, match="no such directory"):
+        make_gldv2_lists(clean, tmp_path / "lists3", root=tmp_path / "nowhere")

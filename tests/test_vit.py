@@ -310,7 +310,7 @@ def test_madacos_trains_a_tiny_vit_with_the_packaged_recipe(tmp_path):
         'model.kwargs={"pooling": "gem", "out_dim": 16, "img_size": 56, '
         '"backbone_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}}',
     ])
-    assert cfg["model"]["name"] == "vit_dinov2_small14" and cfg["optim"]["name"] == "adamw"
+    assert cfg.model.name == "vit_dinov2_small14" and cfg.optim.name == "adamw"
     trainer = Trainer(cfg, resume=False)
     trainer.build()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

@@ -306,7 +306,7 @@ def _train_step(steps, name: str, cfg: dict, progress: bool, t0: float, say) -> 
     if steps.done(name):
         say("      already trained")
         return
-    cfg["train"]["progress"] = progress
+    cfg.train.progress = progress
     train(cfg, device="cpu")
     steps.finish(name, time.perf_counter() - t0)
 

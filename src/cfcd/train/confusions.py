@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cfcd.errors import InputError
+from cfcd.train.config import TrainConfig
 from cfcd.utils.io import atomic_open
 
 logger = logging.getLogger("cfcd.train")
@@ -43,7 +44,7 @@ def _count_lines(path: Path) -> int:
 
 
 @torch.no_grad()
-def write_confusions(cfg: dict, weights: str | os.PathLike, list_path: str | os.PathLike,
+def write_confusions(cfg: TrainConfig, weights: str | os.PathLike, list_path: str | os.PathLike,
                      root: str | os.PathLike | None, out: str | os.PathLike, *, batch_size: int = 64,
                      workers: int = 4, device: str | None = None, progress: bool = True) -> dict:
     """Score every image of a training list with a stage-1 model; see the module docstring."""
@@ -60,25 +61,23 @@ def write_confusions(cfg: dict, weights: str | os.PathLike, list_path: str | os.
     dist_info = init_distributed(device)
     try:
         dev = dist_info.device
-        m = cfg["model"]
-        model = models.create(m["name"], weights=models.RANDOM_WEIGHTS, **(m["kwargs"] or {}))  # then the checkpoint
+        model = models.create(cfg.model.name, weights=models.RANDOM_WEIGHTS, **cfg.model.kwargs)  # then the checkpoint
         head = build_head(cfg, int(model.embedding_dim))
         if not is_classification_head(head):
-            raise InputError(f"{cfg['name']}: confusions need a classification head (loss.global)")
+            raise InputError(f"{cfg.name}: confusions need a classification head (loss.global)")
         report = init_from_checkpoint(model, head, str(weights), strict=False)
         if not any(k.startswith("desc_cls.") for k in report.extra):
             raise InputError(f"{weights}: has no classifier weights (desc_cls.*): cannot predict classes")
         model.to(dev).eval()
         head.to(dev).eval()
-        samples = read_labelled_list(list_path, root, num_classes=int(cfg["loss"]["num_classes"]))
+        samples = read_labelled_list(list_path, root, num_classes=cfg.loss.num_classes)
         n, r, w = len(samples), dist_info.rank, dist_info.world_size
         lo, hi = r * n // w, (r + 1) * n // w
         part = out.with_name(f"{out.name}.rank{r}.partial")
         part.parent.mkdir(parents=True, exist_ok=True)
         done = _count_lines(part)
         todo = list(range(lo + done, hi))
-        d = cfg["data"]
-        ds = TrainingDataset(samples, ValTransform(d["im_size"], d["test_size"], model.preprocess))
+        ds = TrainingDataset(samples, ValTransform(cfg.data.im_size, cfg.data.test_size, model.preprocess))
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         loader = DataLoader(ds, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                             pin_memory=dev.type == "cuda")

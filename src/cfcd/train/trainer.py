@@ -43,7 +43,8 @@ from torch import nn
 from cfcd.errors import CfcdError, InputError
 from cfcd.losses import BatchLayout, CosineHead, Objective
 from cfcd.train import checkpoint as ckpt_mod
-from cfcd.train.config import dump_config
+from cfcd.train.builders import OPTIMIZERS, SAMPLERS, data_file
+from cfcd.train.config import TrainConfig, dump_config
 from cfcd.train.distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
 from cfcd.runtime import autocast_dtype, jsonable, precision_name, progress
 from cfcd.train.logging import TrainLogger
@@ -61,42 +62,64 @@ REFERENCE_MICRO_BATCH = 16
 # ----------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: dict) -> nn.Module:
+#: Where the initial weights named by the packaged recipes come from (cfcd never downloads them).
+WEIGHT_SOURCES = {
+    "R-50-1x64d_dds_8gpu.pyth": "the pycls ImageNet ResNet-50 checkpoint, "
+                                "https://dl.fbaipublicfiles.com/pycls/dds_baselines/161235311/R-50-1x64d_dds_8gpu.pyth",
+    "R-101-1x64d_dds_8gpu.pyth": "the pycls ImageNet ResNet-101 checkpoint, "
+                                 "https://dl.fbaipublicfiles.com/pycls/dds_baselines/161167170/R-101-1x64d_dds_8gpu.pyth",
+    "dinov2_vits14_pretrain.pth": "the DINOv2 ViT-S/14 hub checkpoint, "
+                                  "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
+}
+
+
+def check_weights_file(key: str, path: str) -> None:
+    """A missing ``model.weights`` / ``model.init`` file: name the recipe key and where the file comes from."""
+    p = Path(path)
+    if p.exists():
+        return
+    source = WEIGHT_SOURCES.get(p.name)
+    where = f" It is {source} (download it yourself; cfcd never downloads)." if source else ""
+    fallback = " (null: start from the model's own initialisation)" if key == "model.weights" else ""
+    raise InputError(f"{path}: checkpoint file not found. Set {key}=PATH{fallback}.{where}")
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
     """``cfcd.models.create`` + optional initial weights (ImageNet backbone, non-strict)."""
     import cfcd.models as models
 
-    m = cfg["model"]
+    m = cfg.model
     # a training run starts from the embedded weights where the model has them, else from a random
     # init that model.weights (ImageNet backbone) or model.init may overwrite
-    initial = None if models.has_embedded_weights(m["name"]) else models.RANDOM_WEIGHTS
-    model = models.create(m["name"], weights=initial, **(m["kwargs"] or {}))
-    if m["weights"]:
-        report = models.load_weights(model, m["weights"], strict=False)
+    initial = None if models.has_embedded_weights(m.name) else models.RANDOM_WEIGHTS
+    model = models.create(m.name, weights=initial, **m.kwargs)
+    if m.weights:
+        check_weights_file("model.weights", m.weights)
+        report = models.load_weights(model, m.weights, strict=False)
         if report.loaded == 0:
-            raise InputError(f"{m['weights']}: no tensor matches {m['name']} ({report.summary()})")
+            raise InputError(f"{m.weights}: no tensor matches {m.name} ({report.summary()})")
         logger.info("initial weights: %s", report.summary())
     return model
 
 
-def build_head(cfg: dict, embedding_dim: int) -> Objective | None:
+def build_head(cfg: TrainConfig, embedding_dim: int) -> Objective | None:
     """The global objective ``loss.global`` (None for ``none``)."""
     import cfcd.losses as losses
 
-    lo = cfg["loss"]
-    name = lo["global"]
-    if not name or name == "none":
+    lo = cfg.loss
+    if not lo.global_ or lo.global_ == "none":
         return None
-    num_classes = None if lo["num_classes"] is None else int(lo["num_classes"])
-    return losses.create_from_recipe(name, lo["global_kwargs"], embedding_dim=embedding_dim, num_classes=num_classes)
+    return losses.create_from_recipe(lo.global_, lo.global_kwargs, embedding_dim=embedding_dim,
+                                     num_classes=lo.num_classes)
 
 
-def build_local_loss(cfg: dict) -> Objective | None:
+def build_local_loss(cfg: TrainConfig) -> Objective | None:
     import cfcd.losses as losses
 
-    lo = cfg["loss"]
-    if not lo["local"]:
+    lo = cfg.loss
+    if not lo.local:
         return None
-    return losses.create(lo["local"], **(lo["local_kwargs"] or {}))
+    return losses.create(lo.local, **lo.local_kwargs)
 
 
 def init_from_checkpoint(model: nn.Module, head: nn.Module | None, path: str, *, strict: bool) -> Any:
@@ -235,121 +258,98 @@ class Trainer:
     """Train from a resolved config (:func:`cfcd.train.config.load_config`).
 
     Args:
-        cfg: the config dict.
+        cfg: the typed config.
         device: ``"cuda"``, ``"cpu"`` or None (auto; under torchrun the local GPU).
         resume: continue from the newest checkpoint in ``out_dir`` if there is one.
         stop_after_steps: stop (after checkpointing) once this many global steps are done in
             this process -- used to test resuming; None: train to the end.
     """
 
-    def __init__(self, cfg: dict, *, device: str | None = None, resume: bool = True,
+    def __init__(self, cfg: TrainConfig, *, device: str | None = None, resume: bool = True,
                  stop_after_steps: int | None = None):
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"Trainer takes a TrainConfig (cfcd.train.config.load_config), got {type(cfg).__name__}")
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(device)
         self.device = self.dist.device
         self.resume = resume
         self.stop_after_steps = stop_after_steps
-        t = cfg["train"]
-        self.out_dir = Path(str(t["out_dir"]).format(name=cfg["name"]))
+        self.out_dir = cfg.out_dir
         self.state = TrainState()
         self._built = False
 
     # -- setup -----------------------------------------------------------------------------------
     def build(self) -> None:
-        from cfcd.train.samplers import ClassBalancedBatchSampler, ShuffleBatchSampler, TupleBatchSampler
-        from cfcd.train.data import TrainingDataset, TrainTransform, read_confusions, read_labelled_list
+        from cfcd.train.data import TrainingDataset, TrainTransform, read_labelled_list
 
-        cfg, t, d, lo = self.cfg, self.cfg["train"], self.cfg["data"], self.cfg["loss"]
-        torch.manual_seed(int(t["seed"]))  # identical initialisation on every rank
-        np.random.seed(int(t["seed"]) % 2**32)
+        cfg, t, d, lo = self.cfg, self.cfg.train, self.cfg.data, self.cfg.loss
+        torch.manual_seed(t.seed)  # identical initialisation on every rank
+        np.random.seed(t.seed % 2**32)
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = bool(t["cudnn_benchmark"]) and not t["deterministic"]
-        if t["deterministic"]:
+            torch.backends.cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
+        if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         if self.device.type == "cpu":
             # zero-initialised residual BN gammas make denormal activations, 3x slower on x86 CPUs
             torch.set_flush_denormal(True)
 
+        # every file the recipe names is checked before the model is built (minutes for 81313 classes)
+        train_path = data_file(cfg, "train_list")
+        for key, path in (("model.weights", cfg.model.weights), ("model.init", cfg.model.init)):
+            if path:
+                check_weights_file(key, path)
         self.model = build_model(cfg)
         self.head = build_head(cfg, int(self.model.embedding_dim))
         self.local_loss = build_local_loss(cfg)
-        if cfg["model"]["init"]:
-            init_from_checkpoint(self.model, self.head, cfg["model"]["init"], strict=bool(cfg["model"]["strict"]))
-        freeze_parameters(self.model, cfg["model"]["frozen"])
+        self.val_path = None
+        if isinstance(self.head, CosineHead) and d.val_list and t.eval_period:
+            self.val_path = data_file(cfg, "val_list")
+        if cfg.model.init:
+            init_from_checkpoint(self.model, self.head, cfg.model.init, strict=cfg.model.strict)
+        freeze_parameters(self.model, cfg.model.frozen)
 
-        root = d["root"]
-        self.train_list = read_labelled_list(_resolve(d["train_list"], root), root,
-                                             num_classes=int(lo["num_classes"]) if isinstance(self.head, CosineHead)
-                                             else None)
-        if self.dist.is_main and isinstance(self.head, CosineHead):
-            _warn_unused_classes(self.train_list, int(lo["num_classes"]), _resolve(d["train_list"], root))
-        transform = TrainTransform(d["im_size"], self.model.preprocess, area_frac=d["area_frac"],
-                                   flip=d["flip"], lighting=d["lighting"])
-        self.dataset = TrainingDataset(self.train_list, transform, seed=int(t["seed"]))
-        common = dict(global_batch=int(t["global_batch"]), micro_batch=int(t["micro_batch"]),
-                      rank=self.dist.rank, world_size=self.dist.world_size, seed=int(t["seed"]))
-        if d["sampler"] == "tuple":
-            gt_pred = read_confusions(_resolve(d["confusions"], root), self.train_list) if d["confusions"] else None
-            self.sampler = TupleBatchSampler(self.train_list.labels, tuple_size=int(d["tuple_size"]),
-                                             gt_pred=gt_pred, **common)
-        elif d["sampler"] == "mined":  # cirtorch: hardest negatives by the current model, every epoch
-            from cfcd.train.mining import HardNegativeMiner, MinedTupleBatchSampler, model_describer, pairs_from_labels
-
-            mi = d["mining"]
-            qpool, ppool = pairs_from_labels(self.train_list.labels, seed=int(t["seed"]))
-            miner = HardNegativeMiner(qpool, ppool, self.train_list.labels, nnum=int(mi["nnum"]), qsize=int(mi["qsize"]),
-                                      poolsize=int(mi["poolsize"]), seed=int(t["seed"]))
-            describe = model_describer(self.model, [self.train_list.full_path(i) for i in range(len(self.train_list))],
-                                       image_size=mi["image_size"], device=str(self.device),
-                                       after=(lambda: set_bn_eval(self.module)) if t["freeze_bn"] else None)
-            self.sampler = MinedTupleBatchSampler(miner, describe, **common)
-            d = dict(d, tuple_size=self.sampler.tuple_size)
-        elif d["sampler"] == "class_balanced":
-            self.sampler = ClassBalancedBatchSampler(self.train_list.labels,
-                                                     images_per_class=int(d["images_per_class"]), **common)
-        else:
-            self.sampler = ShuffleBatchSampler(len(self.train_list), **common)
+        classes = lo.num_classes if isinstance(self.head, CosineHead) else None
+        self.train_list = read_labelled_list(train_path, d.root, num_classes=classes)
+        if self.dist.is_main and classes is not None:
+            _warn_unused_classes(self.train_list, classes, train_path)
+        transform = TrainTransform(d.im_size, self.model.preprocess, area_frac=d.area_frac,
+                                   flip=d.flip, lighting=d.lighting)
+        self.dataset = TrainingDataset(self.train_list, transform, seed=t.seed)
+        common = dict(global_batch=t.global_batch, micro_batch=t.micro_batch,
+                      rank=self.dist.rank, world_size=self.dist.world_size, seed=t.seed)
+        self.sampler = SAMPLERS.build(d.sampler, cfg, self.train_list, common, self)
         self.accumulation = self.sampler.accumulation
 
         self.model.to(self.device)
         if self.head is not None:
             self.head.to(self.device)
-        if self.device.type == "cuda" and t["channels_last"]:
+        if self.device.type == "cuda" and t.channels_last:
             self.model.to(memory_format=torch.channels_last)
         layout = BatchLayout(tuple_size=getattr(self.sampler, "tuple_size", None))  # tuple samplers only
         self.module = TrainModule(self.model, self.head, self.local_loss, layout=layout,
-                                  local_weight=float(lo["local_weight"]), micro_batch=int(t["micro_batch"]))
+                                  local_weight=lo.local_weight, micro_batch=t.micro_batch)
         if self.local_loss is not None:
             self.local_loss.to(self.device)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        o = cfg["optim"]
-        if o["name"] == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=float(o["lr"]), momentum=float(o["momentum"]),
-                                             nesterov=bool(o["nesterov"]), weight_decay=float(o["weight_decay"]))
-        elif o["name"] == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=float(o["lr"]), weight_decay=float(o["weight_decay"]))
-        elif o["name"] == "adamw":
-            self.optimizer = torch.optim.AdamW(params, lr=float(o["lr"]), weight_decay=float(o["weight_decay"]))
-        else:
-            raise InputError(f"optim.name must be sgd, adam or adamw, got {o['name']!r}")
+        self.optimizer = OPTIMIZERS.build(cfg.optim.name, params, cfg.optim)
 
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           find_unused_parameters=bool(t["find_unused_parameters"]))
+                           find_unused_parameters=t.find_unused_parameters)
         else:
             self.ddp = self.module
-        if t["compile"]:
+        if t.compile:
             self.model.forward_features = torch.compile(self.model.forward_features)
 
-        amp = t["amp"] if self.device.type == "cuda" else "none"
+        amp = t.amp if self.device.type == "cuda" else "none"
         self.autocast_dtype = autocast_dtype(amp)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
 
         if self.resume:
             self._maybe_resume()  # before writing anything into out_dir: a mismatch leaves it untouched
-        self.logger = TrainLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=bool(t["tensorboard"]))
+        self.logger = TrainLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=t.tensorboard)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.yaml", dump_config(cfg))
@@ -416,7 +416,7 @@ class Trainer:
     def _to_device(self, images, labels):
         nb = self.device.type == "cuda"
         images = images.to(self.device, non_blocking=nb)
-        if self.device.type == "cuda" and self.cfg["train"]["channels_last"]:
+        if self.device.type == "cuda" and self.cfg.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(self.device, non_blocking=nb)
 
@@ -447,7 +447,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         window = [self._to_device(x, y) for x, y in window]
         batch_stats, report = None, {}
-        if self.cfg["loss"]["batch_stats"] == "exact" and len(window) > 1:
+        if self.cfg.loss.batch_stats == "exact" and len(window) > 1:
             batch_stats, report = self.exact_batch_stats(window)
         sums: dict[str, float] = {}
         for k, (images, labels) in enumerate(window):
@@ -463,7 +463,7 @@ class Trainer:
                     scaled.backward()
             for key, v in aux.items():
                 sums[key] = sums.get(key, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
-        clip = self.cfg["optim"]["clip_grad"]
+        clip = self.cfg.optim.clip_grad
         if clip:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -482,7 +482,7 @@ class Trainer:
 
         from cfcd.train.data import collate, opencv_fork_guard, worker_init
 
-        workers = int(self.cfg["data"]["workers"])
+        workers = self.cfg.data.workers
         if workers:
             opencv_fork_guard()  # the loader forks its workers at each epoch's iter()
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
@@ -493,28 +493,31 @@ class Trainer:
         """Train to ``optim.epochs`` (or ``stop_after_steps``); returns the last metrics."""
         if not self._built:
             self.build()
-        cfg, t = self.cfg, self.cfg["train"]
-        epochs = int(cfg["optim"]["epochs"])
+        cfg, t = self.cfg, self.cfg.train
+        epochs = cfg.optim.epochs
         steps_per_epoch = self.sampler.steps_per_epoch()
-        if t["max_steps_per_epoch"]:
-            steps_per_epoch = min(steps_per_epoch, int(t["max_steps_per_epoch"]))
+        if t.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
         done_here = 0
+        if self.dist.is_main and self.state.epoch < epochs:
+            print(epoch_legend(self.head, self.local_loss, validates=bool(self.val_path)), file=sys.stderr, flush=True)
         try:
             while self.state.epoch < epochs:
                 epoch = self.state.epoch
                 self.sampler.set_epoch(epoch, self.state.step_in_epoch)
                 self.module.train()
-                if t["freeze_bn"]:
+                if t.freeze_bn:
                     set_bn_eval(self.module)
                 loader = iter(self._loader(self.sampler, self.dataset))
                 bar = progress(total=steps_per_epoch, initial=self.state.step_in_epoch, unit="step",
-                                enabled=self.dist.is_main and bool(t["progress"]), desc=f"epoch {epoch + 1}/{epochs}")
+                                enabled=self.dist.is_main and t.progress, desc=f"epoch {epoch + 1}/{epochs}")
                 meter: dict[str, Any] = {}
                 t0, images_seen, first_step = time.perf_counter(), 0, self.state.step_in_epoch
                 while self.state.step_in_epoch < steps_per_epoch:
                     window = [next(loader)[:2] for _ in range(self.accumulation)]
-                    lr = lr_at(cfg["optim"], epoch, self.state.step_in_epoch, steps_per_epoch)
+                    lr = lr_at(cfg.optim, epoch, self.state.step_in_epoch, steps_per_epoch)
                     out = self.train_step(window, lr)
+                    out.update(self._active_share(out))
                     self.state.step_in_epoch += 1
                     self.state.global_step += 1
                     done_here += 1
@@ -522,7 +525,7 @@ class Trainer:
                     for k, v in out.items():  # device tensors: no sync until a log line is written
                         meter[k] = meter.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else float(v))
                     bar.update(1)
-                    if self.state.global_step % int(t["log_every"]) == 0 or self.state.step_in_epoch == steps_per_epoch:
+                    if self.state.global_step % t.log_every == 0 or self.state.step_in_epoch == steps_per_epoch:
                         row = {k: float(v) for k, v in out.items()}
                         row.update(lr=lr, epoch=epoch, images_per_s=images_seen / max(1e-9, time.perf_counter() - t0))
                         self.logger.log("train", self.state.global_step, row)
@@ -530,19 +533,20 @@ class Trainer:
                     if self.stop_after_steps is not None and done_here >= self.stop_after_steps:
                         self._checkpoint_mid_epoch()
                         return {k: float(v) / max(1, self.state.step_in_epoch - first_step) for k, v in meter.items()}
-                    if t.get("checkpoint_steps") and self.state.global_step % int(t["checkpoint_steps"]) == 0:
+                    if t.checkpoint_steps and self.state.global_step % t.checkpoint_steps == 0:
                         self._checkpoint_mid_epoch()
                 bar.close()
                 del loader
                 steps = max(1, steps_per_epoch - first_step)
                 metrics = {f"train_{k}": float(v) / steps for k, v in meter.items()}
+                metrics.update({f"train_{k}": v for k, v in self._active_share(meter).items()})  # of the epoch's sums
                 metrics["epoch_time_s"] = time.perf_counter() - t0
                 metrics["images_per_s"] = images_seen / max(1e-9, metrics["epoch_time_s"])
                 self.state.epoch += 1
                 self.state.step_in_epoch = 0
-                if self._due(t["eval_period"]) and cfg["data"]["val_list"]:
+                if self._due(t.eval_period) and self.val_path:
                     metrics.update(self.validate())
-                if self._due(cfg["benchmark"]["every"]) and cfg["benchmark"]["datasets"]:
+                if self._due(cfg.benchmark.every) and cfg.benchmark.datasets:
                     metrics.update(self.benchmark())
                 self.state.metrics = metrics
                 if self.dist.is_main:
@@ -550,12 +554,12 @@ class Trainer:
                 self.logger.log("epoch", self.state.global_step, {"epoch": self.state.epoch, **metrics})
                 self.save(ckpt_mod.epoch_path(self.out_dir, self.state.epoch))
                 if self.dist.is_main:
-                    ckpt_mod.prune_checkpoints(self.out_dir, int(t["keep_every"]))
+                    ckpt_mod.prune_checkpoints(self.out_dir, t.keep_every)
                     (self.out_dir / "checkpoints" / "last.pt").unlink(missing_ok=True)
                 barrier()
             if self.dist.is_main:
                 self.export(self.out_dir / "final")
-                name = self.cfg["model"]["name"]
+                name = self.cfg.model.name
                 print(f"final weights: {self.out_dir / 'final'} (cfcd extract --model {name} --weights "
                       f"{self.out_dir / 'final'}; checkpoints in {self.out_dir / 'checkpoints'})",
                       file=sys.stderr, flush=True)
@@ -564,13 +568,25 @@ class Trainer:
         finally:
             self.logger.close()
 
+    def _active_share(self, values: dict) -> dict[str, Any]:
+        """``active_share``: the share of the local triplets (matched pair x negative) whose hinge is
+        non-zero, the part of the local term that still trains; from the ``matches`` and ``active``
+        counts a local objective reports (device tensors stay on the device)."""
+        tuple_size = self.module.tuple_size
+        if "active" not in values or "matches" not in values or not tuple_size or tuple_size < 3:
+            return {}
+        triplets = values["matches"] * (tuple_size - 2)
+        if torch.is_tensor(triplets):
+            return {"active_share": values["active"] / triplets.clamp_min(1)}
+        return {"active_share": float(values["active"]) / max(1.0, float(triplets))}
+
     def _checkpoint_mid_epoch(self) -> None:
         self.save(self.out_dir / "checkpoints" / "last.pt")
         barrier()
 
     def _due(self, every) -> bool:
         every = int(every or 0)
-        return every > 0 and (self.state.epoch % every == 0 or self.state.epoch == int(self.cfg["optim"]["epochs"]))
+        return every > 0 and (self.state.epoch % every == 0 or self.state.epoch == self.cfg.optim.epochs)
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -588,15 +604,13 @@ class Trainer:
 
         if not isinstance(self.head, CosineHead):
             return {}
-        d = self.cfg["data"]
-        val = read_labelled_list(_resolve(d["val_list"], d["root"]), d["root"],
-                                 num_classes=int(self.cfg["loss"]["num_classes"]))
-        n = len(val) if not d["val_max_images"] else min(len(val), int(d["val_max_images"]))
-        ds = TrainingDataset(val, ValTransform(d["im_size"], d["test_size"], self.model.preprocess))
+        d, size = self.cfg.data, self.cfg.train.micro_batch
+        val = read_labelled_list(self.val_path, d.root, num_classes=self.cfg.loss.num_classes)
+        n = len(val) if not d.val_max_images else min(len(val), d.val_max_images)
+        ds = TrainingDataset(val, ValTransform(d.im_size, d.test_size, self.model.preprocess))
         mine = list(range(self.dist.rank, n, self.dist.world_size))
-        batches = [mine[i:i + int(self.cfg["train"]["micro_batch"])]
-                   for i in range(0, len(mine), int(self.cfg["train"]["micro_batch"]))]
-        loader = DataLoader(ds, batch_sampler=batches, num_workers=int(d["workers"]), collate_fn=collate)
+        batches = [mine[i:i + size] for i in range(0, len(mine), size)]
+        loader = DataLoader(ds, batch_sampler=batches, num_workers=d.workers, collate_fn=collate)
         self.module.eval()
         totals = torch.zeros(3, dtype=torch.float64)
         try:
@@ -622,7 +636,7 @@ class Trainer:
         never fatal to training."""
         from cfcd.train.distributed import broadcast_object
 
-        b = self.cfg["benchmark"]
+        b = self.cfg.benchmark
         out: dict[str, float] = {}
         self.model.eval()
         try:
@@ -631,14 +645,14 @@ class Trainer:
             from cfcd.extract import ExtractOptions, parse_scales
 
             # the training precision (fp16 stays fp16), and the model's layout left as the trainer set it
-            options = ExtractOptions(scales=parse_scales(b["scales"]), max_size=b["max_size"],
+            options = ExtractOptions(scales=parse_scales(b.scales), max_size=b.max_size,
                                      device=str(self.device), precision=precision_name(self.autocast_dtype),
-                                     channels_last=bool(self.cfg["train"]["channels_last"]) and self.device.type == "cuda",
-                                     workers=int(self.cfg["data"]["workers"]), progress=False)
-            for ds in b["datasets"]:
-                gnd = load_gnd(find_gnd(ds, b["root"]), ds)
+                                     channels_last=self.cfg.train.channels_last and self.device.type == "cuda",
+                                     workers=self.cfg.data.workers, progress=False)
+            for ds in b.datasets:
+                gnd = load_gnd(find_gnd(ds, b.root), ds)
                 base = self.out_dir / "benchmark" / f"epoch_{self.state.epoch:04d}" / ds
-                result = run_benchmark(self.model, gnd, b["root"], base, options, overwrite=True, log=logger.info,
+                result = run_benchmark(self.model, gnd, b.root, base, options, overwrite=True, log=logger.info,
                                        evaluate=self.dist.is_main)
                 if self.dist.is_main:
                     for setup, values in result.plain.metrics(percent=True).items():
@@ -648,7 +662,7 @@ class Trainer:
             logger.warning("benchmark hook failed: %s", exc)
         finally:
             self.model.train()
-            if self.cfg["train"]["freeze_bn"]:
+            if self.cfg.train.freeze_bn:
                 set_bn_eval(self.model)
         barrier()
         return broadcast_object(out)
@@ -661,7 +675,7 @@ class Trainer:
         if self.head is not None and len(self.head.state_dict()):
             extra = {ckpt_mod.HEAD_PREFIX + k: v for k, v in self.head.state_dict().items()}
         models.save_weights(self.model, out_dir, extra=extra,
-                            meta={"trained_with": self.cfg["name"], "epochs": self.state.epoch,
+                            meta={"trained_with": self.cfg.name, "epochs": self.state.epoch,
                                   "global_step": self.state.global_step})
 
     def close(self) -> None:
@@ -671,15 +685,6 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def _resolve(path: str | None, root: str | None) -> str:
-    if path is None:
-        raise InputError("a data list is required")
-    p = Path(path)
-    if p.is_file() or p.is_absolute() or root is None:
-        return str(p)
-    return str(Path(root) / p) if (Path(root) / p).is_file() else str(p)
 
 
 def _warn_unused_classes(train_list, num_classes: int, path) -> None:
@@ -693,8 +698,27 @@ def _warn_unused_classes(train_list, num_classes: int, path) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def epoch_legend(head: nn.Module | None, local_loss: nn.Module | None, *, validates: bool = False) -> str:
+    """What the numbers of the epoch lines mean, printed once before the first epoch."""
+    from cfcd.losses.madacos import MadaCos
+
+    text = ("epoch lines: loss = mean training loss; top-1 = batch top-1 (with margin): augmented training "
+            "batches, the head's margin applied")
+    if validates:
+        text += "; val top-1 = top-1 on data.val_list, eval mode (no margin, no augmentation)"
+    text += "."
+    if isinstance(head, MadaCos):
+        text += (" MadaCos raises its scale s as the target cosines grow, keeping the median sample's target "
+                 "probability at alpha: the loss rises while the model learns (docs/training.md).")
+    if local_loss is not None:
+        text += (" active triplets = share of the local triplets (matched pair x negative) with a non-zero hinge, "
+                 "the part of the local term that trains.")
+    return text
+
+
 def epoch_summary(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
-    """One line per epoch: loss, top-1, MadaCos s and m, validation, benchmark mAP, time."""
+    """One line per epoch: loss, top-1, MadaCos s and m, active triplets, validation, benchmark mAP,
+    time (:func:`epoch_legend` says what each is)."""
     parts = [f"epoch {epoch}/{epochs}"]
     if "train_loss" in metrics:
         parts.append(f"loss {metrics['train_loss']:.4f}")
@@ -704,6 +728,8 @@ def epoch_summary(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
         parts.append(f"top-1 {100 * metrics['train_top1']:.1f}%")
     if "train_scale" in metrics:
         parts.append(f"s {metrics['train_scale']:.1f} m {metrics.get('train_margin', float('nan')):.3f}")
+    if "train_active_share" in metrics:
+        parts.append(f"active triplets {100 * metrics['train_active_share']:.1f}%")
     if "val_top1" in metrics:
         parts.append(f"val top-1 {100 * metrics['val_top1']:.1f}%")
     parts += [f"{k[:-4]} mAP {v:.2f}" for k, v in metrics.items() if k.endswith("_mAP")]  # already percent
@@ -712,7 +738,7 @@ def epoch_summary(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
-def train(cfg: dict, *, device: str | None = None, resume: bool = True,
+def train(cfg: TrainConfig, *, device: str | None = None, resume: bool = True,
           stop_after_steps: int | None = None) -> dict[str, float]:
     """Build a :class:`Trainer` from ``cfg``, train, clean up; returns the last epoch's metrics."""
     trainer = Trainer(cfg, device=device, resume=resume, stop_after_steps=stop_after_steps)
