@@ -11,25 +11,9 @@ from typing import Sequence
 import numpy as np
 
 from cfcd.errors import CfcdError, InputError
-from cfcd.store.format import (
-    DESCRIPTORS_FILE,
-    FAILED_FILE,
-    IDS_FILE,
-    META_FILE,
-    PARTIAL_DIR,
-    SUPPORTED_DTYPES,
-    DescriptorStore,
-    _block_rows,
-    _check_ids,
-    _descriptor_memmap,
-    _duplicates,
-    _few,
-    _normalise_dtype,
-    is_store,
-    iter_blocks,
-    open_store,
-    write_ids,
-)
+from cfcd.store.format import DESCRIPTORS_FILE, FAILED_FILE, IDS_FILE, META_FILE, PARTIAL_DIR, SUPPORTED_DTYPES
+from cfcd.store.format import DescriptorStore, is_store, iter_blocks, open_store, write_ids
+from cfcd.store.format import _block_rows, _check_ids, _descriptor_memmap, _duplicates, _few, _normalise_dtype
 from cfcd.store.meta import check_compatible, write_meta
 from cfcd.store.writer import _read_failures, _scan_shards
 from cfcd.utils.io import atomic_save_npy

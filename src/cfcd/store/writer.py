@@ -30,32 +30,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cfcd.errors import InputError
-from cfcd.store.format import (
-    _PART_RE,
-    _SHARD_RE,
-    BASE_PART,
-    DEFAULT_FLUSH_SECONDS,
-    DESCRIPTORS_FILE,
-    FAILED_FILE,
-    FAILURES_FILE,
-    IDS_FILE,
-    META_FILE,
-    PARTIAL_DIR,
-    WRITER_FILE,
-    DescriptorStore,
-    _block_rows,
-    _check_ids,
-    _descriptor_memmap,
-    _duplicates,
-    _few,
-    _fsync_dir,
-    _normalise_dtype,
-    is_store,
-    link_or_copy,
-    open_store,
-    read_ids,
-    write_ids,
-)
+from cfcd.store.format import _PART_RE, _SHARD_RE, BASE_PART, DEFAULT_FLUSH_SECONDS, DESCRIPTORS_FILE, FAILED_FILE
+from cfcd.store.format import FAILURES_FILE, IDS_FILE, META_FILE, PARTIAL_DIR, WRITER_FILE
+from cfcd.store.format import DescriptorStore, is_store, link_or_copy, open_store, read_ids, write_ids
+from cfcd.store.format import _block_rows, _check_ids, _descriptor_memmap, _duplicates, _few, _fsync_dir
+from cfcd.store.format import _normalise_dtype
 from cfcd.store.meta import write_meta
 from cfcd.utils.io import atomic_save_npy, atomic_write_json, utc_timestamp
 

@@ -3,7 +3,7 @@
 * :mod:`cfcd.train.config` -- recipes (``cfcd/configs/*.yaml``) read into typed dataclasses
   (:class:`~cfcd.train.config.TrainConfig`), ``key=value`` overrides;
 * :mod:`cfcd.train.builders` -- the samplers and optimizers a recipe names, in
-  :class:`~cfcd.train.registry.Registry` tables (the LR schedules are in :mod:`cfcd.train.schedule`);
+  :class:`~cfcd.utils.registry.Registry` tables (the LR schedules are in :mod:`cfcd.train.schedule`);
 * :mod:`cfcd.train.trainer` -- :class:`~cfcd.train.trainer.Trainer` / :func:`~cfcd.train.trainer.train`:
   DDP through torchrun, gradient accumulation with exact global-batch MadaCos statistics,
   bf16 autocast and channels_last on CUDA, resumable checkpoints, JSONL/TensorBoard logs;

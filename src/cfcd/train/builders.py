@@ -1,6 +1,6 @@
 """The recipe's named parts: batch samplers (``data.sampler``) and optimizers (``optim.name``).
 
-Each is a builder in a :class:`~cfcd.train.registry.Registry`; a new one is a decorated function::
+Each is a builder in a :class:`~cfcd.utils.registry.Registry`; a new one is a decorated function::
 
     @SAMPLERS.register("my_sampler")
     def my_sampler(cfg, train_list, common, trainer): ...
@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cfcd.errors import InputError
-from cfcd.train.registry import Registry
+from cfcd.utils.registry import Registry
 
 if TYPE_CHECKING:
     from cfcd.train.config import OptimConfig, TrainConfig
+
+def set_bn_eval(module) -> None:
+    """cirtorch: BN layers in eval mode (running stats frozen; affine parameters still learn)."""
+    from torch import nn
+
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
 
 #: ``builder(cfg, train_list, common, trainer) -> GlobalBatchSampler``; ``common`` holds the batch
 #: layout (global_batch, micro_batch, rank, world_size, seed); ``trainer`` the model and device.
@@ -88,7 +97,6 @@ def class_balanced_sampler(cfg: TrainConfig, train_list, common: dict, trainer: 
 def mined_sampler(cfg: TrainConfig, train_list, common: dict, trainer: Any):
     """cirtorch: hardest negatives by the current model, every epoch."""
     from cfcd.train.mining import HardNegativeMiner, MinedTupleBatchSampler, model_describer, pairs_from_labels
-    from cfcd.train.trainer import set_bn_eval
 
     mi, seed = cfg.data.mining, cfg.train.seed
     qpool, ppool = pairs_from_labels(train_list.labels, seed=seed)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from cfcd.train.registry import Registry
+from cfcd.utils.registry import Registry
 
 if TYPE_CHECKING:
     from cfcd.train.config import OptimConfig

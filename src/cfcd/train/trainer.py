@@ -43,7 +43,7 @@ from torch import nn
 from cfcd.errors import CfcdError, InputError
 from cfcd.losses import BatchLayout, CosineHead, Objective
 from cfcd.train import checkpoint as ckpt_mod
-from cfcd.train.builders import OPTIMIZERS, SAMPLERS, data_file
+from cfcd.train.builders import OPTIMIZERS, SAMPLERS, data_file, set_bn_eval
 from cfcd.train.config import TrainConfig, dump_config
 from cfcd.train.distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
 from cfcd.runtime import autocast_dtype, jsonable, precision_name, progress
@@ -232,13 +232,6 @@ def frozen_bn_buffers(module: nn.Module):
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
-
-
-def set_bn_eval(module: nn.Module) -> None:
-    """cirtorch: BN layers in eval mode (running stats frozen; affine parameters still learn)."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
 
 
 @dataclass

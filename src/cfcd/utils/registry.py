@@ -1,4 +1,5 @@
-"""One registry type for everything chosen by name: models, checkpoint formats, losses, samplers, optimizers.
+"""One registry type for everything chosen by name: models, checkpoint formats, losses, samplers, optimizers,
+learning-rate schedules.
 
 A module that defines a thing registers it when imported (timm's pattern), so a new family, loss or
 format is one file plus one import; an unknown name is an :class:`~cfcd.errors.InputError` that lists
@@ -46,6 +47,21 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._items)
+
+    def choices(self) -> str:
+        """The names in registration order, as a sentence: ``a, b or c``."""
+        names = list(self._items)
+        return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
+
+    def check(self, name: str) -> None:
+        """Refuse a name no entry has, worded for a recipe key (``kind`` = ``optim.name``, ...)."""
+        if name not in self:
+            raise InputError(f"{self.kind} must be {self.choices()}, got {name!r}")
+
+    def build(self, name: str, *args, **kwargs):
+        """Call the builder registered under ``name``."""
+        self.check(name)
+        return self._items[self._key(name)](*args, **kwargs)
 
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._items.items())
