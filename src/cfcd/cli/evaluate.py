@@ -31,6 +31,7 @@ EPILOG = """\
 examples:
   cfcd evaluate --dataset roxford5k --root data -q q_store -x db_store --json roxford5k.json
   cfcd evaluate --gnd gnd_rparis6k.pkl -q q.npy -x x.npy --distractors r1m_store --qe 2 3
+  cfcd evaluate --dataset gldv2_retrieval --root data -q OUT/queries -x OUT/database --json gldv2.json
 
 Stores are matched to the ground truth by image id (qimlist / imlist); a plain .npy must have
 one row per image in that order. The JSON report holds mAP and mP@k per setup (percent), every
@@ -45,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     gt = parser.add_argument_group("ground truth")
     gt.add_argument("--dataset", default=None,
-                    help="roxford5k, rparis6k (or oxford5k/paris6k, or any gnd_<name>.pkl); "
+                    help="roxford5k, rparis6k (or oxford5k/paris6k, or any gnd_<name>.pkl), or gldv2_retrieval "
+                         "(with --root: DELF's mAP@100 and mPrecision@100, Public/Private/all); "
                          "default: from the --gnd file name")
     src = gt.add_mutually_exclusive_group(required=True)
     src.add_argument("--gnd", type=Path, help="ground-truth pickle gnd_<dataset>.pkl")

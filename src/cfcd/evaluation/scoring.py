@@ -128,7 +128,7 @@ def evaluate(
     n_db = _gnd_size(gnd, database.shape[0])
     if database.shape[0] != n_db:
         raise InputError(f"database: {database.shape[0]} rows but the ground truth lists {n_db} database images")
-    lab = labelled_indices(gnd)
+    lab = labelled_indices(gnd, _chosen_setups(gnd, setups))  # the setups' keys (GLDv2: public, private)
     timings: dict[str, float] = {}
     pos = labelled_positions(
         queries, database, lab, distractors=distractors, sources=sources,
@@ -182,7 +182,7 @@ def evaluate_scores(
         return np.ascontiguousarray(scores[start:stop].T, dtype=dtype)
 
     block = _Block(int(scores.shape[0]), 0, "scores", chunk)
-    lab = labelled_indices(gnd)
+    lab = labelled_indices(gnd, _chosen_setups(gnd, setups))  # the setups' keys (GLDv2: public, private)
     timings: dict[str, float] = {}
     pos = _positions(
         [block], lab, nq=len(entries), chunk_rows=_auto_chunk_rows(len(entries), chunk_rows),
