@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("datasets", nargs="+", metavar="DATASET", help=f"one or more of {', '.join(DATASET_NAMES)}, or 'all'")
     p.add_argument("--root", required=True, type=Path, help="data root (ROOT/<dataset>/jpg/, ROOT/<dataset>/gnd_<dataset>.pkl)")
     p.add_argument("--base-url", default=None,
-                   help="mirror that replaces the scheme and host of every official URL (default: $CFCD_DATA_MIRROR)")
+                   help="mirror that replaces the scheme and host of every official URL (GLDv2: the official base "
+                        "https://s3.amazonaws.com/google-landmark) (default: $CFCD_DATA_MIRROR)")
     p.add_argument("--manifest", type=Path, default=None,
                    help="JSON {file name: {size, sha256}} of expected values (null = unknown)")
     p.add_argument("--keep-archives", action="store_true", help="keep the tarballs after extraction")

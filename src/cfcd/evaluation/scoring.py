@@ -24,11 +24,11 @@ from cfcd.evaluation.setups import DEFAULT_KAPPAS, _entries, _join, labelled_ind
 
 
 def _chosen_setups(gnd: Any, setups: Mapping[str, tuple] | Sequence[str] | None) -> dict[str, tuple]:
+    if isinstance(setups, Mapping):  # a dataset's own setups (GLDv2): its ground truth has other keys
+        return dict(setups)
     all_setups = protocol_setups(gnd)
     if setups is None:
         return all_setups
-    if isinstance(setups, Mapping):
-        return dict(setups)
     unknown = [s for s in setups if s not in all_setups]
     if unknown:
         raise ValueError(f"unknown setup(s) {unknown} for this ground truth; choose from {list(all_setups)}")

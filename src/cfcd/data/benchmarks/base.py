@@ -115,6 +115,13 @@ class BenchmarkDataset:
 
         return verify_archives(self, root, **options)
 
+    def mirror_url(self, url: str, base_url: str | None) -> str:
+        """Where to fetch ``url`` from: on the mirror ``base_url`` (or $CFCD_DATA_MIRROR), the official
+        scheme and host replaced (:func:`cfcd.data.benchmarks.install.resolve_url`)."""
+        from cfcd.data.benchmarks.install import resolve_url
+
+        return resolve_url(url, base_url)
+
     def image_dirs(self, root: str | os.PathLike) -> dict[Path, tuple[RemoteFile, ...]]:
         """Each directory of images and the archives extracted into it (``cfcd data layout``)."""
         return {self.images_dir(root): self.archives}

@@ -28,6 +28,7 @@ from cfcd.data.benchmarks.base import BenchmarkDataset, RemoteFile, register_dat
 from cfcd.data.benchmarks.install import (
     DOWNLOADS_DIR,
     FILE_LISTS_DIR,
+    MIRROR_ENV,
     DownloadSummary,
     VerifyReport,
     _examples,
@@ -40,7 +41,6 @@ from cfcd.data.benchmarks.install import (
     _verify_small_files,
     _verify_unchanged,
     download_small_files,
-    resolve_url,
 )
 from cfcd.data.download import ArchiveError, DownloadError, download_file, extract_archive, md5_file, remote_size
 from cfcd.errors import CfcdError, InputError
@@ -159,6 +159,14 @@ class GLDv2Dataset(BenchmarkDataset):
     def split(self, name: str) -> Split:
         return next(s for s in self.splits if s.name == name)
 
+    def mirror_url(self, url: str, base_url: str | None) -> str:
+        """A mirror replaces the official base ``https://s3.amazonaws.com/google-landmark`` (so it holds
+        ``train/``, ``md5sum/``, ``metadata/``... at its top, as the official bucket does)."""
+        base = base_url if base_url is not None else os.environ.get(MIRROR_ENV) or None
+        if not base or not url.startswith(GLDV2_BASE):
+            return url
+        return base.rstrip("/") + url[len(GLDV2_BASE):]
+
     def image_dirs(self, root: str | os.PathLike) -> dict[Path, tuple[RemoteFile, ...]]:
         return {self.dir(root) / s.name: tuple(s.archive(i) for i in range(s.count)) for s in self.splits}
 
@@ -244,7 +252,11 @@ class GLDv2Retrieval(GLDv2Dataset):
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """Bytes in GiB, or MiB/KiB below one (a subset of a few tars)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def _read_md5(path: Path, archive: str) -> str:
@@ -259,9 +271,7 @@ def download_parts(dataset: GLDv2Dataset, root: str | os.PathLike, chosen: dict[
                    force: bool, base_url, manifest, keep_archives: bool, log, fetch) -> DownloadSummary:
     """The csvs, then the chosen tars of each split, ``workers`` at a time (see the module docstring)."""
     ds_dir = dataset.dir(root)
-    for split in dataset.splits:  # extraction dirs of a killed run (a clean exit removes its own)
-        for stale in ds_dir.glob(f".{split.name}.extract-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    _remove_leftovers(dataset, ds_dir)
     state = _load_state(ds_dir)
     state["dataset"] = dataset.name
     summary = DownloadSummary(dataset.name, ds_dir)
@@ -287,6 +297,8 @@ def download_parts(dataset: GLDv2Dataset, root: str | os.PathLike, chosen: dict[
         lock = threading.Lock()
         if workers > 1:
             fetch = {**fetch, "progress": False}  # several bars at once would garble the terminal
+            log = _one_line_at_a_time(log)
+            fetch["log"] = log
 
         def one(job: tuple[Split, int]) -> None:
             _download_part(dataset, ds_dir, state, summary, lock, job, base_url=base_url,
@@ -311,10 +323,31 @@ def download_parts(dataset: GLDv2Dataset, root: str | os.PathLike, chosen: dict[
     return summary
 
 
+def _remove_leftovers(dataset: GLDv2Dataset, ds_dir: Path) -> None:
+    """What a killed run leaves and a clean exit removes: extraction dirs, atomic writes' temp files."""
+    for split in dataset.splits:
+        for stale in ds_dir.glob(f".{split.name}.extract-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    temps = [*ds_dir.glob(".*.tmp"), *(ds_dir / DOWNLOADS_DIR).rglob(".*.tmp"), *(ds_dir / FILE_LISTS_DIR).glob(".*.tmp")]
+    for stale in temps:  # cfcd.utils.io.atomic_open names them .<name>.<random>.tmp
+        stale.unlink(missing_ok=True)
+
+
+def _one_line_at_a_time(log):
+    """``log`` for several threads: print writes the text and the newline separately."""
+    lock = threading.Lock()
+
+    def locked(message: str) -> None:
+        with lock:
+            log(message)
+
+    return locked
+
+
 def _check_space(dataset: GLDv2Dataset, ds_dir: Path, todo: list[tuple[Split, int]], *, base_url, workers: int,
                  keep_archives: bool, force: bool, log, timeout: float) -> None:
     """Print the size to download (HEAD Content-Length) and the free disk; refuse when it cannot fit."""
-    urls = [resolve_url(split.archive(i).url, base_url) for split, i in todo]
+    urls = [dataset.mirror_url(split.archive(i).url, base_url) for split, i in todo]
     with ThreadPoolExecutor(min(16, max(4, workers))) as pool:
         sizes = list(pool.map(lambda url: remote_size(url, timeout=timeout), urls))
     known = [s for s in sizes if s is not None]
@@ -346,11 +379,11 @@ def _download_part(dataset: GLDv2Dataset, ds_dir: Path, state: dict, summary: Do
     key = split.key(i)
     name = Path(key).name
     downloads = ds_dir / DOWNLOADS_DIR
-    md5_url = resolve_url(split.md5_url(i), base_url)
+    md5_url = dataset.mirror_url(split.md5_url(i), base_url)
     md5_path = downloads / "md5sum" / split.name / f"md5.images_{i:03d}.txt"
     download_file(md5_url, md5_path, desc=md5_path.name, **fetch)
     md5 = _read_md5(md5_path, name)
-    url = resolve_url(split.archive(i).url, base_url)
+    url = dataset.mirror_url(split.archive(i).url, base_url)
     archive = downloads / key
     for attempt in range(fetch["retries"] + 1):
         log(f"{dataset.name}: downloading {key} ({url})")

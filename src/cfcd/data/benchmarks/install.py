@@ -299,7 +299,7 @@ def download_small_files(dataset: BenchmarkDataset, ds_dir: Path, state: dict, s
             summary.skipped.append(item.filename)
             continue
         size, sha = expected_for(item, manifest)
-        url = resolve_url(item.url, base_url)
+        url = dataset.mirror_url(item.url, base_url)
         log(f"{dataset.name}: {'checking' if dest.exists() else 'downloading'} {item.filename} ({url})")
         result = download_file(url, dest, expected_size=size, expected_sha256=sha, desc=item.filename, **fetch)
         state["files"][item.filename] = {"url": url, "role": item.role, "size": result.size,
