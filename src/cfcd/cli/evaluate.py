@@ -142,12 +142,13 @@ def _per_query_table(result) -> str:
     ids = result.query_ids or [str(i) for i in range(result.num_queries)]
     width = max(len("query"), *(len(i) for i in ids))
     first = {n: result.setups[n].metrics[0] for n in names}  # AP unless --metrics says otherwise
-    lines = [f"{'query':<{width}}" + "".join(f"{first[n].query_name + ' ' + n:>12}" for n in names)]
+    cols = {n: max(12, len(first[n].query_name) + len(n) + 2) for n in names}
+    lines = [f"{'query':<{width}}" + "".join(f"{first[n].query_name + ' ' + n:>{cols[n]}}" for n in names)]
     for q, qid in enumerate(ids):
         cells = []
         for n in names:
             ap = result.setups[n].per_query[first[n].name][q]
-            cells.append(f"{'-':>12}" if ap != ap else f"{ap * 100:>12.2f}")
+            cells.append(f"{'-':>{cols[n]}}" if ap != ap else f"{ap * 100:>{cols[n]}.2f}")
         lines.append(f"{qid:<{width}}" + "".join(cells))
     return "\n".join(lines)
 
