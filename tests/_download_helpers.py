@@ -14,12 +14,12 @@ import numpy as np
 from PIL import Image
 
 
-def jpeg_bytes(seed: int, size: tuple[int, int] = (24, 16)) -> bytes:
+def jpeg_bytes(seed: int, size: tuple[int, int] = (24, 16), quality: int = 90) -> bytes:
     """A small, valid JPEG whose content depends on ``seed``."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -57,6 +57,9 @@ class Served:
     data: bytes
     drop_after: list[int] = field(default_factory=list)   # per request: close after N body bytes
     statuses: list[int] = field(default_factory=list)     # per request: answer with this error status first
+    corrupt: list[bool] = field(default_factory=list)     # per request: flip a byte of the body
+    hold: threading.Event | None = None                   # send half the body, then wait for this event
+    requested: threading.Event = field(default_factory=threading.Event)  # set once a GET is (half) sent
 
 
 class FileServer:
@@ -83,6 +86,9 @@ class FileServer:
             def do_GET(self):
                 server._handle(self)
 
+            def do_HEAD(self):
+                server._head(self)
+
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -103,6 +109,14 @@ class FileServer:
             self.files[path] = served
         return served
 
+    def _head(self, handler: BaseHTTPRequestHandler) -> None:
+        """HEAD: the status and Content-Length of a GET, no body (HEAD requests are not logged)."""
+        served = self.files.get(handler.path.split("?", 1)[0])
+        handler.send_response(200 if served is not None else 404)
+        handler.send_header("Content-Length", str(len(served.data)) if served is not None else "0")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+
     def paths_requested(self) -> list[str]:
         return [p for p, _, _ in self.requests]
 
@@ -115,6 +129,7 @@ class FileServer:
             served = self.files.get(path)
             status = served.statuses.pop(0) if served and served.statuses else None
             drop = served.drop_after.pop(0) if served and served.drop_after else None
+            corrupt = served.corrupt.pop(0) if served and served.corrupt else False
         if served is None or status is not None:
             code = status or 404
             handler.send_response(code)
@@ -123,6 +138,8 @@ class FileServer:
             handler.end_headers()
             return
         data = served.data
+        if corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])  # same length: only a checksum can tell
         etag = '"' + hashlib.sha1(data).hexdigest()[:16] + '"'
         start = 0
         partial = False
@@ -164,4 +181,96 @@ class FileServer:
             except OSError:
                 pass
             return
-        handler.wfile.write(body)
+        if served.hold is not None:
+            try:
+                handler.wfile.write(body[: len(body) // 2])
+                handler.wfile.flush()
+            except OSError:
+                return
+            served.requested.set()
+            served.hold.wait(timeout=60)
+            body = body[len(body) // 2:]
+        served.requested.set()
+        try:
+            handler.wfile.write(body)
+        except OSError:  # the client was killed meanwhile
+            pass
+
+
+# --------------------------------------------------------------------------------------
+# A miniature GLDv2 mirror in the official layout
+# --------------------------------------------------------------------------------------
+
+
+def gldv2_id(split: str, n: int) -> str:
+    """A 16-hex-digit id, as GLDv2's, unique per split and number."""
+    return hashlib.sha1(f"{split}-{n}".encode()).hexdigest()[:16]
+
+
+def gldv2_member(image_id: str) -> str:
+    return f"{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg"
+
+
+@dataclass
+class GLDv2Mirror:
+    """``files`` (URL path -> bytes) of a tiny GLDv2 mirror and what its tars hold."""
+
+    files: dict[str, bytes]
+    tars: dict[str, dict[str, bytes]]   # "train/images_003.tar" -> {member: bytes}
+    solution: list[tuple[str, str, str]]  # (id, images, Usage) rows of the retrieval solution
+
+
+def _csv(header: str, rows: list[str]) -> bytes:
+    return ("\n".join([header, *rows]) + "\n").encode()
+
+
+def gldv2_mirror(*, train_tars: int = 11, per_train_tar: int = 3, index_tars: int = 2, per_index_tar: int = 8,
+                 test_images: int = 8, size: tuple[int, int] = (40, 32)) -> GLDv2Mirror:
+    """Tars of tiny JPEGs (``a/b/c/<id>.jpg``), their md5 files and the csvs, at the official paths.
+
+    Retrieval: test image q looks like index image 2q (a recompressed copy); it is Public for even
+    q, Private for odd q, and its solution is index images 2q and 2q+1; the last test image is
+    Ignored with the solution None, as the unscored test images of the real file.
+    """
+    files: dict[str, bytes] = {}
+    tars: dict[str, dict[str, bytes]] = {}
+
+    def add_tar(split: str, i: int, members: dict[str, bytes]) -> None:
+        name = f"images_{i:03d}.tar"
+        data = tar_bytes(members, mode="w")
+        files[f"/{split}/{name}"] = data
+        files[f"/md5sum/{split}/md5.{name}.txt".replace(".tar.txt", ".txt")] = (
+            f"{hashlib.md5(data).hexdigest()}  {name}\n".encode())
+        tars[f"{split}/{name}"] = members
+
+    train_rows, clean = [], {}
+    for t in range(train_tars):
+        members = {}
+        for k in range(per_train_tar):
+            n = t * per_train_tar + k
+            image_id = gldv2_id("train", n)
+            members[gldv2_member(image_id)] = jpeg_bytes(1000 + n, size)
+            train_rows.append(f"{image_id},http://example.org/{image_id}.jpg,{n % 5}")
+            clean.setdefault(n % 5, []).append(image_id)
+        add_tar("train", t, members)
+    files["/metadata/train.csv"] = _csv("id,url,landmark_id", train_rows)
+    files["/metadata/train_clean.csv"] = _csv("landmark_id,images", [f"{k},{' '.join(v)}" for k, v in clean.items()])
+    files["/metadata/train_label_to_category.csv"] = _csv(
+        "landmark_id,category", [f"{k},http://commons.wikimedia.org/wiki/Category:L{k}" for k in clean])
+
+    index_ids = [gldv2_id("index", n) for n in range(index_tars * per_index_tar)]
+    for t in range(index_tars):
+        add_tar("index", t, {gldv2_member(index_ids[n]): jpeg_bytes(2000 + n, size)
+                             for n in range(t * per_index_tar, (t + 1) * per_index_tar)})
+    test_ids = [gldv2_id("test", n) for n in range(test_images)]
+    add_tar("test", 0, {gldv2_member(test_ids[q]): jpeg_bytes(2000 + (2 * q) % len(index_ids), size, quality=60)
+                        for q in range(test_images)})
+    files["/metadata/index.csv"] = _csv("id", index_ids)
+    files["/metadata/test.csv"] = _csv("id", test_ids)
+    solution = []
+    for q in range(test_images - 1):
+        positives = [index_ids[(2 * q) % len(index_ids)], index_ids[(2 * q + 1) % len(index_ids)]]
+        solution.append((test_ids[q], " ".join(positives), "Public" if q % 2 == 0 else "Private"))
+    solution.append((test_ids[-1], "None", "Ignored"))
+    files["/ground_truth/retrieval_solution_v2.1.csv"] = _csv("id,images,Usage", [",".join(r) for r in solution])
+    return GLDv2Mirror(files, tars, solution)

@@ -41,7 +41,7 @@ def doc_modules():
     exec(register_code, {"NormFace": normface.NormFace})
     gldv2 = _module("extending_doc_gldv2", gldv2_code)
     yield normface, gldv2
-    DATASETS.pop("gldv2_retrieval", None)
+    DATASETS.pop("gldv2_minimal", None)
     L.LOSSES.unregister("normface")
     for name in ("extending_doc_normface", "extending_doc_gldv2"):
         sys.modules.pop(name, None)
@@ -82,7 +82,7 @@ def gldv2_root(tmp_path_factory, doc_modules):
 
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("gldv2")
-    ds_dir = root / "gldv2_retrieval"
+    ds_dir = root / "gldv2_minimal"
     n_index, dim = 150, 16
     index = [f"{rng.integers(16**15):015x}{k:01x}" for k in range(n_index)]
     tests = [f"{rng.integers(16**15):015x}{k:01x}" for k in range(9)]
@@ -92,7 +92,7 @@ def gldv2_root(tmp_path_factory, doc_modules):
     ds_dir.mkdir()
     (ds_dir / "retrieval_solution_v2.1.csv").write_text("\n".join(rows) + "\n")
     (ds_dir / "index.csv").write_text("id\n" + "\n".join(index) + "\n")
-    dataset = get_dataset("gldv2_retrieval")
+    dataset = get_dataset("gldv2_minimal")
     for name in index + tests[:7]:
         path = dataset.images_dir(root) / dataset.image_name(name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def test_the_documented_benchmark_reads_verifies_and_evaluates(gldv2_root, tmp_p
     root, dataset = gldv2_root["root"], gldv2_root["dataset"]
     gt = dataset.ground_truth(root)
     assert gt.qimlist == gldv2_root["queries"] and gt.imlist == gldv2_root["index"]  # Ignored rows left out
-    report = verify_dataset("gldv2_retrieval", root, progress=False)
+    report = verify_dataset("gldv2_minimal", root, progress=False)
     assert report.ok, report.summary()
     assert report.counts["queries"] == 7 and report.counts["database"] == 150
     listed = dataset.image_list(root, queries=True)
@@ -130,7 +130,7 @@ def test_the_documented_benchmark_reads_verifies_and_evaluates(gldv2_root, tmp_p
     assert any(ranks[k, where[n]] >= 100 for k, t in enumerate(gldv2_root["queries"]) for n in gldv2_root["solution"][t])
 
     out = tmp_path / "report.json"
-    assert cli_main(["evaluate", "--dataset", "gldv2_retrieval", "--root", str(root), "-q", str(root / "test.npy"),
+    assert cli_main(["evaluate", "--dataset", "gldv2_minimal", "--root", str(root), "-q", str(root / "test.npy"),
                      "-x", str(root / "index.npy"), "--metrics", "mAP@100", "mP@10", "--json", str(out)]) == 0
     import json
 

@@ -4,6 +4,8 @@ Usage::
 
     cfcd data download roxford5k rparis6k --root data/datasets
     cfcd data download revisitop1m --root data/datasets --base-url http://mirror.example.org
+    cfcd data download gldv2_train --root data/datasets --parts 0-9,42 --workers 4   # a subset of the 500 tars
+    cfcd data download gldv2_retrieval --root data/datasets --workers 8
     cfcd data verify data/datasets [--dataset roxford5k] [--decode] [--checksums] [--json report.json]
     cfcd data layout --root data/datasets
     cfcd data manifest --root data/datasets --out manifest.json    # sizes/sha256 of a finished download
@@ -18,7 +20,7 @@ import argparse
 import os
 from pathlib import Path
 
-DATASET_NAMES = ("roxford5k", "rparis6k", "revisitop1m")
+DATASET_NAMES = ("roxford5k", "rparis6k", "revisitop1m", "gldv2_train", "gldv2_retrieval")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,10 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("datasets", nargs="+", metavar="DATASET", help=f"one or more of {', '.join(DATASET_NAMES)}, or 'all'")
     p.add_argument("--root", required=True, type=Path, help="data root (ROOT/<dataset>/jpg/, ROOT/<dataset>/gnd_<dataset>.pkl)")
     p.add_argument("--base-url", default=None,
-                   help="mirror that replaces the scheme and host of every official URL (default: $CFCD_DATA_MIRROR)")
+                   help="mirror that replaces the scheme and host of every official URL (GLDv2: the official base "
+                        "https://s3.amazonaws.com/google-landmark) (default: $CFCD_DATA_MIRROR)")
     p.add_argument("--manifest", type=Path, default=None,
                    help="JSON {file name: {size, sha256}} of expected values (null = unknown)")
     p.add_argument("--keep-archives", action="store_true", help="keep the tarballs after extraction")
+    p.add_argument("--parts", action="append", default=None, metavar="SPEC",
+                   help="GLDv2: the tars to download, e.g. 0-9,42 (every split) or index:0-9 (one split); "
+                        "repeatable; default all")
+    p.add_argument("--workers", type=int, default=1, help="GLDv2: tars downloaded at once (default 1)")
+    p.add_argument("--force", action="store_true",
+                   help="GLDv2: start even when the size to download does not fit the free disk")
     p.add_argument("--retries", type=int, default=5, help="retries of a failing download (default 5)")
     p.add_argument("--backoff", type=float, default=2.0, help="base of the exponential retry delay in seconds")
     p.add_argument("--timeout", type=float, default=60.0, help="network read timeout in seconds")
@@ -78,12 +87,14 @@ def _download(args) -> int:
                 names.append(item)
     if args.retries < 0:
         raise InputError("--retries must be >= 0")
+    if args.workers < 1:
+        raise InputError("--workers must be >= 1")
     manifest = load_manifest(args.manifest) if args.manifest else None
     for name in names:
         summary = download_dataset(
             name, args.root, base_url=args.base_url, manifest=manifest, keep_archives=args.keep_archives,
             retries=args.retries, backoff=args.backoff, timeout=args.timeout, progress=not args.no_progress,
-            log=print,
+            log=print, parts=args.parts, workers=args.workers, force=args.force,
         )
         text = f"{name}: {len(summary.downloaded)} downloaded, {len(summary.skipped)} already there"
         if summary.extracted_files:

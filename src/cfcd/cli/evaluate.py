@@ -31,6 +31,7 @@ EPILOG = """\
 examples:
   cfcd evaluate --dataset roxford5k --root data -q q_store -x db_store --json roxford5k.json
   cfcd evaluate --gnd gnd_rparis6k.pkl -q q.npy -x x.npy --distractors r1m_store --qe 2 3
+  cfcd evaluate --dataset gldv2_retrieval --root data -q OUT/queries -x OUT/database --json gldv2.json
 
 Stores are matched to the ground truth by image id (qimlist / imlist); a plain .npy must have
 one row per image in that order. The JSON report holds mAP and mP@k per setup (percent), every
@@ -45,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     gt = parser.add_argument_group("ground truth")
     gt.add_argument("--dataset", default=None,
-                    help="roxford5k, rparis6k (or oxford5k/paris6k, or any gnd_<name>.pkl); "
+                    help="roxford5k, rparis6k (or oxford5k/paris6k, or any gnd_<name>.pkl), or gldv2_retrieval "
+                         "(with --root: DELF's mAP@100 and mPrecision@100, Public/Private/all); "
                          "default: from the --gnd file name")
     src = gt.add_mutually_exclusive_group(required=True)
     src.add_argument("--gnd", type=Path, help="ground-truth pickle gnd_<dataset>.pkl")
@@ -140,12 +142,13 @@ def _per_query_table(result) -> str:
     ids = result.query_ids or [str(i) for i in range(result.num_queries)]
     width = max(len("query"), *(len(i) for i in ids))
     first = {n: result.setups[n].metrics[0] for n in names}  # AP unless --metrics says otherwise
-    lines = [f"{'query':<{width}}" + "".join(f"{first[n].query_name + ' ' + n:>12}" for n in names)]
+    cols = {n: max(12, len(first[n].query_name) + len(n) + 2) for n in names}
+    lines = [f"{'query':<{width}}" + "".join(f"{first[n].query_name + ' ' + n:>{cols[n]}}" for n in names)]
     for q, qid in enumerate(ids):
         cells = []
         for n in names:
             ap = result.setups[n].per_query[first[n].name][q]
-            cells.append(f"{'-':>12}" if ap != ap else f"{ap * 100:>12.2f}")
+            cells.append(f"{'-':>{cols[n]}}" if ap != ap else f"{ap * 100:>{cols[n]}.2f}")
         lines.append(f"{qid:<{width}}" + "".join(cells))
     return "\n".join(lines)
 

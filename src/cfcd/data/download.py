@@ -71,6 +71,9 @@ __all__ = [
     "ExtractResult",
     "download_file",
     "extract_archive",
+    "md5_file",
+    "remote_size",
+    "retry_reason",
     "clash_name",
 ]
 
@@ -181,6 +184,7 @@ def download_file(
     progress: bool = True,
     desc: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    log: Callable[[str], None] | None = None,
 ) -> DownloadResult:
     """Download ``url`` to ``dest``, resuming an earlier ``<dest>.part``.
 
@@ -194,6 +198,7 @@ def download_file(
         timeout: socket timeout of one read, in seconds.
         progress: show a tqdm bar in bytes.
         sleep: the function used to wait between retries.
+        log: told one line per retry, with the reason (offline, refused, timeout...).
 
     Returns:
         a :class:`DownloadResult`. If ``dest`` already exists it is not downloaded again; it
@@ -250,13 +255,59 @@ def download_file(
             if failures > retries:
                 part = transfer.part
                 raise DownloadError(
-                    f"{url}: download failed after {attempts} attempts: {exc}; "
+                    f"{url}: download failed after {attempts} attempts: {retry_reason(exc)}; "
                     f"the {part.stat().st_size if part.exists() else 0} bytes already received are kept "
                     f"in {part} and the next run resumes from there"
                 ) from exc
             delay = backoff * (2 ** max(failures - 1, 0))
+            if log is not None:  # never retry silently: an offline machine would look hung
+                log(f"{url}: {retry_reason(exc)}; retry {failures}/{retries} in {delay:g} s")
             if delay > 0:
                 sleep(delay)
+
+
+def retry_reason(exc: BaseException) -> str:
+    """A short reason for a failed attempt, naming the likely cause when the machine is offline."""
+    import socket
+
+    if isinstance(exc, _TransientError):
+        return str(exc)
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError) else exc
+    if isinstance(reason, socket.gaierror):
+        return f"DNS lookup failed ({reason.strerror or reason}): offline, or a wrong host name"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused: the server is down or the address is wrong"
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return "no answer within the timeout"
+    if isinstance(reason, OSError) and reason.errno is not None:
+        return f"network error ({reason.strerror or reason})"
+    return f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
+
+
+def remote_size(url: str, *, timeout: float = 60.0) -> int | None:
+    """The Content-Length a HEAD request announces for ``url`` (None when the server does not say).
+
+    Raises :class:`DownloadError` when the server answers with an error or cannot be reached.
+    """
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": USER_AGENT,
+                                                                   "Accept-Encoding": "identity"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+    except urllib.error.HTTPError as exc:
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        raise DownloadError(f"{url}: {retry_reason(exc)}") from None
+    return int(length) if length and length.isdigit() else None
+
+
+def md5_file(path: str | os.PathLike, chunk: int = CHUNK_SIZE) -> str:
+    """The md5 of a file (GLDv2 publishes md5 sums of its tars)."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _already_downloaded(dest: Path, url: str, *, expected_size: int | None,

@@ -6,6 +6,7 @@ published numbers to check against are in ``docs/evaluation.md``.
 
 * :mod:`~cfcd.evaluation.setups` - ground truth to Easy/Medium/Hard positives and junk;
 * :mod:`~cfcd.evaluation.metrics` - pluggable metrics (mAP, mP@k, mAP@k);
+* :mod:`cfcd.evaluation.gldv2` - GLDv2 retrieval: DELF's mAP@100 and mPrecision@100 (imported explicitly);
 * :mod:`~cfcd.evaluation.ranking` - positions of the labelled images, chunked;
 * :mod:`~cfcd.evaluation.scoring` - :func:`evaluate` and friends;
 * :mod:`~cfcd.evaluation.results` - results and their table;

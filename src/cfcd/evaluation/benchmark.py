@@ -1,6 +1,11 @@
 """The benchmark workflow, once: describe a ground truth's queries (cropped) and database, check the
 distractors, evaluate. ``cfcd benchmark``, the trainer's benchmark hook, the demo and the web page
-all call :func:`run_benchmark`."""
+all call :func:`run_benchmark`.
+
+Which images are described and how they are scored is the benchmark dataset's rule
+(:class:`cfcd.data.benchmarks.BenchmarkDataset`: ``benchmark_list``, ``setups``, ``metrics``);
+without one, revisitop's (queries cropped to their boxes, Easy/Medium/Hard, mAP and mP@k). GLDv2
+retrieval describes whole test images and scores DELF's mAP@100 (``docs/gldv2.md``)."""
 
 from __future__ import annotations
 
@@ -36,9 +41,10 @@ class BenchmarkResult:
 def describe_benchmark(model, gnd, root: str | os.PathLike, out: str | os.PathLike, options, *,
                        weights=None, overwrite: bool = False, log: Callable[[str], None] | None = None,
                        on_part: Callable[[str, Any], None] | None = None,
-                       parts: Sequence[str] = ("queries", "database")) -> tuple[dict, dict, bool]:
+                       parts: Sequence[str] = ("queries", "database"), dataset=None) -> tuple[dict, dict, bool]:
     """Extract ``out/queries`` (cropped, in qimlist order) and ``out/database`` (resumable);
     ``parts=("queries",)`` for the queries alone (the web page evaluates a served database).
+    ``dataset`` (a :class:`cfcd.data.benchmarks.BenchmarkDataset`) chooses the images; default revisitop's.
 
     Returns ``(stores, summaries, stopped)``. A benchmark image that cannot be read is an error:
     a benchmark with a hole in it gives a number that cannot be compared with anyone's.
@@ -55,8 +61,12 @@ def describe_benchmark(model, gnd, root: str | os.PathLike, out: str | os.PathLi
     for part, queries in PARTS:
         if part not in parts:
             continue
-        summary = extract_to_store(model, gnd_image_list(gnd, root=root, queries=queries), out / part, options,
-                                   weights=weights, queries=queries, overwrite=overwrite, log=log,
+        images = (dataset.benchmark_list(gnd, root, queries=queries) if dataset is not None
+                  else gnd_image_list(gnd, root=root, queries=queries))
+        summary = extract_to_store(model, images, out / part, options,
+                                   # whole-image queries (GLDv2) are described as database images are
+                                   weights=weights, queries=queries and images.boxes is not None,
+                                   overwrite=overwrite, log=log,
                                    extra_meta={**gnd_meta, "benchmark_part": part})
         if summary.stopped:
             return stores, summaries, True
@@ -73,8 +83,10 @@ def describe_benchmark(model, gnd, root: str | os.PathLike, out: str | os.PathLi
 def run_benchmark(model, gnd, root: str | os.PathLike, out: str | os.PathLike, options, *, weights=None,
                   distractors: Sequence[str | os.PathLike] = (), whiten=None, overwrite: bool = False,
                   evaluate: bool = True, log: Callable[[str], None] | None = None,
-                  on_part: Callable[[str, Any], None] | None = None) -> BenchmarkResult:
+                  on_part: Callable[[str, Any], None] | None = None, dataset=None) -> BenchmarkResult:
     """Describe the benchmark into ``out`` and evaluate it (with ``distractors`` as a second result).
+    ``dataset`` (a :class:`cfcd.data.benchmarks.BenchmarkDataset`) gives the images, setups and
+    metrics; default revisitop's.
 
     Under torchrun every rank extracts its share; only the result of rank 0 is meaningful, and
     ``evaluate=False`` lets the other ranks skip the evaluation.
@@ -84,15 +96,17 @@ def run_benchmark(model, gnd, root: str | os.PathLike, out: str | os.PathLike, o
 
     out = Path(out)
     stores, summaries, stopped = describe_benchmark(model, gnd, root, out, options, weights=weights,
-                                                    overwrite=overwrite, log=log, on_part=on_part)
+                                                    overwrite=overwrite, log=log, on_part=on_part, dataset=dataset)
     result = BenchmarkResult(None, {}, stores=stores, summaries=summaries, stopped=stopped)
     if stopped or not evaluate:
         return result
     for path in distractors:  # before the evaluation: a mismatch must not cost a 1M-row pass
         check_compatible(stores["database"], open_store(path))
+    scoring = {"setups": dataset.setups, "metrics": dataset.metrics} if dataset is not None else {}
     result.plain, result.protocol = evaluate_files(gnd=gnd, queries=out / "queries", database=out / "database",
-                                                   whiten=whiten)
+                                                   whiten=whiten, **scoring)
     if distractors:
         result.with_distractors, result.protocol_distractors = evaluate_files(
-            gnd=gnd, queries=out / "queries", database=out / "database", distractors=list(distractors), whiten=whiten)
+            gnd=gnd, queries=out / "queries", database=out / "database", distractors=list(distractors), whiten=whiten,
+            **scoring)
     return result

@@ -229,6 +229,17 @@ def _postprocess(qstore, xstore, dstores, whiten, dba, qe):
     return q, x, dmats, names, transform, post
 
 
+REVISITOP_METRIC = ("revisitop compute_map: trapezoidal AP, junk removed from the ranking, queries without "
+                    "positives skipped; values in percent")
+
+
+def _metric_text(result) -> str:
+    """What the metrics are: revisitop's, or the ``description`` other metrics carry (GLDv2's)."""
+    metrics = next(iter(result.setups.values())).metrics if result.setups else ()
+    texts = dict.fromkeys(getattr(m, "description", REVISITOP_METRIC) for m in metrics)
+    return "; ".join(texts) or REVISITOP_METRIC
+
+
 def _protocol(gnd, result, setups, qstore, xstore, dstores, post) -> dict[str, Any]:
     """What was evaluated and how: ground truth, inputs, post-processing, metric and timings."""
     from cfcd import __version__
@@ -251,7 +262,7 @@ def _protocol(gnd, result, setups, qstore, xstore, dstores, post) -> dict[str, A
         "setups": {n: {"positives": "+".join(ok), "junk": "+".join(junk)} for n, (ok, junk) in setups.items()},
         "kappas": list(result.kappas),
         "metrics": [m.name for m in next(iter(result.setups.values())).metrics] if result.setups else [],
-        "metric": "revisitop compute_map: trapezoidal AP, junk removed from the ranking, queries without positives skipped; values in percent",
+        "metric": _metric_text(result),
         "similarity": "float32 inner product (cosine for L2-normalised descriptors)",
         "tie_policy": TIE_POLICY,
         "query_crop": qfields.get("query_crop"),

@@ -93,6 +93,8 @@ class AveragePrecisionAt(_AtK):
     """AP truncated at k, normalised by ``min(num_positives, k)`` (GLDv2 retrieval's mAP@100)."""
 
     short: ClassVar[str] = "AP"
+    description: ClassVar[str] = ("mAP@k: sum of P@i at the positives among the first k results / "
+                                  "min(positives, k), averaged over the scored queries (DELF MeanAveragePrecision)")
 
     def __call__(self, ranks: np.ndarray, num_positives: int) -> float:
         top = np.asarray(ranks[ranks < self.k], dtype=np.float64)

@@ -108,11 +108,12 @@ def format_table(result: EvaluationResult, dataset: str = "") -> str:
     """A readable table plus revisitop's own two ``>>`` lines (``np.around(x*100, 2)``)."""
     names = list(result.setups)
     metrics = result.setups[names[0]].metrics if names else ()
-    head = [f"{'setup':<8}"] + [f"{m.name:>8}" for m in metrics]
+    widths = [max(8, len(m.name) + 1) for m in metrics]  # mPrecision@100 is longer than 8
+    head = [f"{'setup':<8}"] + [f"{m.name:>{w}}" for m, w in zip(metrics, widths)]
     lines = ["".join(head)]
     for name in names:
         s = result.setups[name]
-        cells = [f"{name:<8}"] + [_cell(s.values[m.name]) for m in metrics]
+        cells = [f"{name:<8}"] + [format_percent(s.values[m.name], w) for m, w in zip(metrics, widths)]
         skipped = result.num_queries - s.num_evaluated
         lines.append("".join(cells) + (f"   ({skipped} quer{'y' if skipped == 1 else 'ies'} without positives)" if skipped else ""))
     label = dataset or "dataset"
@@ -137,10 +138,6 @@ def format_percent(x: float | None, width: int = 8) -> str:
     if x is None or math.isnan(x):
         return f"{MISSING:>{width}}"
     return f"{x * 100:>{width}.2f}"
-
-
-def _cell(x: float) -> str:
-    return format_percent(x)
 
 
 # --------------------------------------------------------------------------- files: what `cfcd evaluate` runs

@@ -24,11 +24,11 @@ from cfcd.evaluation.setups import DEFAULT_KAPPAS, _entries, _join, labelled_ind
 
 
 def _chosen_setups(gnd: Any, setups: Mapping[str, tuple] | Sequence[str] | None) -> dict[str, tuple]:
+    if isinstance(setups, Mapping):  # a dataset's own setups (GLDv2): its ground truth has other keys
+        return dict(setups)
     all_setups = protocol_setups(gnd)
     if setups is None:
         return all_setups
-    if isinstance(setups, Mapping):
-        return dict(setups)
     unknown = [s for s in setups if s not in all_setups]
     if unknown:
         raise ValueError(f"unknown setup(s) {unknown} for this ground truth; choose from {list(all_setups)}")
@@ -128,7 +128,7 @@ def evaluate(
     n_db = _gnd_size(gnd, database.shape[0])
     if database.shape[0] != n_db:
         raise InputError(f"database: {database.shape[0]} rows but the ground truth lists {n_db} database images")
-    lab = labelled_indices(gnd)
+    lab = labelled_indices(gnd, _chosen_setups(gnd, setups))  # the setups' keys (GLDv2: public, private)
     timings: dict[str, float] = {}
     pos = labelled_positions(
         queries, database, lab, distractors=distractors, sources=sources,
@@ -182,7 +182,7 @@ def evaluate_scores(
         return np.ascontiguousarray(scores[start:stop].T, dtype=dtype)
 
     block = _Block(int(scores.shape[0]), 0, "scores", chunk)
-    lab = labelled_indices(gnd)
+    lab = labelled_indices(gnd, _chosen_setups(gnd, setups))  # the setups' keys (GLDv2: public, private)
     timings: dict[str, float] = {}
     pos = _positions(
         [block], lab, nq=len(entries), chunk_rows=_auto_chunk_rows(len(entries), chunk_rows),

@@ -3,8 +3,9 @@
 Registry of the datasets that ``cfcd data download|verify|layout`` knows. Each is a
 :class:`BenchmarkDataset` (archives extracted into ``ROOT/<name>/jpg/`` plus small files such
 as the gnd pickle placed in ``ROOT/<name>/``) defined in its own module
-(:mod:`cfcd.data.benchmarks.revisitop`; a new benchmark is one more, see ``docs/extending.md``).
-The revisitop layout and sources are documented in ``docs/revisitop.md``.
+(:mod:`cfcd.data.benchmarks.revisitop`, :mod:`cfcd.data.benchmarks.gldv2`; a new benchmark is one
+more, see ``docs/extending.md``). The layouts and sources are documented in ``docs/revisitop.md``
+and ``docs/gldv2.md``.
 
 Example::
 
@@ -38,6 +39,7 @@ from cfcd.data.benchmarks.install import (
     verify_dataset,
 )
 from cfcd.data.benchmarks.revisitop import DistractorSet, RevisitopDataset  # registers the built-ins
+from cfcd.data.benchmarks.gldv2 import GLDv2Dataset, GLDv2Retrieval  # registers gldv2_train, gldv2_retrieval
 
 __all__ = [
     "DATASETS",
@@ -45,6 +47,8 @@ __all__ = [
     "BenchmarkDataset",
     "DistractorSet",
     "DownloadSummary",
+    "GLDv2Dataset",
+    "GLDv2Retrieval",
     "RemoteFile",
     "RevisitopDataset",
     "VerifyReport",

@@ -12,6 +12,10 @@ placed in ``ROOT/<name>/``) and four rules a subclass gives:
 Download, verification and the layout report (:mod:`cfcd.data.benchmarks.install`) and the
 evaluation (:meth:`BenchmarkDataset.evaluate`) work from these alone, so a new benchmark is one
 module that defines its dataset and calls :func:`register_dataset` (``docs/extending.md``).
+A dataset whose files do not fit "archives into ``jpg/``" (GLDv2: tar parts per split, checked
+against md5 sums, downloaded in subsets) overrides :meth:`~BenchmarkDataset.download`,
+:meth:`~BenchmarkDataset.verify`, :meth:`~BenchmarkDataset.image_dirs` and
+:meth:`~BenchmarkDataset.benchmark_list` (:mod:`cfcd.data.benchmarks.gldv2`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from urllib.parse import urlsplit
 from cfcd.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from cfcd.data.benchmarks.install import DownloadSummary, VerifyReport
     from cfcd.data.gnd import GroundTruth
     from cfcd.data.lists import ImageList
 
@@ -92,6 +97,40 @@ class BenchmarkDataset:
     def expected_images(self, root: str | os.PathLike) -> list[str]:  # pragma: no cover - abstract
         """Every image the benchmark needs, relative to ``jpg/`` (queries first)."""
         raise NotImplementedError
+
+    def download(self, root: str | os.PathLike, *, parts: Sequence[str] | None = None, workers: int = 1,
+                 force: bool = False, **options: Any) -> "DownloadSummary":
+        """Download (or complete) the dataset (the caller holds the download lock); ``options``
+        are those of :func:`cfcd.data.benchmarks.install.download_dataset`. ``workers`` and
+        ``force`` only matter to datasets in tar parts; ``parts`` is refused here."""
+        from cfcd.data.benchmarks.install import download_archives
+
+        if parts:
+            raise InputError(f"{self.name}: --parts selects tar parts of GLDv2; {self.name} is downloaded whole")
+        return download_archives(self, root, **options)
+
+    def verify(self, root: str | os.PathLike, **options: Any) -> "VerifyReport":
+        """Check the files under ``ROOT/<name>/`` (:func:`cfcd.data.benchmarks.install.verify_dataset`)."""
+        from cfcd.data.benchmarks.install import verify_archives
+
+        return verify_archives(self, root, **options)
+
+    def mirror_url(self, url: str, base_url: str | None) -> str:
+        """Where to fetch ``url`` from: on the mirror ``base_url`` (or $CFCD_DATA_MIRROR), the official
+        scheme and host replaced (:func:`cfcd.data.benchmarks.install.resolve_url`)."""
+        from cfcd.data.benchmarks.install import resolve_url
+
+        return resolve_url(url, base_url)
+
+    def image_dirs(self, root: str | os.PathLike) -> dict[Path, tuple[RemoteFile, ...]]:
+        """Each directory of images and the archives extracted into it (``cfcd data layout``)."""
+        return {self.images_dir(root): self.archives}
+
+    def benchmark_list(self, gnd: "GroundTruth", root: str | os.PathLike, *, queries: bool) -> "ImageList":
+        """The images ``cfcd benchmark`` describes: revisitop's rule, queries cropped to their boxes."""
+        from cfcd.data.lists import gnd_image_list
+
+        return gnd_image_list(gnd, root=root, queries=queries)
 
     # -- derived ---------------------------------------------------------------------------
     def image_list(self, root: str | os.PathLike, *, queries: bool = False) -> "ImageList":

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 from cfcd import __version__
@@ -148,8 +148,12 @@ def download_dataset(
     timeout: float = 60.0,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    parts: Sequence[str] | None = None,
+    workers: int = 1,
+    force: bool = False,
 ) -> DownloadSummary:
-    """Download (or complete) one dataset into ``ROOT/<name>/``; see ``docs/revisitop.md``.
+    """Download (or complete) one dataset into ``ROOT/<name>/``; see ``docs/revisitop.md``
+    (GLDv2: ``docs/gldv2.md``; ``parts``, ``workers`` and ``force`` are for its tar parts).
 
     Safe to rerun at any time: complete files and extracted archives are skipped, a partial
     download resumes, a partial extraction restarts from its archive.
@@ -162,10 +166,19 @@ def download_dataset(
     dataset = get_dataset(name)
     ds_dir = dataset.dir(root)
     ds_dir.mkdir(parents=True, exist_ok=True)
+    log = log or (lambda message: None)
     with _download_lock(ds_dir):
-        return _download_locked(dataset, root, ds_dir, base_url=base_url, manifest=manifest,
-                                keep_archives=keep_archives, log=log or (lambda message: None),
-                                fetch=dict(retries=retries, backoff=backoff, timeout=timeout, progress=progress))
+        return dataset.download(root, parts=parts, workers=workers, force=force, base_url=base_url,
+                                manifest=manifest, keep_archives=keep_archives, log=log,
+                                fetch=dict(retries=retries, backoff=backoff, timeout=timeout, progress=progress,
+                                           log=log))
+
+
+def download_archives(dataset: BenchmarkDataset, root, *, base_url, manifest, keep_archives, log,
+                      fetch) -> DownloadSummary:
+    """The download of a dataset whose archives all go into ``jpg/`` (revisitop, R1M)."""
+    return _download_locked(dataset, root, dataset.dir(root), base_url=base_url, manifest=manifest,
+                            keep_archives=keep_archives, log=log, fetch=fetch)
 
 
 @contextlib.contextmanager
@@ -200,21 +213,8 @@ def _download_locked(dataset: BenchmarkDataset, root, ds_dir: Path, *, base_url,
     state = _load_state(ds_dir)
     state["dataset"] = dataset.name
     summary = DownloadSummary(dataset.name, ds_dir)
-
-    for item in dataset.files:
-        dest = ds_dir / item.filename
-        record = state["files"].get(item.filename, {})
-        if dest.exists() and record.get("sha256"):
-            summary.skipped.append(item.filename)
-            continue
-        size, sha = expected_for(item, manifest)
-        url = resolve_url(item.url, base_url)
-        log(f"{dataset.name}: {'checking' if dest.exists() else 'downloading'} {item.filename} ({url})")
-        result = download_file(url, dest, expected_size=size, expected_sha256=sha, desc=item.filename, **fetch)
-        state["files"][item.filename] = {"url": url, "role": item.role, "size": result.size,
-                                         "sha256": result.sha256, "downloaded_at": _now()}
-        _save_state(ds_dir, state)
-        (summary.skipped if result.skipped else summary.downloaded).append(item.filename)
+    download_small_files(dataset, ds_dir, state, summary, base_url=base_url, manifest=manifest, log=log,
+                         fetch=fetch)
 
     images_dir = dataset.images_dir(root)
     staging = ds_dir / STAGING_DIR
@@ -287,6 +287,25 @@ def _download_locked(dataset: BenchmarkDataset, root, ds_dir: Path, *, base_url,
         downloads.rmdir()
     log(f"{dataset.name}: images complete in {images_dir}")
     return summary
+
+
+def download_small_files(dataset: BenchmarkDataset, ds_dir: Path, state: dict, summary: DownloadSummary, *,
+                         base_url, manifest, log, fetch) -> None:
+    """``dataset.files`` (ground truth, lists, csvs) into ``ds_dir``, recorded in ``state``."""
+    for item in dataset.files:
+        dest = ds_dir / item.filename
+        record = state["files"].get(item.filename, {})
+        if dest.exists() and record.get("sha256"):
+            summary.skipped.append(item.filename)
+            continue
+        size, sha = expected_for(item, manifest)
+        url = dataset.mirror_url(item.url, base_url)
+        log(f"{dataset.name}: {'checking' if dest.exists() else 'downloading'} {item.filename} ({url})")
+        result = download_file(url, dest, expected_size=size, expected_sha256=sha, desc=item.filename, **fetch)
+        state["files"][item.filename] = {"url": url, "role": item.role, "size": result.size,
+                                         "sha256": result.sha256, "downloaded_at": _now()}
+        _save_state(ds_dir, state)
+        (summary.skipped if result.skipped else summary.downloaded).append(item.filename)
 
 
 # --------------------------------------------------------------------------------------
@@ -396,9 +415,17 @@ def verify_dataset(
     Errors (``ok=False``): the gnd/list file or ``jpg/`` missing, a gnd or query image
     missing or unreadable, a file whose size (or sha256 with ``checksums``) differs from what
     was extracted or downloaded. For R1M the list and the tarballs are known to disagree, so
-    listed-but-missing and unreadable distractors are warnings unless ``strict``.
+    listed-but-missing and unreadable distractors are warnings unless ``strict``. GLDv2 checks the
+    tar parts it downloaded (:meth:`cfcd.data.benchmarks.gldv2.GLDv2Dataset.verify`).
     """
-    dataset = get_dataset(name)
+    return get_dataset(name).verify(root, check_images=check_images, decode=decode, checksums=checksums,
+                                    strict=strict, workers=workers, examples=examples, progress=progress)
+
+
+def verify_archives(dataset: BenchmarkDataset, root, *, check_images: bool = True, decode: bool = False,
+                    checksums: bool = False, strict: bool = False, workers: int = 8, examples: int = 10,
+                    progress: bool = False) -> VerifyReport:
+    """:func:`verify_dataset` for a dataset whose archives all go into ``jpg/``."""
     ds_dir = dataset.dir(root)
     report = VerifyReport(dataset.name, str(ds_dir), examples=examples)
     if not ds_dir.is_dir():
@@ -563,20 +590,19 @@ def describe_layout(root: str | os.PathLike, names: Iterable[str] | None = None)
         for item in dataset.files:
             path = ds_dir / item.filename
             lines.append(f"  {path}  [{'present' if path.exists() else 'missing'}]  <- {item.url}")
-        images_dir = dataset.images_dir(root)
-        if images_dir.is_dir():
-            n = len(_scan_images(images_dir, recursive=not dataset.flatten))
-            status = f"present, {n} files"
-        elif (ds_dir / STAGING_DIR).exists():
-            status = "incomplete download in " + STAGING_DIR
-        else:
-            status = "missing"
-        layout = "flat" if dataset.flatten else "as in the archives"
-        lines.append(f"  {images_dir}/  [{status}]  ({layout})")
-        sources = dataset.archives
-        if len(sources) <= 2:
-            lines += [f"    <- {a.url}" for a in sources]
-        else:
-            lines.append(f"    <- {sources[0].url} ... {sources[-1].filename} ({len(sources)} archives)")
+        for images_dir, sources in dataset.image_dirs(root).items():
+            if images_dir.is_dir():
+                n = len(_scan_images(images_dir, recursive=not dataset.flatten))
+                status = f"present, {n} files"
+            elif (ds_dir / STAGING_DIR).exists():
+                status = "incomplete download in " + STAGING_DIR
+            else:
+                status = "missing"
+            layout = "flat" if dataset.flatten else "as in the archives"
+            lines.append(f"  {images_dir}/  [{status}]  ({layout})")
+            if len(sources) <= 2:
+                lines += [f"    <- {a.url}" for a in sources]
+            else:
+                lines.append(f"    <- {sources[0].url} ... {sources[-1].filename} ({len(sources)} archives)")
     return "\n".join(lines)
 
