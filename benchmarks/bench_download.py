@@ -30,7 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _download_helpers import FileServer  # noqa: E402
 
-from cfcd.data.benchmarks import check_image  # noqa: E402
+from cfcd.data.datasets import check_image  # noqa: E402
 from cfcd.data.download import download_file, extract_archive  # noqa: E402
 
 

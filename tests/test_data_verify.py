@@ -15,7 +15,7 @@ import pytest
 
 from _download_helpers import FileServer, gnd_bytes, jpeg_bytes, tar_bytes
 from cfcd.cli import main
-from cfcd.data.benchmarks import (
+from cfcd.data.datasets import (
     DATASETS,
     check_image,
     download_dataset,

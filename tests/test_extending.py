@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import cfcd.losses as L
 from cfcd.cli import main as cli_main
-from cfcd.data.benchmarks import DATASETS, get_dataset, verify_dataset
+from cfcd.data.datasets import DATASETS, get_dataset, verify_dataset
 from cfcd.errors import InputError
 from cfcd.evaluation.metrics import AveragePrecisionAt, PrecisionAt, parse_metric
 
@@ -41,7 +41,7 @@ def doc_modules():
     exec(register_code, {"NormFace": normface.NormFace})
     gldv2 = _module("extending_doc_gldv2", gldv2_code)
     yield normface, gldv2
-    DATASETS.pop("gldv2_minimal", None)
+    DATASETS.unregister("gldv2_minimal")
     L.LOSSES.unregister("normface")
     for name in ("extending_doc_normface", "extending_doc_gldv2"):
         sys.modules.pop(name, None)

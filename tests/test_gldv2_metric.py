@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from _reference_delf import delf_mean_average_precision, delf_mean_precisions, delf_read_solution
-from cfcd.data.benchmarks import get_dataset
-from cfcd.data.benchmarks.gldv2 import parse_parts, read_retrieval_solution
+from cfcd.data.datasets import get_dataset
+from cfcd.data.datasets.gldv2 import parse_parts, read_retrieval_solution
 from cfcd.errors import InputError
 from cfcd.evaluation import evaluate
 from cfcd.evaluation.gldv2 import gldv2_metrics, score_predictions

@@ -25,7 +25,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cfcd.cli.extract import add_model_arguments, add_procedure_arguments, add_runtime_arguments, add_whitening_arguments
+from cfcd.cli.extract import (
+    add_model_arguments,
+    add_procedure_arguments,
+    add_runtime_arguments,
+    add_whitening_arguments,
+)
 
 SHORT_NAMES = {"roxford5k": "ROxf", "rparis6k": "RPar", "oxford5k": "Oxf", "paris6k": "Par", "gldv2_retrieval": "GLDv2"}
 
@@ -76,12 +81,12 @@ def format_dataset_row(model: str, dataset: str, result) -> str:
 
 def run(args) -> int:
     from cfcd.cli.extract import build_options, create_model, resolve_device, resolve_whitening_arguments
-    from cfcd.evaluation.benchmark import run_benchmark
-    from cfcd.data.benchmarks import DATASETS
+    from cfcd.data.datasets import DATASETS
     from cfcd.data.gnd import find_gnd, load_gnd
+    from cfcd.evaluation.benchmark import run_benchmark
     from cfcd.utils.io import atomic_write_json
 
-    dataset = DATASETS.get(args.dataset.lower())  # a registered benchmark: its images, setups and metrics
+    dataset = DATASETS.get(args.dataset) if args.dataset in DATASETS else None  # a registered benchmark: its images, setups and metrics
     gnd = dataset.ground_truth(args.root) if dataset is not None else load_gnd(find_gnd(args.dataset, args.root),
                                                                                 args.dataset)
     device = resolve_device(args.device)

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _download(args) -> int:
-    from cfcd.data.benchmarks import download_dataset, list_datasets, load_manifest
+    from cfcd.data.datasets import download_dataset, list_datasets, load_manifest
     from cfcd.errors import InputError
 
     names: list[str] = []
@@ -122,7 +122,7 @@ def _verify_targets(root: Path, requested: list[str] | None) -> tuple[Path, list
 
 
 def _verify(args) -> int:
-    from cfcd.data.benchmarks import verify_dataset
+    from cfcd.data.datasets import verify_dataset
     from cfcd.utils.io import atomic_write_json
 
     root, names = _verify_targets(args.dir, args.dataset)
@@ -142,14 +142,14 @@ def _verify(args) -> int:
 
 
 def _layout(args) -> int:
-    from cfcd.data.benchmarks import describe_layout
+    from cfcd.data.datasets import layout_report
 
-    print(describe_layout(args.root, args.dataset))
+    print(layout_report(args.root, args.dataset))
     return 0
 
 
 def _manifest(args) -> int:
-    from cfcd.data.benchmarks import manifest_from_download
+    from cfcd.data.datasets import manifest_from_download
     from cfcd.errors import InputError
     from cfcd.utils.io import atomic_write_json
 

@@ -98,7 +98,7 @@ def _check_qe(value, flag: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cfcd.data.benchmarks import DATASETS
+    from cfcd.data.datasets import DATASETS
     from cfcd.data.gnd import find_gnd, load_gnd
     from cfcd.errors import InputError
     from cfcd.evaluation import evaluate_files
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.gnd is None and not args.dataset:
         raise InputError("--root needs --dataset (e.g. --dataset roxford5k)")
-    dataset = DATASETS.get(args.dataset.lower()) if args.gnd is None and args.dataset else None
+    dataset = DATASETS.get(args.dataset) if args.gnd is None and args.dataset in DATASETS else None
     if dataset is not None:  # a registered benchmark reads its own ground truth
         gnd = dataset.ground_truth(args.root)
     else:

@@ -58,6 +58,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
+from urllib.parse import urlsplit
 
 from cfcd import __version__
 from cfcd.errors import CfcdError
@@ -84,6 +85,20 @@ CHUNK_SIZE = 1 << 20
 MAX_TOTAL_ATTEMPTS = 1000
 # Transient HTTP statuses worth retrying; other 4xx/5xx are final.
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+
+MIRROR_ENV = "CFCD_DATA_MIRROR"
+
+
+def resolve_url(url: str, base_url: str | None = None) -> str:
+    """The URL to fetch: ``url`` itself, or its path on the mirror ``base_url`` (or $CFCD_DATA_MIRROR)."""
+    base = base_url if base_url is not None else os.environ.get(MIRROR_ENV) or None
+    if not base:
+        return url
+    parts = urlsplit(url)
+    tail = parts.path + (f"?{parts.query}" if parts.query else "")
+    return base.rstrip("/") + tail
 
 
 class DownloadError(CfcdError):

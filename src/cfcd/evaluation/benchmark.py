@@ -3,7 +3,7 @@ distractors, evaluate. ``cfcd benchmark``, the trainer's benchmark hook, the dem
 all call :func:`run_benchmark`.
 
 Which images are described and how they are scored is the benchmark dataset's rule
-(:class:`cfcd.data.benchmarks.BenchmarkDataset`: ``benchmark_list``, ``setups``, ``metrics``);
+(:class:`cfcd.data.datasets.BenchmarkDataset`: ``benchmark_list``, ``setups``, ``metrics``);
 without one, revisitop's (queries cropped to their boxes, Easy/Medium/Hard, mAP and mP@k). GLDv2
 retrieval describes whole test images and scores DELF's mAP@100 (``docs/gldv2.md``)."""
 
@@ -44,7 +44,7 @@ def describe_benchmark(model, gnd, root: str | os.PathLike, out: str | os.PathLi
                        parts: Sequence[str] = ("queries", "database"), dataset=None) -> tuple[dict, dict, bool]:
     """Extract ``out/queries`` (cropped, in qimlist order) and ``out/database`` (resumable);
     ``parts=("queries",)`` for the queries alone (the web page evaluates a served database).
-    ``dataset`` (a :class:`cfcd.data.benchmarks.BenchmarkDataset`) chooses the images; default revisitop's.
+    ``dataset`` (a :class:`cfcd.data.datasets.BenchmarkDataset`) chooses the images; default revisitop's.
 
     Returns ``(stores, summaries, stopped)``. A benchmark image that cannot be read is an error:
     a benchmark with a hole in it gives a number that cannot be compared with anyone's.
@@ -85,7 +85,7 @@ def run_benchmark(model, gnd, root: str | os.PathLike, out: str | os.PathLike, o
                   evaluate: bool = True, log: Callable[[str], None] | None = None,
                   on_part: Callable[[str, Any], None] | None = None, dataset=None) -> BenchmarkResult:
     """Describe the benchmark into ``out`` and evaluate it (with ``distractors`` as a second result).
-    ``dataset`` (a :class:`cfcd.data.benchmarks.BenchmarkDataset`) gives the images, setups and
+    ``dataset`` (a :class:`cfcd.data.datasets.BenchmarkDataset`) gives the images, setups and
     metrics; default revisitop's.
 
     Under torchrun every rank extracts its share; only the result of rank 0 is meaningful, and

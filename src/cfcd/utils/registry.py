@@ -45,6 +45,8 @@ class Registry(Generic[T]):
             raise InputError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._items[k]
 
+    __getitem__ = get
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

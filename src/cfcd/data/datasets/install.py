@@ -2,7 +2,7 @@
 
 Downloads resume, are checked against a manifest and never leave ``jpg/`` half-filled; see
 ``docs/revisitop.md`` for the rules (they are the same for every benchmark) and
-:mod:`cfcd.data.benchmarks.base` for what a benchmark provides.
+:mod:`cfcd.data.datasets.base` for what a benchmark provides.
 """
 
 from __future__ import annotations
@@ -16,31 +16,23 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from cfcd import __version__
-from cfcd.data.benchmarks.base import DATASETS, BenchmarkDataset, RemoteFile, get_dataset
+from cfcd.data.datasets.registry import DATASETS, get_dataset
+from cfcd.data.download import resolve_url
+
+if TYPE_CHECKING:
+    from cfcd.data.datasets.base import BenchmarkDataset, RemoteFile
 from cfcd.data.download import ArchiveError, download_file, extract_archive
 from cfcd.errors import CfcdError, InputError
 from cfcd.utils.io import atomic_write_json, atomic_write_text, sha256_file
 
-MIRROR_ENV = "CFCD_DATA_MIRROR"
 STATE_FILE = ".cfcd-download.json"
 LOCK_FILE = ".cfcd-download.lock"
 FILE_LISTS_DIR = ".cfcd-files"
 DOWNLOADS_DIR = ".downloads"
 STAGING_DIR = ".jpg.partial"
-
-
-def resolve_url(url: str, base_url: str | None = None) -> str:
-    """The URL to fetch: ``url`` itself, or its path on the mirror ``base_url`` (or $CFCD_DATA_MIRROR)."""
-    base = base_url if base_url is not None else os.environ.get(MIRROR_ENV) or None
-    if not base:
-        return url
-    parts = urlsplit(url)
-    tail = parts.path + (f"?{parts.query}" if parts.query else "")
-    return base.rstrip("/") + tail
 
 
 # --------------------------------------------------------------------------------------
@@ -416,7 +408,7 @@ def verify_dataset(
     missing or unreadable, a file whose size (or sha256 with ``checksums``) differs from what
     was extracted or downloaded. For R1M the list and the tarballs are known to disagree, so
     listed-but-missing and unreadable distractors are warnings unless ``strict``. GLDv2 checks the
-    tar parts it downloaded (:meth:`cfcd.data.benchmarks.gldv2.GLDv2Dataset.verify`).
+    tar parts it downloaded (:meth:`cfcd.data.datasets.gldv2.GLDv2Dataset.verify`).
     """
     return get_dataset(name).verify(root, check_images=check_images, decode=decode, checksums=checksums,
                                     strict=strict, workers=workers, examples=examples, progress=progress)
@@ -579,7 +571,7 @@ def _verify_readable(dataset: BenchmarkDataset, images_dir: Path, required: list
 # --------------------------------------------------------------------------------------
 
 
-def describe_layout(root: str | os.PathLike, names: Iterable[str] | None = None) -> str:
+def layout_report(root: str | os.PathLike, names: Iterable[str] | None = None) -> str:
     """Where every file of the datasets is expected under ``root``, and what is there now."""
     root = Path(root)
     lines = [f"benchmark data root: {root}"]

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from cfcd.data.benchmarks.base import BenchmarkDataset, RemoteFile, register_dataset
-from cfcd.data.benchmarks.install import (
+from cfcd.data.datasets.base import BenchmarkDataset, RemoteFile
+from cfcd.data.datasets.install import (
     DOWNLOADS_DIR,
     FILE_LISTS_DIR,
-    MIRROR_ENV,
     DownloadSummary,
     VerifyReport,
     _examples,
@@ -42,6 +41,8 @@ from cfcd.data.benchmarks.install import (
     _verify_unchanged,
     download_small_files,
 )
+from cfcd.data.datasets.registry import register_dataset
+from cfcd.data.download import MIRROR_ENV
 from cfcd.data.download import ArchiveError, DownloadError, download_file, extract_archive, md5_file, remote_size
 from cfcd.errors import CfcdError, InputError
 from cfcd.utils.io import atomic_write_text

@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
-from cfcd.data.benchmarks.base import BenchmarkDataset, RemoteFile, register_dataset
+from cfcd.data.datasets.base import BenchmarkDataset, RemoteFile
+from cfcd.data.datasets.registry import register_dataset
 from cfcd.errors import InputError
 
 __all__ = ["DistractorSet", "RevisitopDataset"]

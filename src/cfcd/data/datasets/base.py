@@ -1,4 +1,4 @@
-"""What a benchmark is: its sources, its ground truth, its image paths, its metrics; the registry.
+"""What a benchmark dataset is: its sources, its ground truth, its image paths, its metrics.
 
 A benchmark is one :class:`BenchmarkDataset` (a frozen dataclass): the files it is downloaded
 from (``archives`` extracted into ``ROOT/<name>/jpg/``, small ``files`` such as the ground truth
@@ -9,13 +9,13 @@ placed in ``ROOT/<name>/``) and four rules a subclass gives:
 * :meth:`BenchmarkDataset.expected_images` lists the images the benchmark needs (``verify``);
 * :attr:`BenchmarkDataset.metrics` names the metrics it reports (:mod:`cfcd.evaluation.metrics`).
 
-Download, verification and the layout report (:mod:`cfcd.data.benchmarks.install`) and the
+Download, verification and the layout report (:mod:`cfcd.data.datasets.install`) and the
 evaluation (:meth:`BenchmarkDataset.evaluate`) work from these alone, so a new benchmark is one
-module that defines its dataset and calls :func:`register_dataset` (``docs/extending.md``).
+module that defines its dataset and calls :func:`register_dataset` (``docs/extending.md``; the registry: :mod:`cfcd.data.datasets.registry`).
 A dataset whose files do not fit "archives into ``jpg/``" (GLDv2: tar parts per split, checked
 against md5 sums, downloaded in subsets) overrides :meth:`~BenchmarkDataset.download`,
 :meth:`~BenchmarkDataset.verify`, :meth:`~BenchmarkDataset.image_dirs` and
-:meth:`~BenchmarkDataset.benchmark_list` (:mod:`cfcd.data.benchmarks.gldv2`).
+:meth:`~BenchmarkDataset.benchmark_list` (:mod:`cfcd.data.datasets.gldv2`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 from urllib.parse import urlsplit
 
+from cfcd.data.download import resolve_url
 from cfcd.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cfcd.data.benchmarks.install import DownloadSummary, VerifyReport
+    from cfcd.data.datasets.install import DownloadSummary, VerifyReport
     from cfcd.data.gnd import GroundTruth
     from cfcd.data.lists import ImageList
 
@@ -37,8 +38,7 @@ IMAGES_DIR = "jpg"
 
 Role = Literal["images", "gnd", "list"]
 
-__all__ = ["BenchmarkDataset", "DATASETS", "IMAGES_DIR", "RemoteFile", "get_dataset", "list_datasets",
-           "register_dataset"]
+__all__ = ["BenchmarkDataset", "IMAGES_DIR", "RemoteFile"]
 
 
 @dataclass(frozen=True)
@@ -101,25 +101,23 @@ class BenchmarkDataset:
     def download(self, root: str | os.PathLike, *, parts: Sequence[str] | None = None, workers: int = 1,
                  force: bool = False, **options: Any) -> "DownloadSummary":
         """Download (or complete) the dataset (the caller holds the download lock); ``options``
-        are those of :func:`cfcd.data.benchmarks.install.download_dataset`. ``workers`` and
+        are those of :func:`cfcd.data.datasets.install.download_dataset`. ``workers`` and
         ``force`` only matter to datasets in tar parts; ``parts`` is refused here."""
-        from cfcd.data.benchmarks.install import download_archives
+        from cfcd.data.datasets.install import download_archives
 
         if parts:
             raise InputError(f"{self.name}: --parts selects tar parts of GLDv2; {self.name} is downloaded whole")
         return download_archives(self, root, **options)
 
     def verify(self, root: str | os.PathLike, **options: Any) -> "VerifyReport":
-        """Check the files under ``ROOT/<name>/`` (:func:`cfcd.data.benchmarks.install.verify_dataset`)."""
-        from cfcd.data.benchmarks.install import verify_archives
+        """Check the files under ``ROOT/<name>/`` (:func:`cfcd.data.datasets.install.verify_dataset`)."""
+        from cfcd.data.datasets.install import verify_archives
 
         return verify_archives(self, root, **options)
 
     def mirror_url(self, url: str, base_url: str | None) -> str:
         """Where to fetch ``url`` from: on the mirror ``base_url`` (or $CFCD_DATA_MIRROR), the official
-        scheme and host replaced (:func:`cfcd.data.benchmarks.install.resolve_url`)."""
-        from cfcd.data.benchmarks.install import resolve_url
-
+        scheme and host replaced (:func:`cfcd.data.download.resolve_url`)."""
         return resolve_url(url, base_url)
 
     def image_dirs(self, root: str | os.PathLike) -> dict[Path, tuple[RemoteFile, ...]]:
@@ -159,27 +157,3 @@ class BenchmarkDataset:
 
         return evaluate_files(gnd=self.ground_truth(root), queries=queries, database=database,
                               setups=self.setups, metrics=metrics or self.metrics, **kwargs)
-
-
-#: The registered benchmarks by lower-case name (built-ins: :mod:`cfcd.data.benchmarks.revisitop`).
-DATASETS: dict[str, BenchmarkDataset] = {}
-
-
-def register_dataset(dataset: BenchmarkDataset, *, overwrite: bool = False) -> BenchmarkDataset:
-    """Add a benchmark to the registry (``cfcd data download|verify|layout`` then know it)."""
-    key = dataset.name.lower()
-    if key in DATASETS and not overwrite and DATASETS[key] != dataset:
-        raise ValueError(f"dataset {dataset.name!r} is already registered")
-    DATASETS[key] = dataset
-    return dataset
-
-
-def list_datasets() -> list[str]:
-    return list(DATASETS)
-
-
-def get_dataset(name: str) -> BenchmarkDataset:
-    try:
-        return DATASETS[name.lower()]
-    except KeyError:
-        raise InputError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
