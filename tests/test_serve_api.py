@@ -440,7 +440,7 @@ def test_compare_sorts_two_models_by_ap_difference(data, tmp_path):
                 changed += abs(row["diff"][s]) > 1e-9
         assert changed  # the two indexes differ somewhere, so the sign of diff is checked
         detail_b = client.get("/api/benchmark/rocket_query", params={"side": "b", "setup": "hard"}).json()
-        assert detail_b["AP"]["hard"] == b["per_query"]["rocket_query"]["hard"]["AP"]
+        assert detail_b["AP"]["hard"] == baseline["per_query"]["rocket_query"]["hard"]["AP"]
         assert client.get("/api/search", params={"id": "rocket_easy0", "side": "b", "k": 1}).json()["results"][0]["id"] == "rocket_easy0"
 
 
