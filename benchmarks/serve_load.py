@@ -1,14 +1,21 @@
-"""Bounded load test of ``cfcd serve`` on loopback: N concurrent clients, searches by upload.
+"""Bounded load test of ``cfcd serve`` on loopback: 8, 32 and 48 concurrent clients, searches by upload.
 
-Starts ``cfcd serve`` in a subprocess (a real uvicorn on a free 127.0.0.1 port) over an index
-(``--index DIR``, or one built here from the real skimage/sklearn photos with
-``gem_efficientnet_lite0``), then runs the same searches twice in one run: one client after the
-other (``--serial`` requests) and ``--clients`` concurrent clients (``--requests`` in all). Every
-request uploads a real photo (JPEG) to ``POST /api/search``; any non-200 answer is an error.
-Reports p50/p95/p99 latency, throughput and the concurrent/serial throughput ratio.
+Starts ``cfcd serve`` in a subprocess (a real uvicorn on 127.0.0.1) over an index (``--index
+DIR``, or one built here from the real skimage/sklearn photos with ``gem_efficientnet_lite0``).
+Each level runs ``--seconds`` with N clients uploading real photos (JPEG) to ``POST
+/api/search``; a 503 (queue full) is counted apart and its client waits 0.2 s before the next
+request, any other non-200 answer is an error. Per level: successful searches/s, p50/p95 of
+the successful ones, 503s, errors, the server's peak RSS (``VmHWM``, reset per level through
+``/proc/PID/clear_refs``) and the 1-minute load average before and after.
 
-    python benchmarks/serve_load.py                        # 8 clients, 200 searches
-    python benchmarks/serve_load.py --index out/index --images photos/ --clients 8 --requests 200
+``--big`` instead uploads a 6300x6300 all-zero PNG and a 6000x4500 JPEG (one each) to an index
+extracted with the ``cfcd extract`` defaults (five scales, no size cap) while one client keeps
+searching with a small photo: time and status of each big upload, the server's RSS growth and
+the small searches' worst latency.
+
+    python benchmarks/serve_load.py                        # 8, 32, 48 clients, 20 s each
+    python benchmarks/serve_load.py --big
+    python benchmarks/serve_load.py --index out/index --images photos/ --clients 8,32 --seconds 30
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,108 +70,180 @@ def _build_index(work: Path, photos: list[bytes], scales: str) -> Path:
     return work / "index"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rss(pid: int, key: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of a process in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
-def _run(base: str, photos: list[bytes], clients: int, requests: int, k: int) -> tuple[list[float], int, float]:
+def _reset_peak(pid: int) -> None:
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def _run(base: str, photos: list[bytes], clients: int, seconds: float, k: int) -> dict:
     import httpx
 
     latencies: list[float] = []
-    errors = [0]
+    counts = {"busy": 0, "errors": 0}
     lock = threading.Lock()
-    counter = iter(range(requests))
+    stop = time.perf_counter() + seconds
 
-    def client() -> None:
-        with httpx.Client(base_url=base, timeout=120) as http:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
+    def client(c: int) -> None:
+        i = c
+        with httpx.Client(base_url=base, timeout=300) as http:
+            while time.perf_counter() < stop:
+                i += clients
                 t0 = time.perf_counter()
                 try:
                     r = http.post("/api/search", files={"image": (f"q{i}.jpg", photos[i % len(photos)], "image/jpeg")},
                                   data={"k": str(k)})
-                    ok = r.status_code == 200 and len(r.json()["results"]) > 0
+                    status = r.status_code
+                    ok = status == 200 and len(r.json()["results"]) > 0
                 except httpx.HTTPError:
-                    ok = False
+                    status, ok = None, False
                 dt = time.perf_counter() - t0
                 with lock:
-                    latencies.append(dt)
-                    errors[0] += 0 if ok else 1
+                    if ok:
+                        latencies.append(dt)
+                    elif status == 503:
+                        counts["busy"] += 1
+                    else:
+                        counts["errors"] += 1
+                if status == 503:
+                    time.sleep(0.2)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return latencies, errors[0], time.perf_counter() - t0
+    return {"latencies": latencies, "wall": time.perf_counter() - t0, **counts}
 
 
-def _report(name: str, latencies: list[float], errors: int, wall: float) -> float:
-    ms = np.array(latencies) * 1000
-    rate = len(latencies) / wall
-    print(f"| {name} | {len(latencies)} | {errors} | {np.percentile(ms, 50):.0f} | {np.percentile(ms, 95):.0f} | "
-          f"{np.percentile(ms, 99):.0f} | {rate:.1f} |")
-    return rate
+def _start(index: Path, work: Path, args, extra=()) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    command = [sys.executable, "-m", "cfcd", "serve", str(index), "--port", "0", "--device", args.device,
+               "--cache-dir", str(work / "cache"), *extra]
+    if args.images:
+        command += ["--images", str(args.images)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    for line in server.stderr:  # the port it got, printed once the model is loaded
+        if line.startswith("open http://"):
+            base = line.split()[1].rstrip("/")
+            break
+    else:
+        raise SystemExit(f"cfcd serve exited with {server.wait()}")
+    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()  # keep the pipe drained
+    httpx.get(f"{base}/api/health", timeout=60).raise_for_status()
+    return server, base
+
+
+def _levels(args, photos, work) -> int:
+    import httpx
+
+    index = args.index or _build_index(work, photos, args.scales)
+    server, base = _start(index, work, args)
+    try:
+        health = httpx.get(f"{base}/api/health", timeout=60).json()
+        print(f"server: {health['model']} {health['index_type']} {health['count']} x {health['dim']}, "
+              f"scales {health['descriptor']['scales']['scales']}, device {health['device']}, "
+              f"{os.cpu_count()} CPUs; uploads of long side {args.side}, k={args.k}, {args.seconds:g} s per level")
+        _run(base, photos, 1, 3, args.k)  # warm-up
+        print("| clients | searches/s | p50 ms | p95 ms | 503 | errors | peak RSS MiB | load avg before/after |")
+        print("|---|---|---|---|---|---|---|---|")
+        rates = {}
+        for clients in [int(c) for c in args.clients.split(",")]:
+            _reset_peak(server.pid)
+            before = os.getloadavg()[0]
+            out = _run(base, photos, clients, args.seconds, args.k)
+            ms = np.array(out["latencies"] or [float("nan")]) * 1000
+            rates[clients] = len(out["latencies"]) / out["wall"]
+            print(f"| {clients} | {rates[clients]:.1f} | {np.percentile(ms, 50):.0f} | {np.percentile(ms, 95):.0f} | "
+                  f"{out['busy']} | {out['errors']} | {_rss(server.pid, 'VmHWM') / 2**20:.0f} | "
+                  f"{before:.1f} / {os.getloadavg()[0]:.1f} |", flush=True)
+        first = next(iter(rates))
+        for clients, rate in rates.items():
+            print(f"successful searches/s, {clients} clients / {first} clients: {rate / rates[first]:.2f}")
+        return 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _big(args, photos, work) -> int:
+    import httpx
+    from PIL import Image
+
+    index = args.index or _build_index(work, photos, "cfcd")  # the cfcd extract defaults: five scales, no cap
+    uploads = {}
+    buffer = io.BytesIO()
+    Image.new("RGB", (6300, 6300)).save(buffer, format="PNG")
+    uploads["6300x6300 all-zero PNG"] = buffer.getvalue()
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((6000, 4500), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
+    uploads["6000x4500 JPEG"] = buffer.getvalue()
+    server, base = _start(index, work, args)
+    try:
+        print(f"index: {index} (cfcd extract defaults), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        _run(base, photos, 1, 3, args.k)  # warm-up
+        print("| upload | bytes | status | seconds | described at | server RSS growth MiB | small searches: worst s, count |")
+        print("|---|---|---|---|---|---|---|")
+        for name, payload in uploads.items():
+            _reset_peak(server.pid)
+            rss0 = _rss(server.pid, "VmRSS")
+            small: list[float] = []
+            done = threading.Event()
+
+            def searcher():
+                with httpx.Client(base_url=base, timeout=300) as http:
+                    while not done.is_set():
+                        t0 = time.perf_counter()
+                        http.post("/api/search", files={"image": ("s.jpg", photos[0], "image/jpeg")}, data={"k": "10"})
+                        small.append(time.perf_counter() - t0)
+
+            t = threading.Thread(target=searcher)
+            t.start()
+            t0 = time.perf_counter()
+            r = httpx.post(f"{base}/api/search", files={"image": ("big", payload, "application/octet-stream")},
+                           data={"k": "10"}, timeout=600)
+            dt = time.perf_counter() - t0
+            done.set()
+            t.join()
+            ds = r.json().get("query", {}).get("downscaled") if r.status_code == 200 else r.text[:80]
+            print(f"| {name} | {len(payload)} | {r.status_code} | {dt:.1f} | {ds} | "
+                  f"{(_rss(server.pid, 'VmHWM') - rss0) / 2**20:.0f} | {max(small):.1f}, {len(small)} |", flush=True)
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
+        return 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", type=Path, default=None, help="serve this index (default: build one here)")
     parser.add_argument("--images", type=Path, default=None, help="--images of cfcd serve for --index")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--serial", type=int, default=40, help="requests of the one-client pass")
+    parser.add_argument("--clients", default="8,32,48", help="client counts, one level each (default 8,32,48)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each level (default 20)")
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--side", type=int, default=384, help="long side of the uploaded photos")
     parser.add_argument("--scales", default="single", help="scales of the index built here (default single)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--big", action="store_true", help="the two big uploads instead of the load levels")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cfcd-serve-load-"))
     photos = _photos(args.side)
-    index = args.index or _build_index(work, photos, args.scales)
-    port = _free_port()
-    command = [sys.executable, "-m", "cfcd", "serve", str(index), "--port", str(port), "--device", args.device,
-               "--cache-dir", str(work / "cache")]
-    if args.images:
-        command += ["--images", str(args.images)]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-    base = f"http://127.0.0.1:{port}"
-    try:
-        import httpx
-
-        deadline = time.time() + 300
-        while True:  # wait for the model to load
-            if server.poll() is not None:
-                print(server.stderr.read(), file=sys.stderr)
-                return 1
-            try:
-                health = httpx.get(f"{base}/api/health", timeout=2).json()
-                break
-            except httpx.HTTPError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
-        print(f"server: {health['model']} {health['index_type']} {health['count']} x {health['dim']}, "
-              f"scales {health['descriptor']['scales']['scales']}, device {health['device']}, "
-              f"{os.cpu_count()} CPUs; uploads of long side {args.side}, k={args.k}")
-        _run(base, photos, 1, 5, args.k)  # warm-up
-        print("| clients | searches | errors | p50 ms | p95 ms | p99 ms | searches/s |")
-        print("|---|---|---|---|---|---|---|")
-        serial = _report("1", *_run(base, photos, 1, args.serial, args.k))
-        lat, errors, wall = _run(base, photos, args.clients, args.requests, args.k)
-        rate = _report(str(args.clients), lat, errors, wall)
-        print(f"throughput {args.clients} clients / 1 client: {rate / serial:.2f}x")
-        return 1 if errors else 0
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    return _big(args, photos, work) if args.big else _levels(args, photos, work)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def served(data, tmp_path_factory):
     config = ServeConfig(index=data["index"], gnd=data["gnd"], cache_dir=cache,
                          limits=Limits(max_upload_bytes=MAX_BYTES, max_upload_pixels=4_000_000))
     state = load_state(config)
-    with TestClient(create_app(config, state=state)) as client:
+    with TestClient(create_app(config, state=state), base_url="http://127.0.0.1") as client:
         yield client, state, cache
 
 
@@ -116,7 +116,8 @@ def test_search_by_id_uses_the_indexed_descriptor(served, data):
 
     client, _, _ = served
     body = client.get("/api/search", params={"id": "coffee_easy0", "k": 5}).json()
-    assert body["query"] == {"kind": "id", "id": "coffee_easy0", "box": None, "descriptor_source": "stored"}
+    assert body["query"] == {"kind": "id", "id": "coffee_easy0", "box": None, "descriptor_source": "stored",
+                             "downscaled": None}
     assert body["results"][0]["id"] == "coffee_easy0"
     db = open_store(data["db"])
     row = db.ids.index("coffee_easy0")
@@ -405,7 +406,8 @@ def test_cfcd_serve_refuses_to_start_with_a_clear_message(data, tmp_path, capsys
 
 
 def test_compare_sorts_two_models_by_ap_difference(data, tmp_path):
-    """A second index of the same database (other scales): per-query APs of both and B - A."""
+    """The served index is the model, --compare its baseline (same database, other scales): per-query
+    APs of both and diff = model - baseline."""
     import cfcd.models
     from cfcd.data.gnd import load_gnd
     from cfcd.data.lists import gnd_image_list
@@ -421,18 +423,24 @@ def test_compare_sorts_two_models_by_ap_difference(data, tmp_path):
     config = ServeConfig(index=data["index"], gnd=data["gnd"], queries=data["queries"], compare=tmp_path / "index2",
                          cache_dir=tmp_path / "cache")
     state = load_state(config)
-    with TestClient(create_app(config, state=state)) as client:
+    with TestClient(create_app(config, state=state), base_url="http://127.0.0.1") as client:
         cmp = client.get("/api/compare").json()
-        a = client.get("/api/benchmark").json()
-        b = client.get("/api/benchmark", params={"side": "b"}).json()
-        assert cmp["a"]["metrics"] == a["metrics"] and cmp["b"]["metrics"] == b["metrics"]
+        model = client.get("/api/benchmark").json()
+        baseline = client.get("/api/benchmark", params={"side": "b"}).json()
+        assert cmp["model"]["metrics"] == model["metrics"] and cmp["baseline"]["metrics"] == baseline["metrics"]
+        assert cmp["model"]["name"] == "index" and cmp["baseline"]["name"] == "index2" and len(other) == 23
+        assert cmp["diff"] == "model - baseline"
+        changed = 0
         for row in cmp["queries"]:
             for s in ("easy", "medium", "hard"):
-                assert row["AP"]["a"][s] == a["per_query"][row["id"]][s]["AP"]
-                assert row["diff"][s] == pytest.approx(b["per_query"][row["id"]][s]["AP"] - row["AP"]["a"][s])
-        assert cmp["b"]["name"] == "index2" and len(other) == 23
+                ap_model = model["per_query"][row["id"]][s]["AP"]
+                ap_baseline = baseline["per_query"][row["id"]][s]["AP"]
+                assert row["AP"]["model"][s] == ap_model and row["AP"]["baseline"][s] == ap_baseline
+                assert row["diff"][s] == pytest.approx(ap_model - ap_baseline)
+                changed += abs(row["diff"][s]) > 1e-9
+        assert changed  # the two indexes differ somewhere, so the sign of diff is checked
         detail_b = client.get("/api/benchmark/rocket_query", params={"side": "b", "setup": "hard"}).json()
-        assert detail_b["AP"]["hard"] == b["per_query"]["rocket_query"]["hard"]["AP"]
+        assert detail_b["AP"]["hard"] == baseline["per_query"]["rocket_query"]["hard"]["AP"]
         assert client.get("/api/search", params={"id": "rocket_easy0", "side": "b", "k": 1}).json()["results"][0]["id"] == "rocket_easy0"
 
 

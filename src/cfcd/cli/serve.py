@@ -4,10 +4,11 @@ Examples::
 
     cfcd serve out/index --images photos/
     cfcd serve demo/index --gnd demo/benchmark/gnd_demo.pkl           # + the benchmark view
-    cfcd serve idx_new --gnd gnd_roxford5k.pkl --compare idx_old       # + the comparison
+    cfcd serve idx_new --gnd gnd_roxford5k.pkl --compare idx_old       # the model against its baseline
 
 The model, preprocessing, scales and crop rule are read from the index's source-store meta, so a
-query is described exactly as the database was.
+query is described exactly as the database was (at most ``--max-query-size`` on the long side
+when the database was extracted at full resolution). The port is bound before the model loads.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--gnd", type=Path, default=None, help="revisitop ground truth gnd_<ds>.pkl of the indexed database")
     b.add_argument("--queries", type=Path, default=None,
                    help="query descriptor store for --gnd (default: the queries are described at start-up and cached)")
-    b.add_argument("--compare", type=Path, default=None, metavar="OTHER_INDEX_DIR",
-                   help="a second index of the same database (another model): side-by-side benchmark")
-    b.add_argument("--compare-weights", default=None, help="weights of the second index's model (default: its meta)")
-    b.add_argument("--compare-queries", type=Path, default=None, help="query store of the second model")
+    b.add_argument("--compare", type=Path, default=None, metavar="BASELINE_INDEX_DIR",
+                   help="the baseline: an index of the same database by another model; the page shows the change "
+                        "from it to the served index (model - baseline)")
+    b.add_argument("--compare-weights", default=None, help="weights of the baseline's model (default: its meta)")
+    b.add_argument("--compare-queries", type=Path, default=None, help="query store of the baseline's model")
     s = parser.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
@@ -43,6 +45,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="largest decoded upload in pixels (default 40M); larger images are refused unread")
     s.add_argument("--workers-queue", type=int, default=32,
                    help="searches that may wait for the model before the server answers 503 (default 32)")
+    s.add_argument("--max-query-size", type=int, default=1024,
+                   help="long side a query photo is described at, at most, when the index was extracted at full "
+                        "resolution (default 1024; an index extracted with --max-size uses that)")
+    s.add_argument("--cache-max-bytes", type=int, default=512 * 1024 * 1024,
+                   help="disk budget of the kept uploads and thumbnails together (default 512 MiB; least recently "
+                        "used removed first)")
+    s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name this server may be reached by besides localhost and the --host address "
+                        "(requests naming another host get 421; repeat for several)")
+
+
+def bind_socket(host: str, port: int):
+    """The listening socket, bound now (before the model loads) so a port in use is said at once."""
+    import socket
+
+    from cfcd.errors import InputError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        import errno
+
+        if exc.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} is in use: pick another with --port (--port 0: any free port)") from None
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,26 +91,36 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:  # pragma: no cover - the serve extra installs it
         raise InputError("cfcd serve needs FastAPI and uvicorn: pip install 'cfcd[serve]'") from None
-    if args.max_upload_mb <= 0 or args.max_upload_pixels <= 0 or args.workers_queue <= 0:
-        raise InputError("--max-upload-mb, --max-upload-pixels and --workers-queue must be positive")
+    if (args.max_upload_mb <= 0 or args.max_upload_pixels <= 0 or args.workers_queue <= 0 or args.max_query_size <= 0
+            or args.cache_max_bytes <= 0):
+        raise InputError("--max-upload-mb, --max-upload-pixels, --workers-queue, --max-query-size and "
+                         "--cache-max-bytes must be positive")
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_upload_pixels=args.max_upload_pixels,
-                    max_waiting=args.workers_queue)
+                    max_waiting=args.workers_queue, max_query_size=args.max_query_size,
+                    cache_max_bytes=args.cache_max_bytes)
     config = ServeConfig(
         index=args.index, images=args.images, model=args.model, weights=args.weights, whiten=args.whiten,
         gnd=args.gnd, queries=args.queries, compare=args.compare, compare_weights=args.compare_weights,
         compare_queries=args.compare_queries, device=resolve_device(args.device), cache_dir=args.cache_dir,
-        limits=limits,
+        limits=limits, host=args.host, allow_hosts=tuple(args.allow_host),
     )
-    state = load_state(config, log=lambda message: print(message, file=sys.stderr))
-    health = state.service.health()
-    print(f"serving {args.index} ({health['index_type']}, {health['count']} x {health['dim']}, model {health['model']}); "
-          f"images: {state.service.images.root or 'none (pass --images ROOT for thumbnails)'}; "
-          f"cache: {state.service.cache_dir}", file=sys.stderr)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"WARNING: listening on {args.host}: there is no authentication; anyone who can reach this "
-              "address can search the index and see its images", file=sys.stderr)
-    app = create_app(config, state=state)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"open http://{host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    sock = bind_socket(args.host, args.port)
+    try:
+        port = sock.getsockname()[1]
+        state = load_state(config, log=lambda message: print(message, file=sys.stderr))
+        health = state.service.health()
+        print(f"serving {args.index} ({health['index_type']}, {health['count']} x {health['dim']}, model {health['model']}); "
+              f"images: {state.service.images.root or 'none (pass --images ROOT for thumbnails)'}; "
+              f"cache: {state.service.cache_dir}", file=sys.stderr)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"WARNING: listening on {args.host}: there is no authentication; anyone who can reach this "
+                  "address can search the index and see its images. Requests must name this host, localhost or "
+                  "an --allow-host NAME", file=sys.stderr)
+        app = create_app(config, state=state)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"open http://{host}:{port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

@@ -3,6 +3,11 @@
 :func:`load_state` opens the index and the model (and the benchmark views) once;
 :func:`create_app` serves them. Heavy work (decoding, the model, the index) runs in the thread
 pool, never on the event loop. Routes are listed in README.md ("Web page and API").
+
+:class:`HostOriginGuard` answers a request for a foreign ``Host`` (DNS rebinding) with 421 and a
+state-changing request from a foreign ``Origin`` (another site's page) with 403. An upload takes
+its slot in the work queue before its body is read, so an overloaded server refuses it (503,
+``Retry-After``) without reading or decoding it.
 """
 
 from __future__ import annotations
@@ -10,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import email.parser
 import email.policy
+import json
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from cfcd.errors import CfcdError, InputError
@@ -42,6 +49,77 @@ class ServeConfig:
     device: str = "cpu"
     cache_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)
+    host: str = "127.0.0.1"  # the bind address: a Host header naming it is accepted
+    allow_hosts: tuple[str, ...] = ()  # more names the server may be reached by (--allow-host)
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+_STATE_CHANGING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+
+
+def _split_host(value: str) -> tuple[str, int | None]:
+    """``"[::1]:8000"`` -> ``("::1", 8000)``; ``"localhost"`` -> ``("localhost", None)``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        name, _, port = value.partition(":")
+    else:
+        name, port = value, ""
+    return name, (int(port) if port.isdigit() else None)
+
+
+class HostOriginGuard:
+    """Pure ASGI middleware: 421 for a ``Host`` not in ``allowed``; 403 for a POST/PUT/DELETE/PATCH
+    whose ``Origin`` is not the host it was sent to. Requests without ``Origin`` (curl, scripts)
+    pass: browsers send it on every cross-site request that could change state."""
+
+    def __init__(self, app, allowed: set[str]):
+        self.app = app
+        self.allowed = {_split_host(h)[0] for h in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host")
+        if host is not None:
+            name, port = _split_host(host)
+            if name not in self.allowed:
+                return await _send_json(send, 421, f"this server does not answer for host {name!r} (start it with "
+                                                   f"--allow-host {name} to allow that name)")
+        origin = headers.get("origin")
+        if origin is not None and scope["method"] in _STATE_CHANGING and not _same_origin(origin, host, scope):
+            return await _send_json(send, 403, f"cross-origin {scope['method']} refused: the page at {origin} is not "
+                                               "this server's page")
+        await self.app(scope, receive, send)
+
+
+def _same_origin(origin: str, host: str | None, scope) -> bool:
+    try:
+        parts = urlsplit(origin)
+        origin_port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False  # "null" (sandboxed frames, file: pages) and anything odd
+    default = 443 if parts.scheme == "https" else 80
+    if host is None:
+        server = scope.get("server") or ("", None)
+        name, port = str(server[0]).lower(), server[1]
+    else:
+        name, port = _split_host(host)
+    here = 443 if scope.get("scheme") == "https" else 80
+    return (parts.hostname.lower(), origin_port or default) == (name, port or here)
+
+
+async def _send_json(send, status: int, message: str) -> None:
+    body = json.dumps({"detail": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 @dataclass
@@ -74,7 +152,7 @@ def load_state(config: ServeConfig, log=None) -> ServeState:
     if config.compare is not None:
         if gnd is None:
             raise InputError("--compare compares two indexes on a benchmark: it needs --gnd FILE")
-        log(f"loading the second index {config.compare} and its model")
+        log(f"loading the baseline index {config.compare} and its model")
         state.other = SearchService.open(
             config.compare, images=service.images.root, weights=config.compare_weights, device=config.device,
             cache_dir=(service.cache_dir / "compare"), limits=config.limits,
@@ -85,7 +163,7 @@ def load_state(config: ServeConfig, log=None) -> ServeState:
         log(f"evaluating {service.name} on {gnd.dataset} ({len(gnd.qimlist)} queries)")
         state.benchmark = Benchmark.build(service, gnd, queries=config.queries, log=log)
         if state.other is not None:
-            log(f"evaluating {state.other.name} on {gnd.dataset}")
+            log(f"evaluating the baseline {state.other.name} on {gnd.dataset}")
             state.other_benchmark = Benchmark.build(state.other, gnd, queries=config.compare_queries, log=log)
             if state.other.name == service.name:
                 state.other.name = state.other_benchmark.name = f"{service.name} (2)"
@@ -109,12 +187,20 @@ def create_app(config: ServeConfig | None = None, *, state: ServeState | None = 
 
     from cfcd import __version__
 
-    app = FastAPI(title="cfcd serve", version=__version__, lifespan=lifespan, docs_url="/api/docs",
+    # no /api/docs: FastAPI's Swagger UI loads its scripts from a CDN, which the page's content
+    # policy (script-src 'self') and offline use both block; the schema is /api/openapi.json
+    app = FastAPI(title="cfcd serve", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url="/api/openapi.json")
+    bind = config.host if config is not None else "127.0.0.1"
+    extra = tuple(config.allow_hosts) if config is not None else ()
+    app.add_middleware(HostOriginGuard, allowed={*LOCAL_HOSTS, bind, *extra})
 
     @app.exception_handler(RequestError)
     async def _request_error(request, exc: RequestError):
-        return _error(exc.status, str(exc))
+        response = _error(exc.status, str(exc))
+        if exc.status == 503:
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(CfcdError)
     async def _cfcd_error(request, exc: CfcdError):
@@ -157,7 +243,8 @@ def create_app(config: ServeConfig | None = None, *, state: ServeState | None = 
                                                        "index_type": s.other.index.type}
         out["name"] = s.service.name
         out["limits"] = {"max_upload_bytes": s.service.limits.max_upload_bytes,
-                         "max_upload_pixels": s.service.limits.max_upload_pixels, "max_k": s.service.limits.max_k}
+                         "max_upload_pixels": s.service.limits.max_upload_pixels, "max_k": s.service.limits.max_k,
+                         "max_query_size": s.service.query_size_cap()}
         return out
 
     @app.get("/api/search")
@@ -172,16 +259,12 @@ def create_app(config: ServeConfig | None = None, *, state: ServeState | None = 
     async def search_post(request: Request):
         s = st(request)
         service = _side_service(s, request.query_params.get("side", "a"))
-        data, fields = await _read_upload(request, service.limits.max_upload_bytes)
-        k = _int(fields.get("k", request.query_params.get("k", "100")), "k")
-        box = parse_box(fields.get("box", request.query_params.get("box")))
-
-        def work():
-            key = service.save_upload(data)
-            # decode before searching so a bad file is reported as such
-            return service.search(QueryImage(upload=key, box=box), k)
-
-        return await run_in_threadpool(work)
+        # the queue slot comes first: an overloaded server answers 503 without reading the body
+        with service.admit(mark_thread=False):
+            data, fields = await _read_upload(request, service.limits.max_upload_bytes)
+            k = _int(fields.get("k", request.query_params.get("k", "100")), "k")
+            box = parse_box(fields.get("box", request.query_params.get("box")))
+            return await run_in_threadpool(service.search_upload, data, k, box, admitted=True)
 
     @app.get("/api/images")
     def images(request: Request, offset: int = 0, limit: int = 60, q: str = ""):
@@ -199,10 +282,14 @@ def create_app(config: ServeConfig | None = None, *, state: ServeState | None = 
 
     @app.get("/api/uploads/{key}")
     def upload_original(request: Request, key: str):
-        path = svc(request).upload_path(key)
-        if not path.is_file():
-            raise RequestError(404, f"no upload {key!r}")
-        return FileResponse(path, media_type=_sniff(path), headers={"Cache-Control": "private, max-age=3600"})
+        service = svc(request)
+        path = service.upload_path(key)
+        try:
+            content = path.read_bytes()
+        except OSError:
+            raise RequestError(404, f"no upload {key!r}") from None
+        service.budget.touch(path)
+        return Response(content, media_type=_sniff(content), headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/uploads/{key}/thumb")
     def upload_thumb(request: Request, key: str, size: int = 256, box: str | None = None):
@@ -236,7 +323,7 @@ def create_app(config: ServeConfig | None = None, *, state: ServeState | None = 
 
         s = st(request)
         if s.other_benchmark is None:
-            raise RequestError(404, "no comparison: start the server with --compare OTHER_INDEX_DIR and --gnd FILE")
+            raise RequestError(404, "no comparison: start the server with --compare BASELINE_INDEX_DIR and --gnd FILE")
         return comparison(s.benchmark, s.other_benchmark)
 
     @app.get("/api/{rest:path}", include_in_schema=False)
@@ -267,6 +354,7 @@ def _side_benchmark(state: ServeState, side: str):
 
 
 def _image_path(service: SearchService, image_id: str) -> Path:
+    service.current()  # an id removed from the index is not served
     path = service.images.path(image_id)
     if path is None:
         raise RequestError(404, f"no image {image_id!r}")
@@ -279,10 +367,14 @@ def _thumb_response(service: SearchService, path: Path, size: int, box):
     if size not in SIZES:
         raise RequestError(400, f"thumbnail size must be one of {', '.join(map(str, SIZES))}, got {size}")
     try:
-        thumb = thumbnail_path(path, service.cache_dir, size, box, service.extractor.options.crop_rule)
+        thumb = thumbnail_path(path, service.cache_dir, size, box, service.extractor.options.crop_rule,
+                               budget=service.budget)
+        content = thumb.read_bytes()  # in memory: the cache may evict the file before a streamed answer ends
     except ThumbnailError as exc:
         raise RequestError(422, f"{path.name}: {exc}") from None
-    return FileResponse(thumb, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+    except FileNotFoundError:
+        raise RequestError(404, f"{path.name}: the image file is gone") from None
+    return Response(content, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
 
 
 def _int(text, name: str) -> int:
@@ -292,8 +384,8 @@ def _int(text, name: str) -> int:
         raise RequestError(400, f"{name} must be an integer, got {text!r}") from None
 
 
-def _sniff(path: Path) -> str:
-    head = path.read_bytes()[:16]
+def _sniff(content: bytes) -> str:
+    head = content[:16]
     for magic, media in ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"GIF8", "image/gif"),
                          (b"RIFF", "image/webp"), (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"),
                          (b"MM\x00*", "image/tiff")):

@@ -195,24 +195,28 @@ class Benchmark:
         }
 
 
-def comparison(a: Benchmark, b: Benchmark) -> dict:
-    """Both benchmarks' tables and, per query, both APs and their difference (b - a)."""
-    if a.gnd.sha256 != b.gnd.sha256:
+def comparison(model: Benchmark, baseline: Benchmark) -> dict:
+    """The served index (the model) against ``--compare`` (its baseline): both tables and, per
+    query, both APs and the change from the baseline to the model (``diff`` = model - baseline)."""
+    if model.gnd.sha256 != baseline.gnd.sha256:
         raise InputError("the two indexes are compared on different ground truths")
-    sa, sb = a.summary(), b.summary()
+    sm, sb = model.summary(), baseline.summary()
     rows = []
-    for qa, qb in zip(sa["queries"], sb["queries"]):
+    for qm, qb in zip(sm["queries"], sb["queries"]):
         diff = {}
-        for s in a.setups:
-            va, vb = qa["AP"][s], qb["AP"][s]
-            diff[s] = None if va is None or vb is None else vb - va
-        rows.append({"id": qa["id"], "index": qa["index"], "AP": {"a": qa["AP"], "b": qb["AP"]}, "diff": diff,
-                     "positives": qa["positives"]})
+        for s in model.setups:
+            vm, vb = qm["AP"][s], qb["AP"][s]
+            diff[s] = None if vm is None or vb is None else vm - vb
+        rows.append({"id": qm["id"], "index": qm["index"], "AP": {"model": qm["AP"], "baseline": qb["AP"]},
+                     "diff": diff, "positives": qm["positives"]})
     return {
-        "dataset": a.gnd.dataset,
-        "setups": a.setups,
-        "kappas": sa["kappas"],
-        "a": {"name": a.name, "metrics": sa["metrics"], "model": (a.protocol.get("model") or {}).get("database")},
-        "b": {"name": b.name, "metrics": sb["metrics"], "model": (b.protocol.get("model") or {}).get("database")},
+        "dataset": model.gnd.dataset,
+        "setups": model.setups,
+        "kappas": sm["kappas"],
+        "model": {"name": model.name, "metrics": sm["metrics"],
+                  "model": (model.protocol.get("model") or {}).get("database")},
+        "baseline": {"name": baseline.name, "metrics": sb["metrics"],
+                     "model": (baseline.protocol.get("model") or {}).get("database")},
+        "diff": "model - baseline",
         "queries": rows,
     }

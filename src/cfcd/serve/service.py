@@ -8,17 +8,32 @@ numbers ``cfcd extract`` + ``cfcd search`` give for the same file.
 Thread safety: web requests run in a thread pool. The model forward and the index search each
 run under their own lock (FAISS indexes carry per-call parameters such as ``nprobe`` and
 ``efSearch`` as object state, and the extractor keeps reusable buffers), and at most
-``max_waiting`` requests may wait for the model; more get :class:`ServiceBusy` (HTTP 503).
+``max_waiting`` requests may wait for the model; more get :class:`ServiceBusy` (HTTP 503), before
+an upload's body is read.
+
+The index follows ``cfcd index add`` / ``remove``: every few seconds a request checks the index
+directory's generation (:func:`_index_generation`); on a change the new index is opened fully and
+swapped in with one reference. A request works on the :class:`Generation` it started with; the old
+one is released when its last request ends (its memory maps with it).
+
+Queries are described at no more than the database's scale: the store's ``max_size`` when it has
+one (then exactly as ``cfcd extract`` describes the file), else ``Limits.max_query_size`` on the
+long side, decoded at reduced size (JPEG ``draft``) before any full-size array exists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import logging
+import math
 import os
 import re
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +46,10 @@ from cfcd.store import StoreMeta
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
 DEFAULT_MAX_K = 1000
+DEFAULT_MAX_QUERY_SIZE = 1024  # long side of a query photo when the index was extracted at full size
+DEFAULT_CACHE_MAX_BYTES = 512 * 1024 * 1024
+GENERATION_CHECK_SECONDS = 2.0
+logger = logging.getLogger("cfcd.serve")
 UPLOAD_KEY = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -53,7 +72,8 @@ class Limits:
     max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS
     max_k: int = DEFAULT_MAX_K
     max_waiting: int = 32  # requests waiting for the model before 503
-    max_uploads_kept: int = 500  # uploads kept in the cache so shared links keep working
+    max_query_size: int = DEFAULT_MAX_QUERY_SIZE  # used when the store's meta has no max_size
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES  # kept uploads and thumbnails together
 
 
 # --------------------------------------------------------------------------- images on disk
@@ -62,37 +82,47 @@ class Limits:
 class ImageRoot:
     """Maps image ids to files under one root, never outside it.
 
-    Only ids in ``ids`` are served. The file is ``root/<id>`` when the id has an image extension,
+    Only ids of the current index generation (``set_ids``) and the extra ids of the benchmark
+    (``add_ids``) are served. The file is ``root/<id>`` when the id has an image extension,
     else ``root/<id>.<ext>`` for the first extension that exists (the ``stem`` id rule). Ids
     with ``..``, absolute paths, NUL bytes, and files whose real path (symlinks followed) leaves
-    the root give ``None``.
+    the root give ``None``; so does a file deleted since it was found.
     """
 
-    def __init__(self, root: str | os.PathLike | None, ids: Sequence[str]):
+    def __init__(self, root: str | os.PathLike | None, ids):
         from cfcd.data.lists import IMAGE_EXTENSIONS
 
         self.root = None if root is None else Path(root)
         self._real = None if root is None else Path(root).resolve()
-        self._ids = set(ids)
+        self._ids = ids if hasattr(ids, "__contains__") and not isinstance(ids, (list, tuple)) else set(ids)
+        self._extra: set[str] = set()
         self._exts = IMAGE_EXTENSIONS
         self._cache: dict[str, Path | None] = {}
         self._lock = threading.Lock()
 
+    def set_ids(self, ids) -> None:
+        """The ids of a new index generation (any container; one reference swapped)."""
+        self._ids = ids
+
     def add_ids(self, ids: Sequence[str]) -> None:
-        self._ids.update(ids)
+        self._extra.update(ids)
 
     def __contains__(self, image_id: str) -> bool:
-        return image_id in self._ids
+        return image_id in self._ids or image_id in self._extra
 
     def path(self, image_id: str) -> Path | None:
-        if self._real is None or image_id not in self._ids:
+        if self._real is None or image_id not in self:
             return None
         with self._lock:
-            if image_id in self._cache:
-                return self._cache[image_id]
-        found = self._find(image_id)
+            cached = self._cache.get(image_id)
+        if cached is not None and cached.is_file():
+            return cached
+        found = self._find(image_id)  # not cached when missing: the file may come with an 'index add'
         with self._lock:
-            self._cache[image_id] = found
+            if found is None:
+                self._cache.pop(image_id, None)
+            else:
+                self._cache[image_id] = found
         return found
 
     def _find(self, image_id: str) -> Path | None:
@@ -232,6 +262,68 @@ class QueryImage:
         return out
 
 
+def _index_generation(index_dir: str | os.PathLike) -> tuple | None:
+    """What identifies the generation of an index directory: ``index.json``'s inode, mtime and size
+    (every build, add and remove replaces it atomically). ``None``: no index.json (a store)."""
+    try:
+        st = os.stat(Path(index_dir) / "index.json")
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@dataclass
+class Generation:
+    """One opened generation of the index and its live ids (removed rows left out)."""
+
+    index: Any
+    key: tuple | None
+    row_of: dict[str, int]
+    live_ids: list[str]
+
+    @classmethod
+    def of(cls, index, key: tuple | None) -> "Generation":
+        ids = index.ids or []
+        removed = getattr(index, "removed", None)
+        dead = set(removed.tolist()) if removed is not None and len(removed) else set()
+        row_of: dict[str, int] = {}
+        live: list[str] = []
+        for row, image_id in enumerate(ids):
+            if row not in dead:
+                row_of[image_id] = row
+                live.append(image_id)
+        return cls(index, key, row_of, live)
+
+
+class _Admission:
+    """A slot among ``max_waiting`` for work that needs the model; the thread that holds it is marked
+    so the nested guards of the same request do not take a second one."""
+
+    def __init__(self, service: "SearchService", mark_thread: bool):
+        self.service = service
+        self.mark_thread = mark_thread
+        self.previous = False
+
+    def __enter__(self):
+        s = self.service
+        with s._count_lock:
+            if s._waiting >= s.limits.max_waiting:
+                raise ServiceBusy(f"server busy: {s._waiting} searches are already waiting; retry shortly")
+            s._waiting += 1
+        if self.mark_thread:
+            self.previous = getattr(s._local, "admitted", False)
+            s._local.admitted = True
+        return self
+
+    def __exit__(self, *exc):
+        s = self.service
+        if self.mark_thread:
+            s._local.admitted = self.previous
+        with s._count_lock:
+            s._waiting -= 1
+        return False
+
+
 @dataclass
 class SearchService:
     """The index, its model and extractor, the image root and the cache (see the module docstring)."""
@@ -246,14 +338,30 @@ class SearchService:
     whitening: Any = None
     weights: str | None = None
     name: str = ""
+    index_dir: Path | None = None  # followed for new generations (None: never reloaded)
+    check_seconds: float = GENERATION_CHECK_SECONDS
 
     def __post_init__(self) -> None:
-        self.row_of = {image_id: row for row, image_id in enumerate(self.index.ids or [])}
+        from cfcd.serve.thumbs import CacheBudget
+
+        key = _index_generation(self.index_dir) if self.index_dir is not None else None
+        self._gen = Generation.of(self.index, key)
+        self.images.set_ids(self._gen.row_of)
         self._model_lock = threading.Lock()
         self._search_lock = threading.Lock()
         self._count_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._local = threading.local()
         self._waiting = 0
-        (self.cache_dir / "uploads").mkdir(parents=True, exist_ok=True)
+        self._next_check = time.monotonic() + self.check_seconds
+        self._refused: tuple | None = None
+        for sub in ("uploads", "thumbs"):
+            (self.cache_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.budget = CacheBudget([self.cache_dir / "uploads", self.cache_dir / "thumbs"], self.limits.cache_max_bytes)
+
+    @property
+    def row_of(self) -> dict[str, int]:
+        return self._gen.row_of
 
     # ---- opening
 
@@ -290,18 +398,69 @@ class SearchService:
             raise InputError(f"--images {root}: not a directory")
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(index_dir)
         cache.mkdir(parents=True, exist_ok=True)
+        image_root = ImageRoot(root, set())
+        image_root.add_ids(extra_ids)
         return cls(
             index=index,
             model=model,
             extractor=Extractor(model, options),
             meta=meta,
-            images=ImageRoot(root, list(index.ids) + list(extra_ids)),
+            images=image_root,
             cache_dir=cache,
             limits=limits or Limits(),
             whitening=whitening,
             weights=weights,
             name=Path(index_dir).name,
+            index_dir=Path(index_dir),
         )
+
+    # ---- following the index directory
+
+    def current(self) -> Generation:
+        """The generation a request works on (take it once, at the start). At most every
+        ``check_seconds`` this also looks for a new one, opened in the background."""
+        if self.index_dir is not None and time.monotonic() >= self._next_check and self._reload_lock.acquire(False):
+            try:
+                self._next_check = time.monotonic() + self.check_seconds
+                key = _index_generation(self.index_dir)
+                if key is not None and key != self._gen.key and key != self._refused:
+                    threading.Thread(target=self._reload, args=(key,), name="cfcd-index-reload", daemon=True).start()
+                    return self._gen  # the thread releases the lock when the swap is done
+            except BaseException:
+                self._reload_lock.release()
+                raise
+            self._reload_lock.release()
+        return self._gen
+
+    def _reload(self, key: tuple) -> None:
+        try:
+            self.reload(key)
+        except Exception as exc:  # noqa: BLE001 - the old generation keeps serving; retried on the next check
+            logger.warning("%s: the new index generation could not be opened (%s); still serving the previous one",
+                           self.index_dir, exc)
+        finally:
+            self._reload_lock.release()
+
+    def reload(self, key: tuple | None = None) -> Generation:
+        """Open the index directory's current generation fully, then swap it in (one reference)."""
+        from cfcd.index import open_index
+
+        key = _index_generation(self.index_dir) if key is None else key
+        index = open_index(self.index_dir)
+        new_meta = (index.source or {}).get("meta") or {}
+        changed = [k for k in ("model", "weights_sha256", "state_sha256") if new_meta.get(k) != self.meta.get(k)]
+        if index.ids is None or index.dim != self._gen.index.dim or changed:
+            self._refused = key
+            logger.warning("%s: the new index generation is not searchable with this model (%s); "
+                           "still serving the previous one: restart cfcd serve", self.index_dir,
+                           "no image ids" if index.ids is None else f"dim {index.dim}" if not changed else ", ".join(changed))
+            return self._gen
+        gen = Generation.of(index, key)
+        self.images.set_ids(gen.row_of)
+        self._gen = gen
+        self.index = index  # the old index is freed once the requests that hold it end
+        logger.info("%s: now serving generation %s (%d images)", self.index_dir, key, len(gen.live_ids))
+        return gen
 
     # ---- what the service is
 
@@ -312,22 +471,24 @@ class SearchService:
             "weights_sha256": self.meta.get("weights_sha256"),
             "scales": o.scales.to_meta(),
             "max_size": o.max_size,
+            "max_query_size": self.query_size_cap(),
             "crop_rule": o.crop_rule,
             "precision": o.precision,
             "whitening": self.meta.get("whitening"),
-            "dim": int(self.index.dim),
+            "dim": int(self._gen.index.dim),
         }
 
     def health(self) -> dict:
         from cfcd import __version__
 
+        index = self.current().index
         return {
             "status": "ok",
             "version": __version__,
             "model": self.meta.get("model"),
-            "index_type": self.index.type,
-            "count": len(self.index),
-            "dim": int(self.index.dim),
+            "index_type": index.type,
+            "count": len(index),
+            "dim": int(index.dim),
             "images": self.images.root is not None,
             "device": str(self.extractor.device),
             "descriptor": self.descriptor_settings(),
@@ -335,22 +496,14 @@ class SearchService:
 
     # ---- descriptors
 
+    def admit(self, *, mark_thread: bool = True) -> _Admission:
+        """A slot for work that needs the model, or :class:`ServiceBusy` (503) when all are taken."""
+        return _Admission(self, mark_thread)
+
     def _busy_guard(self):
-        service = self
-
-        class _Guard:
-            def __enter__(self_inner):
-                with service._count_lock:
-                    if service._waiting >= service.limits.max_waiting:
-                        raise ServiceBusy(f"server busy: {service._waiting} searches are already waiting; retry shortly")
-                    service._waiting += 1
-
-            def __exit__(self_inner, *exc):
-                with service._count_lock:
-                    service._waiting -= 1
-                return False
-
-        return _Guard()
+        if getattr(self._local, "admitted", False):
+            return contextlib.nullcontext()
+        return self.admit()
 
     def describe_array(self, array: np.ndarray) -> np.ndarray:
         """1 x D descriptor of a decoded image (model channel order), whitened like the index."""
@@ -360,16 +513,35 @@ class SearchService:
             desc = self.whitening.transform(desc)
         return np.ascontiguousarray(desc, dtype=np.float32)
 
+    def query_size_cap(self) -> int:
+        """The long side a query is described at, at most: the store's ``max_size`` or ``max_query_size``."""
+        max_size = self.extractor.options.max_size
+        return int(max_size) if max_size is not None else int(self.limits.max_query_size)
+
     def decode_file(self, path: Path, box=None, *, upload: bool = False) -> np.ndarray:
-        from cfcd.data.images import ImageLoadError, load_image
+        return self.decode_query(path, box, upload=upload)[0]
+
+    def decode_query(self, path: Path, box=None, *, upload: bool = False) -> tuple[np.ndarray, dict | None]:
+        """The query image as the model gets it, and ``{"from": [w, h], "to": [w, h]}`` when it
+        was downscaled (``None`` otherwise). Never more than :meth:`query_size_cap` on the long side."""
+        from cfcd.data.images import ImageInfo, ImageLoadError, load_image
 
         kwargs = self.extractor.load_kwargs()
         if upload:
             cap = self.limits.max_upload_pixels
             kwargs["max_pixels"] = cap if kwargs.get("max_pixels") is None else min(cap, kwargs["max_pixels"])
             kwargs["truncated"] = "fail"  # a cut-off upload is a failed transfer, not a photo
+        side = self.query_size_cap()
         try:
-            return load_image(path, bbx=box, **kwargs)
+            if kwargs.get("max_size") is None and _long_side(path) > side:
+                return _decode_reduced(path, box, side, kwargs)
+            info = ImageInfo()
+            array = load_image(path, bbx=box, info=info, **kwargs)  # exactly as `cfcd extract` reads it
+            w, h = info.original_size
+            if max(w, h) <= side:
+                return array, None
+            s = side / max(w, h)
+            return array, {"from": [w, h], "to": [max(1, round(w * s)), max(1, round(h * s))]}
         except ImageLoadError as exc:
             reason = exc.reason
             if "over the cap" in reason or "decompression bomb" in reason:
@@ -377,11 +549,11 @@ class SearchService:
             what = "uploaded file" if upload else "image"
             raise RequestError(400, f"{what}: {reason}") from None
 
-    def stored_descriptor(self, row: int) -> np.ndarray | None:
+    def stored_descriptor(self, row: int, index=None) -> np.ndarray | None:
         """The database row as indexed (no re-extraction), when the index keeps it exactly."""
         from cfcd.index import ExactIndex
 
-        index = self.index
+        index = self._gen.index if index is None else index
         if isinstance(index, ExactIndex):
             return np.asarray(index.descriptors[row : row + 1], dtype=np.float32)
         if getattr(index, "vectors", None) is not None:
@@ -393,39 +565,64 @@ class SearchService:
 
     # ---- uploads
 
-    def save_upload(self, data: bytes) -> str:
-        """Keep an upload in the cache under its content hash (so a shared link can rerun it)."""
+    def _check_upload(self, data: bytes) -> str:
         if not data:
             raise RequestError(400, "uploaded file is empty (0 bytes)")
         if len(data) > self.limits.max_upload_bytes:
             raise RequestError(413, f"upload of {len(data)} bytes is over the limit of {self.limits.max_upload_bytes} bytes")
-        key = hashlib.sha256(data).hexdigest()[:32]
+        return hashlib.sha256(data).hexdigest()[:32]
+
+    def search_upload(self, data: bytes, k: int = 100, box=None, *, admitted: bool = False) -> dict:
+        """Search with an uploaded photo. It is kept in the cache under its content hash (so a
+        shared link can rerun it) only when it was searched: a refused file is never kept.
+        ``admitted``: the caller holds a slot (:meth:`admit`) taken before the body was read."""
+        k = self.check_k(k)
+        key = self._check_upload(data)
         target = self.upload_path(key)
-        if not target.exists():
+        previous = getattr(self._local, "admitted", False)
+        self._local.admitted = previous or admitted
+        try:
+            if target.is_file():
+                return self.search(QueryImage(upload=key, box=box), k)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
+                result = self.search(QueryImage(upload=key, box=box), k, upload_file=Path(tmp))
                 os.replace(tmp, target)
             except BaseException:
                 with _suppress():
                     os.unlink(tmp)
                 raise
-            self._prune_uploads()
-        else:
-            os.utime(target)
+        finally:
+            self._local.admitted = previous
+        self.budget.added(target)
+        return result
+
+    def save_upload(self, data: bytes) -> str:
+        """Keep an upload in the cache without searching it (it is decoded first: refused files are not kept)."""
+        key = self._check_upload(data)
+        target = self.upload_path(key)
+        if target.is_file():
+            self.budget.touch(target)
+            return key
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            self.decode_query(Path(tmp), upload=True)
+            os.replace(tmp, target)
+        except BaseException:
+            with _suppress():
+                os.unlink(tmp)
+            raise
+        self.budget.added(target)
         return key
 
     def upload_path(self, key: str) -> Path:
         if not UPLOAD_KEY.match(key or ""):
             raise RequestError(404, f"no upload {key!r}")
         return self.cache_dir / "uploads" / f"{key}.img"
-
-    def _prune_uploads(self) -> None:
-        files = sorted((self.cache_dir / "uploads").glob("*.img"), key=lambda p: p.stat().st_mtime)
-        for old in files[: max(0, len(files) - self.limits.max_uploads_kept)]:
-            with _suppress():
-                old.unlink()
 
     # ---- search
 
@@ -434,56 +631,138 @@ class SearchService:
             raise RequestError(400, f"k must be between 1 and {self.limits.max_k}, got {k}")
         return int(k)
 
-    def query_descriptor(self, query: QueryImage) -> tuple[np.ndarray, str]:
-        """The 1 x D query descriptor and where it came from: ``"stored"`` (the indexed row of a
-        collection image searched whole) or ``"extracted"`` (described now)."""
+    def query_descriptor(self, query: QueryImage, gen: Generation | None = None, *,
+                         upload_file: Path | None = None) -> tuple[np.ndarray, str, dict | None]:
+        """The 1 x D query descriptor, where it came from: ``"stored"`` (the indexed row of a
+        collection image searched whole) or ``"extracted"`` (described now), and the downscale."""
+        gen = self._gen if gen is None else gen
         if query.upload is not None:
-            path = self.upload_path(query.upload)
+            path = upload_file or self.upload_path(query.upload)
             if not path.is_file():
                 raise RequestError(404, f"upload {query.upload} is not in the cache any more; upload the photo again")
-            return self.describe_array(self.decode_file(path, query.box, upload=True)), "extracted"
-        if query.image_id not in self.images:
+            if upload_file is None:
+                self.budget.touch(path)
+            with self._busy_guard():
+                array, downscaled = self.decode_query(path, query.box, upload=True)
+                return self.describe_array(array), "extracted", downscaled
+        row = gen.row_of.get(query.image_id)
+        if row is None and query.image_id not in self.images:
             raise RequestError(404, f"no image {query.image_id!r} in the index")
-        row = self.row_of.get(query.image_id)
         if query.box is None and row is not None:
-            stored = self.stored_descriptor(row)
+            stored = self.stored_descriptor(row, gen.index)
             if stored is not None:
-                return stored, "stored"
+                return stored, "stored", None
         path = self.images.path(query.image_id)
         if path is None:
             raise RequestError(404, f"image {query.image_id!r} has no file under the image root (pass --images ROOT)")
-        return self.describe_array(self.decode_file(path, query.box)), "extracted"
+        with self._busy_guard():
+            array, downscaled = self.decode_query(path, query.box)
+            return self.describe_array(array), "extracted", downscaled
 
-    def search(self, query: QueryImage, k: int = 100) -> dict:
+    def search(self, query: QueryImage, k: int = 100, *, upload_file: Path | None = None) -> dict:
         k = self.check_k(k)
+        gen = self.current()
         t0 = time.perf_counter()
-        desc, source = self.query_descriptor(query)
+        desc, source, downscaled = self.query_descriptor(query, gen, upload_file=upload_file)
         t1 = time.perf_counter()
         with self._search_lock:
-            result = self.index.search(desc, k)
+            result = gen.index.search(desc, k)
         t2 = time.perf_counter()
+        ids = gen.index.ids
         results = []
         for rank, (j, s) in enumerate(zip(result.indices[0].tolist(), result.scores[0].tolist()), 1):
             if j < 0:
                 break
-            results.append({"id": self.index.ids[j], "score": float(s), "rank": rank})
+            results.append({"id": ids[j], "score": float(s), "rank": rank})
         return {
-            "query": {**query.to_json(), "descriptor_source": source},
+            "query": {**query.to_json(), "descriptor_source": source, "downscaled": downscaled},
             "k": k,
-            "count": len(self.index),
+            "count": len(gen.index),
             "results": results,
             "descriptor": self.descriptor_settings(),
             "timings_ms": {"describe": round(1000 * (t1 - t0), 2), "search": round(1000 * (t2 - t1), 2)},
         }
 
     def list_images(self, offset: int = 0, limit: int = 60, contains: str = "") -> dict:
-        ids = self.index.ids
+        ids = self.current().live_ids
         if contains:
             needle = contains.lower()
             ids = [i for i in ids if needle in i.lower()]
         offset = max(0, int(offset))
         limit = max(1, min(int(limit), 500))
         return {"total": len(ids), "offset": offset, "ids": list(ids[offset : offset + limit])}
+
+
+def _long_side(path: Path) -> int:
+    """The long side of an image from its header (0 when unreadable: the full decoder reports why)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                return max(img.size)
+    except Exception:  # noqa: BLE001 - any failure is reported by load_image with its reason
+        return 0
+
+
+def _decode_reduced(path: Path, box, side: int, kwargs: dict) -> tuple[np.ndarray, dict]:
+    """Decode an image larger than ``side`` straight to at most ``side`` on the long side.
+
+    JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (``Image.draft``), so no full-size
+    array exists; other formats are decoded, then reduced (``Image.thumbnail``: integer
+    ``reduce`` then Lanczos). A box (original pixels) is scaled to the decoded size and cropped
+    first; the crop gets the factor the full image gets, as :func:`cfcd.data.images.load_image`.
+    """
+    from PIL import Image, ImageOps
+
+    from cfcd.data.images import ImageLoadError, _to_rgb, crop_box
+
+    raw = Path(path).read_bytes()
+    max_pixels = kwargs.get("max_pixels")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            img = Image.open(io.BytesIO(raw))
+        except Image.DecompressionBombError as exc:
+            raise ImageLoadError(path, f"decompression bomb refused before decoding ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - Pillow raises many types on bad headers
+            raise ImageLoadError(path, f"not an image or corrupt header ({exc})") from None
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageLoadError(path, f"{w}x{h} = {w * h} pixels, over the cap of {max_pixels} (refused before decoding)")
+        orientation = img.getexif().get(0x0112, 1)
+        full_w, full_h = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        scale = side / max(w, h)
+        if img.format == "JPEG":
+            img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        try:
+            img.load()
+        except OSError as exc:
+            what = "truncated JPEG" if "truncated" in str(exc) and img.format == "JPEG" else f"corrupt or truncated {img.format or 'image'}"
+            raise ImageLoadError(path, f"{what} ({exc})") from None
+        except (ValueError, SyntaxError, MemoryError) as exc:
+            raise ImageLoadError(path, f"corrupt {img.format or 'image'} ({type(exc).__name__}: {exc})") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image (as load_image)
+        pass
+    img = _to_rgb(img, kwargs.get("alpha", "drop"))
+    decoded_long = max(img.size)
+    if box is not None:
+        fx, fy = img.size[0] / full_w, img.size[1] / full_h
+        scaled = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+        try:
+            img = img.crop(crop_box(scaled, img.size[0], img.size[1], kwargs.get("crop_rule", "truncate")))
+        except CfcdError as exc:
+            raise ImageLoadError(path, str(exc)) from None
+    target = side * max(img.size) / decoded_long
+    img.thumbnail((target, target), Image.Resampling.LANCZOS)
+    to = [max(1, round(full_w * scale)), max(1, round(full_h * scale))]
+    array = np.asarray(img, dtype=np.uint8)
+    if kwargs.get("channel_order", "RGB") == "BGR":
+        array = array[..., ::-1]
+    return np.ascontiguousarray(array), {"from": [full_w, full_h], "to": to}
 
 
 class _suppress:

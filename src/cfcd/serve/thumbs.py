@@ -1,8 +1,12 @@
-"""Thumbnails made on demand and cached on disk (JPEG, long side ``size``).
+"""Thumbnails made on demand and cached on disk (JPEG, long side ``size``), and the cache's budget.
 
 The cache key is the source file's real path, size and modification time, the thumbnail size and
 the crop box, so an edited photo gets a new thumbnail. Files are written atomically (temporary
 name, then ``os.replace``), so concurrent requests for one thumbnail never see half a file.
+
+:class:`CacheBudget` bounds the bytes of the thumbnails and kept uploads together: a hit sets the
+file's modification time (the access time is not kept by ``relatime`` mounts), and when a write
+takes the total over the budget the least recently used files go until 90% of it is left.
 """
 
 from __future__ import annotations
@@ -10,9 +14,69 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
+
+
+class CacheBudget:
+    """At most ``max_bytes`` of files under ``dirs`` (least recently used removed first)."""
+
+    def __init__(self, dirs: Sequence[Path], max_bytes: int):
+        self.dirs = [Path(d) for d in dirs]
+        self.max_bytes = int(max_bytes)
+        self._lock = threading.Lock()
+        self.total = sum(size for _, _, size in self._files())
+        if self.total > self.max_bytes:
+            self._evict()
+
+    def _files(self):
+        for d in self.dirs:
+            for root, _, names in os.walk(d):
+                for name in names:
+                    if name.startswith("."):  # a temporary file being written
+                        continue
+                    path = os.path.join(root, name)
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        continue
+                    yield st.st_mtime_ns, path, st.st_size
+
+    def touch(self, path: Path) -> None:
+        """A cache hit: the file is now the most recently used."""
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+
+    def added(self, path: Path) -> None:
+        """A new file in the cache: count it and evict when over the budget."""
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return
+        with self._lock:
+            self.total += size
+            over = self.total > self.max_bytes
+        if over:
+            self._evict()
+
+    def _evict(self) -> None:
+        with self._lock:
+            files = sorted(self._files())
+            total = sum(size for _, _, size in files)
+            keep = int(0.9 * self.max_bytes)
+            for _, path, size in files:
+                if total <= keep:
+                    break
+                try:
+                    os.unlink(path)
+                except OSError:
+                    continue
+                total -= size
+            self.total = total
 
 DEFAULT_SIZE = 256
 SIZES = (128, 256, 512)  # a fixed set keeps the cache bounded: one file per image and size
@@ -29,6 +93,7 @@ def thumbnail_path(
     size: int = DEFAULT_SIZE,
     box: Sequence[float] | None = None,
     crop_rule: str = "round",
+    budget: CacheBudget | None = None,
 ) -> Path:
     """The cached thumbnail of ``source`` (cropped to ``box`` first), made when missing."""
     stat = source.stat()
@@ -36,6 +101,8 @@ def thumbnail_path(
     digest = hashlib.sha1(key.encode()).hexdigest()
     target = cache_dir / "thumbs" / str(size) / digest[:2] / f"{digest}.jpg"
     if target.is_file():
+        if budget is not None:
+            budget.touch(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     image = _render(source, size, box, crop_rule)
@@ -50,6 +117,8 @@ def thumbnail_path(
         except OSError:
             pass
         raise
+    if budget is not None:
+        budget.added(target)
     return target
 
 

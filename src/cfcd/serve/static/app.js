@@ -272,6 +272,12 @@ async function viewSearch(main, params) {
     h("span", { class: "spacer" }),
     h("span", { class: "muted mono hide-narrow", title: "the query is described like the database" },
       `${d.model} · scales ${scales}${d.max_size ? " · max " + d.max_size : ""} · ${d.dim}-D`)));
+  const ds = result.query.downscaled;
+  if (ds) {
+    content.append(h("div", { class: "muted", id: "downscaled" },
+      `The photo (${ds.from[0]}×${ds.from[1]}) was described at ${ds.to[0]}×${ds.to[1]}, `
+      + `the largest query size this index takes (${d.max_size ? "its extraction size" : "--max-query-size"}).`));
+  }
   const top = result.results.length ? result.results[0].score : 1;
   content.append(result.results.length
     ? pagedGrid(result.results, (item) => resultCard(item, { maxScore: top }))
@@ -354,7 +360,7 @@ async function viewBenchmark(main, params) {
   const dir = params.get("dir") || (sort === "id" ? "asc" : "asc");
   const nav = (changes) => go("benchmark", null, Object.assign({ setup, sort, dir }, changes));
   main.append(h("div", { class: "section-head" }, h("h2", {}, `Benchmark: ${bench.dataset}`),
-    h("span", { class: "muted" }, `${bench.num_queries} queries, ${bench.num_database} database images, index ${bench.name}`)));
+    h("span", { class: "muted" }, `${bench.num_queries} queries, ${bench.num_database} database images, index directory: ${bench.name}`)));
   main.append(h("div", { class: "panel", style: { marginBottom: "1rem" } },
     metricsTable(bench.metrics, bench.kappas, bench.setups),
     h("p", { class: "muted", style: { margin: ".5rem 0 0", fontSize: "12.5px" } },
@@ -459,22 +465,23 @@ async function loadCompare() {
   return state.compare;
 }
 
+// The served index is the model, --compare its baseline: every change shown is model − baseline.
 async function viewCompare(main, params) {
   const cmp = await loadCompare();
   const setup = params.get("setup") || (cmp.setups.includes("medium") ? "medium" : cmp.setups[0]);
   const dir = params.get("dir") || "asc";
   const nav = (changes) => go("compare", null, Object.assign({ setup, dir }, changes));
   main.append(h("div", { class: "section-head" }, h("h2", {}, `Compare on ${cmp.dataset}`),
-    h("span", { class: "muted" }, `A: ${cmp.a.name} (${cmp.a.model}) · B: ${cmp.b.name} (${cmp.b.model})`)));
+    h("span", { class: "muted" }, `model: ${cmp.model.name} (${cmp.model.model}) · baseline: ${cmp.baseline.name} (${cmp.baseline.model})`)));
   main.append(h("div", { class: "cards2" },
-    h("div", { class: "panel" }, h("h3", {}, `A: ${cmp.a.name}`), metricsTable(cmp.a.metrics, cmp.kappas, cmp.setups)),
-    h("div", { class: "panel" }, h("h3", {}, `B: ${cmp.b.name}`, h("span", { class: "muted" }, " (B − A in brackets)")),
-      metricsTable(cmp.b.metrics, cmp.kappas, cmp.setups, cmp.a.metrics))));
+    h("div", { class: "panel" }, h("h3", {}, `Baseline: ${cmp.baseline.name}`), metricsTable(cmp.baseline.metrics, cmp.kappas, cmp.setups)),
+    h("div", { class: "panel" }, h("h3", {}, `Model: ${cmp.model.name}`, h("span", { class: "muted" }, " (change from the baseline in brackets)")),
+      metricsTable(cmp.model.metrics, cmp.kappas, cmp.setups, cmp.baseline.metrics))));
   const rows = sortRows(cmp.queries, "diff", dir, (r) => r.diff[setup]);
-  const fixed = rows.filter((r) => r.diff[setup] > 0.005).length, broken = rows.filter((r) => r.diff[setup] < -0.005).length;
+  const better = rows.filter((r) => r.diff[setup] > 0.005).length, worse = rows.filter((r) => r.diff[setup] < -0.005).length;
   const table = h("table", { class: "data", id: "compare-table" },
-    h("thead", {}, h("tr", {}, h("th", {}, "query"), h("th", {}, `AP A`), h("th", {}, `AP B`),
-      h("th", { class: "sortable", onclick: () => nav({ dir: dir === "asc" ? "desc" : "asc" }) }, "B − A",
+    h("thead", {}, h("tr", {}, h("th", {}, "query"), h("th", {}, "AP baseline"), h("th", {}, "AP model"),
+      h("th", { class: "sortable", onclick: () => nav({ dir: dir === "asc" ? "desc" : "asc" }) }, "model − baseline",
         h("span", { class: "arrow" }, dir === "asc" ? "↑" : "↓")))),
     h("tbody", {}, rows.map((r) => {
       const dlt = r.diff[setup];
@@ -483,13 +490,13 @@ async function viewCompare(main, params) {
       return h("tr", { class: "click", "data-query": r.id, onclick: () => go("compare", r.id, { setup }) },
         h("td", { class: "qid" }, h("img", { src: `/api/benchmark/${encodeURIComponent(r.id)}/thumb?size=128`, alt: "", loading: "lazy" }),
           h("a", { href: `#/compare/${encId(r.id)}?setup=${setup}` }, r.id)),
-        h("td", {}, pct(r.AP.a[setup]), apBar(r.AP.a[setup])),
-        h("td", {}, pct(r.AP.b[setup]), apBar(r.AP.b[setup])),
+        h("td", {}, pct(r.AP.baseline[setup]), apBar(r.AP.baseline[setup])),
+        h("td", {}, pct(r.AP.model[setup]), apBar(r.AP.model[setup])),
         h("td", { class: `delta ${cls}` }, dlt === null ? "–" : `${dlt >= 0 ? "+" : ""}${dlt.toFixed(2)} ${word}`));
     })));
   main.append(h("div", { class: "panel" },
-    h("div", { class: "section-head" }, h("h3", {}, "Queries by AP difference"),
-      h("span", { class: "muted" }, `${fixed} better with B, ${broken} worse, ${rows.length - fixed - broken} unchanged`),
+    h("div", { class: "section-head" }, h("h3", {}, "Queries by AP change from the baseline to the model"),
+      h("span", { class: "muted", id: "compare-summary" }, `${better} queries better than the baseline, ${worse} worse, ${rows.length - better - worse} unchanged`),
       h("span", { class: "spacer" }), setupSwitch(cmp.setups, setup, (s) => nav({ setup: s }))),
     h("div", { style: { overflowX: "auto" } }, table)));
 }
@@ -499,22 +506,23 @@ async function viewCompareQuery(main, query, params) {
   const setup = params.get("setup") || (cmp.setups.includes("medium") ? "medium" : cmp.setups[0]);
   const k = Number(params.get("k")) || 50;
   const qs = (side) => new URLSearchParams({ setup, k, side });
-  const [a, b] = await Promise.all([api(`/api/benchmark/${encodeURIComponent(query)}?${qs("a")}`),
-                                    api(`/api/benchmark/${encodeURIComponent(query)}?${qs("b")}`)]);
+  // side "a" is the served index (the model), side "b" the --compare index (the baseline)
+  const [model, baseline] = await Promise.all([api(`/api/benchmark/${encodeURIComponent(query)}?${qs("a")}`),
+                                               api(`/api/benchmark/${encodeURIComponent(query)}?${qs("b")}`)]);
   main.append(h("div", { class: "section-head" }, h("a", { href: `#/compare?setup=${setup}` }, "← all queries"),
     h("h2", {}, query), h("span", { class: "spacer" }), setupSwitch(cmp.setups, setup, (s) => go("compare", query, { setup: s, k })), LEGEND()));
   const side = h("div", { class: "side" },
     h("div", { class: "panel" }, h("h3", {}, "Query (cropped to its box)"),
       h("div", { class: "qimg" }, h("img", { src: `/api/benchmark/${encodeURIComponent(query)}/thumb?size=512`, alt: `query ${query}` }))),
     h("div", { class: "panel" }, h("h3", {}, `Precision-recall (${SETUP_LABEL[setup]})`),
-      prPlot([{ points: a.pr }, { points: b.pr }]),
-      h("p", { class: "muted", style: { fontSize: "12.5px", margin: 0 } }, "solid: A, dashed: B")));
+      prPlot([{ points: model.pr }, { points: baseline.pr }]),
+      h("p", { class: "muted", style: { fontSize: "12.5px", margin: 0 } }, "solid: model, dashed: baseline")));
   const column = (label, d) => h("div", { class: "panel" },
     h("div", { class: "section-head" }, h("h3", {}, label),
       h("span", { class: "muted" }, `AP ${pct(d.AP[setup])} · ${d.missed.length} positives below ${d.k}`)),
     pagedGrid(d.ranked, classCard, { page: 20 }));
   main.append(h("div", { class: "qdetail" }, side,
-    h("div", { class: "side-by-side" }, column(`A: ${cmp.a.name}`, a), column(`B: ${cmp.b.name}`, b))));
+    h("div", { class: "side-by-side" }, column(`Model: ${cmp.model.name}`, model), column(`Baseline: ${cmp.baseline.name}`, baseline))));
 }
 
 // ------------------------------------------------------------------ router
