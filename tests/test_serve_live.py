@@ -37,11 +37,11 @@ def _poll(check, what: str, timeout: float = 20.0):
 
 @pytest.fixture()
 def live_server(tmp_path_factory, tmp_path):
-    from cfcd.index import ondisk
+    import cfcd.index
 
     data = built(tmp_path_factory)
     index_dir = tmp_path / "live-index"
-    ondisk.build(data["db"], index_dir, workers=0, tune_queries=0)
+    cfcd.index.build(data["db"], index_dir, workers=0, tune_queries=0)
     config = ServeConfig(index=index_dir, cache_dir=tmp_path / "cache")
     state = load_state(config)
     state.service.check_seconds = 0.2  # the default (2 s) only makes the test wait longer
@@ -59,7 +59,7 @@ def live_server(tmp_path_factory, tmp_path):
 
 
 def test_the_server_follows_index_add_and_remove(live_server):
-    from cfcd.index import ondisk
+    import cfcd.index
 
     data, index_dir, state, url = live_server
     photo = (data["jpg"] / "coffee_query.jpg").read_bytes()
@@ -89,7 +89,7 @@ def test_the_server_follows_index_add_and_remove(live_server):
             count = client.get("/api/health").json()["count"]
 
             # the query photos (not in the index) are added: found by id and in upload results
-            ondisk.add(index_dir, data["queries"])
+            cfcd.index.add(index_dir, data["queries"])
             found = _poll(lambda: (r := client.get("/api/search", params={"id": "rocket_query", "k": 5})).status_code == 200
                           and r.json(), "the added image is searchable")
             # (its row is the box crop of the query store, the id search describes the whole photo)
@@ -102,7 +102,7 @@ def test_the_server_follows_index_add_and_remove(live_server):
 
             # a removed image is gone from results, id search, the image and its (cached) thumbnail
             assert client.get("/api/thumbs/coffee_easy0").status_code == 200  # cached before the removal
-            ondisk.remove(index_dir, ["coffee_easy0"])
+            cfcd.index.remove(index_dir, ["coffee_easy0"])
 
             def gone():
                 hits = client.post("/api/search", files={"image": ("p.jpg", photo, "image/jpeg")},

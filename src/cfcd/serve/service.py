@@ -12,7 +12,7 @@ run under their own lock (FAISS indexes carry per-call parameters such as ``npro
 an upload's body is read.
 
 The index follows ``cfcd index add`` / ``remove``: every few seconds a request checks the index
-directory's generation (:func:`_index_generation`); on a change the new index is opened fully and
+directory's generation (:func:`cfcd.index.generation`); on a change the new index is opened fully and
 swapped in with one reference. A request works on the :class:`Generation` it started with; the old
 one is released when its last request ends (its memory maps with it).
 
@@ -262,14 +262,26 @@ class QueryImage:
         return out
 
 
-def _index_generation(index_dir: str | os.PathLike) -> tuple | None:
-    """What identifies the generation of an index directory: ``index.json``'s inode, mtime and size
-    (every build, add and remove replaces it atomically). ``None``: no index.json (a store)."""
-    try:
-        st = os.stat(Path(index_dir) / "index.json")
-    except OSError:
+def _generation(index_dir) -> str | None:
+    """The index directory's generation token; None when there is none to follow."""
+    from cfcd.index import generation
+
+    if index_dir is None:
         return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
+    try:
+        return generation(index_dir)
+    except InputError:  # removed under the server: keep serving what is open
+        return None
+
+
+def _keeps_exact_rows(faiss_index) -> bool:
+    """Whether a FAISS index stores the rows themselves (flat codes, HNSW over flat storage)."""
+    import faiss
+
+    index = faiss.downcast_index(faiss_index)
+    if isinstance(index, faiss.IndexHNSW):
+        index = faiss.downcast_index(index.storage)
+    return isinstance(index, faiss.IndexFlat)
 
 
 @dataclass
@@ -277,12 +289,12 @@ class Generation:
     """One opened generation of the index and its live ids (removed rows left out)."""
 
     index: Any
-    key: tuple | None
+    key: str | None
     row_of: dict[str, int]
     live_ids: list[str]
 
     @classmethod
-    def of(cls, index, key: tuple | None) -> "Generation":
+    def of(cls, index, key: str | None) -> "Generation":
         ids = index.ids or []
         removed = getattr(index, "removed", None)
         dead = set(removed.tolist()) if removed is not None and len(removed) else set()
@@ -344,7 +356,7 @@ class SearchService:
     def __post_init__(self) -> None:
         from cfcd.serve.thumbs import CacheBudget
 
-        key = _index_generation(self.index_dir) if self.index_dir is not None else None
+        key = _generation(self.index_dir)
         self._gen = Generation.of(self.index, key)
         self.images.set_ids(self._gen.row_of)
         self._model_lock = threading.Lock()
@@ -354,7 +366,7 @@ class SearchService:
         self._local = threading.local()
         self._waiting = 0
         self._next_check = time.monotonic() + self.check_seconds
-        self._refused: tuple | None = None
+        self._refused: str | None = None
         for sub in ("uploads", "thumbs"):
             (self.cache_dir / sub).mkdir(parents=True, exist_ok=True)
         self.budget = CacheBudget([self.cache_dir / "uploads", self.cache_dir / "thumbs"], self.limits.cache_max_bytes)
@@ -422,7 +434,7 @@ class SearchService:
         if self.index_dir is not None and time.monotonic() >= self._next_check and self._reload_lock.acquire(False):
             try:
                 self._next_check = time.monotonic() + self.check_seconds
-                key = _index_generation(self.index_dir)
+                key = _generation(self.index_dir)
                 if key is not None and key != self._gen.key and key != self._refused:
                     threading.Thread(target=self._reload, args=(key,), name="cfcd-index-reload", daemon=True).start()
                     return self._gen  # the thread releases the lock when the swap is done
@@ -432,7 +444,7 @@ class SearchService:
             self._reload_lock.release()
         return self._gen
 
-    def _reload(self, key: tuple) -> None:
+    def _reload(self, key: str) -> None:
         try:
             self.reload(key)
         except Exception as exc:  # noqa: BLE001 - the old generation keeps serving; retried on the next check
@@ -441,14 +453,14 @@ class SearchService:
         finally:
             self._reload_lock.release()
 
-    def reload(self, key: tuple | None = None) -> Generation:
+    def reload(self, key: str | None = None) -> Generation:
         """Open the index directory's current generation fully, then swap it in (one reference)."""
         from cfcd.index import open_index
 
-        key = _index_generation(self.index_dir) if key is None else key
         index = open_index(self.index_dir)
-        new_meta = (index.source or {}).get("meta") or {}
-        changed = [k for k in ("model", "weights_sha256", "state_sha256") if new_meta.get(k) != self.meta.get(k)]
+        key = getattr(index, "generation", None) or key or _generation(self.index_dir)
+        new, old = StoreMeta.of((index.source or {}).get("meta")), StoreMeta.of(self.meta)
+        changed = [k for k in ("model", "weights_sha256", "state_sha256") if getattr(new, k) != getattr(old, k)]
         if index.ids is None or index.dim != self._gen.index.dim or changed:
             self._refused = key
             logger.warning("%s: the new index generation is not searchable with this model (%s); "
@@ -558,7 +570,7 @@ class SearchService:
             return np.asarray(index.descriptors[row : row + 1], dtype=np.float32)
         if getattr(index, "vectors", None) is not None:
             return np.asarray(index.vectors[row : row + 1], dtype=np.float32)
-        if index.type in ("flat", "hnsw"):
+        if hasattr(index, "index") and _keeps_exact_rows(index.index):
             with self._search_lock:
                 return np.asarray(index.index.reconstruct(int(row)), dtype=np.float32)[None]
         return None
