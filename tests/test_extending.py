@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import cfcd.losses as L
 from cfcd.cli import main as cli_main
 from cfcd.data.datasets import DATASETS, get_dataset, verify_dataset
+from cfcd.evaluation import evaluate_dataset
 from cfcd.errors import InputError
 from cfcd.evaluation.metrics import AveragePrecisionAt, PrecisionAt, parse_metric
 
@@ -121,7 +122,7 @@ def test_the_documented_benchmark_reads_verifies_and_evaluates(gldv2_root, tmp_p
 
     expected = _kaggle_map_at_100(gldv2_root["scores"], gldv2_root["index"], gldv2_root["solution"],
                                   gldv2_root["queries"])
-    result, protocol = dataset.evaluate(root, queries=root / "test.npy", database=root / "index.npy")
+    result, protocol = evaluate_dataset(dataset, root, queries=root / "test.npy", database=root / "index.npy")
     assert list(result.setups) == ["retrieval"] and protocol["metrics"] == ["mAP@100"]
     assert result.setups["retrieval"].values["mAP@100"] == pytest.approx(expected, abs=1e-12)
     # some positives fall beyond rank 100, so the truncation is exercised

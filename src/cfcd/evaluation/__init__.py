@@ -15,7 +15,7 @@ published numbers to check against are in ``docs/evaluation.md``.
 * :mod:`cfcd.evaluation.benchmark` - the benchmark workflow (extracts; imported explicitly, it needs torch).
 """
 
-from cfcd.evaluation.files import evaluate_files, load_mat_descriptors
+from cfcd.evaluation.files import evaluate_dataset, evaluate_files, load_mat_descriptors
 from cfcd.evaluation.metrics import compute_ap
 from cfcd.evaluation.ranking import labelled_positions, positions_from_ranking
 from cfcd.evaluation.reference import reference_compute_ap, reference_compute_map
@@ -35,6 +35,6 @@ __all__ = [
     "SETUPS", "CLASSIC_SETUPS", "DEFAULT_KAPPAS", "TIE_POLICY", "MISSING", "reference_compute_ap",
     "reference_compute_map", "protocol_setups", "setup_gnd", "compute_ap", "SetupResult", "EvaluationResult",
     "labelled_indices", "labelled_positions", "positions_from_ranking", "evaluate", "evaluate_scores",
-    "evaluate_ranking", "evaluate_positions", "format_table", "format_percent", "evaluate_files",
+    "evaluate_ranking", "evaluate_positions", "format_table", "format_percent", "evaluate_files", "evaluate_dataset",
     "load_mat_descriptors",
 ]

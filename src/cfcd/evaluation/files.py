@@ -278,3 +278,11 @@ def _protocol(gnd, result, setups, qstore, xstore, dstores, post) -> dict[str, A
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
     }
     return protocol
+
+
+def evaluate_dataset(dataset, root: str | os.PathLike, *, queries, database, metrics: Sequence[str] | None = None,
+                     **kwargs: Any):
+    """:func:`evaluate_files` with a dataset's (:class:`cfcd.data.datasets.BenchmarkDataset`) ground truth
+    under ``root``, its setups and its metrics; returns ``(result, protocol)``."""
+    return evaluate_files(gnd=dataset.ground_truth(root), queries=queries, database=database,
+                          setups=dataset.setups, metrics=metrics or dataset.metrics, **kwargs)

@@ -20,26 +20,11 @@ against a line-by-line restatement of DELF's functions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import numpy as np
-
-from cfcd.evaluation.metrics import AveragePrecisionAt, _AtK
+from cfcd.evaluation.metrics import AveragePrecisionAt, PrecisionOfFirst
 
 __all__ = ["PrecisionOfFirst", "gldv2_metrics", "score_predictions"]
-
-
-@dataclass(frozen=True)
-class PrecisionOfFirst(_AtK):
-    """DELF's precision at k: the positives among the first k results over k (``mPrecision@k``)."""
-
-    short: ClassVar[str] = "Precision"
-    description: ClassVar[str] = ("mPrecision@k: positives among the first k results / k, averaged over the "
-                                  "scored queries (DELF MeanPrecisions at k)")
-
-    def __call__(self, ranks: np.ndarray, num_positives: int) -> float:
-        return np.count_nonzero(np.asarray(ranks) < self.k) / self.k
 
 
 def gldv2_metrics(k: int = 100) -> tuple[AveragePrecisionAt, PrecisionOfFirst]:

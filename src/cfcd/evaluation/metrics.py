@@ -104,25 +104,37 @@ class AveragePrecisionAt(_AtK):
         return float(precision.sum() / min(num_positives, self.k))
 
 
+@dataclass(frozen=True)
+class PrecisionOfFirst(_AtK):
+    """DELF's precision at k: the positives among the first k results over k (``mPrecision@k``)."""
+
+    short: ClassVar[str] = "Precision"
+    description: ClassVar[str] = ("mPrecision@k: positives among the first k results / k, averaged over the "
+                                  "scored queries (DELF MeanPrecisions at k)")
+
+    def __call__(self, ranks: np.ndarray, num_positives: int) -> float:
+        return np.count_nonzero(np.asarray(ranks) < self.k) / self.k
+
+
 def default_metrics(kappas: Sequence[int] = (1, 5, 10)) -> tuple[Metric, ...]:
     """revisitop's report: mAP and mP@k for each k."""
     return (AveragePrecision(), *(PrecisionAt(int(k)) for k in kappas))
 
 
-_AT = re.compile(r"^(mAP|mP)@(\d+)$")
+_AT = re.compile(r"^(mAP|mP|mPrecision)@(\d+)$")
+_AT_KINDS = {"mAP": AveragePrecisionAt, "mP": PrecisionAt, "mPrecision": PrecisionOfFirst}
 
 
 def parse_metric(name: str | Metric) -> Metric:
-    """``"mAP"``, ``"mP@10"``, ``"mAP@100"`` (or a metric object, returned as is)."""
+    """``"mAP"``, ``"mP@10"``, ``"mAP@100"``, ``"mPrecision@100"`` (or a metric object, returned as is)."""
     if not isinstance(name, str):
         return name
     if name == "mAP":
         return AveragePrecision()
     match = _AT.match(name.strip())
     if match is None or int(match.group(2)) < 1:
-        raise InputError(f"unknown metric {name!r}: use mAP, mP@k or mAP@k with k >= 1")
-    k = int(match.group(2))
-    return PrecisionAt(k) if match.group(1) == "mP" else AveragePrecisionAt(k)
+        raise InputError(f"unknown metric {name!r}: use mAP, mP@k, mAP@k or mPrecision@k with k >= 1")
+    return _AT_KINDS[match.group(1)](int(match.group(2)))
 
 
 def parse_metrics(names: Sequence[str | Metric]) -> tuple[Metric, ...]:

@@ -10,7 +10,7 @@ placed in ``ROOT/<name>/``) and four rules a subclass gives:
 * :attr:`BenchmarkDataset.metrics` names the metrics it reports (:mod:`cfcd.evaluation.metrics`).
 
 Download, verification and the layout report (:mod:`cfcd.data.datasets.install`) and the
-evaluation (:meth:`BenchmarkDataset.evaluate`) work from these alone, so a new benchmark is one
+evaluation (:func:`cfcd.evaluation.evaluate_dataset`) work from these alone, so a new benchmark is one
 module that defines its dataset and calls :func:`register_dataset` (``docs/extending.md``; the registry: :mod:`cfcd.data.datasets.registry`).
 A dataset whose files do not fit "archives into ``jpg/``" (GLDv2: tar parts per split, checked
 against md5 sums, downloaded in subsets) overrides :meth:`~BenchmarkDataset.download`,
@@ -148,12 +148,3 @@ class BenchmarkDataset:
         directory = self.images_dir(root)
         return ImageList(ids=names, paths=[directory / self.image_name(n) for n in names], boxes=boxes,
                          source=f"{gt.path}:{'qimlist' if queries else 'imlist'}")
-
-    def evaluate(self, root: str | os.PathLike, *, queries: str | os.PathLike, database: str | os.PathLike,
-                 metrics: Sequence[str] | None = None, **kwargs: Any):
-        """:func:`cfcd.evaluation.evaluate_files` with this benchmark's ground truth, setups and
-        metrics; returns ``(result, protocol)``."""
-        from cfcd.evaluation import evaluate_files
-
-        return evaluate_files(gnd=self.ground_truth(root), queries=queries, database=database,
-                              setups=self.setups, metrics=metrics or self.metrics, **kwargs)

@@ -201,11 +201,8 @@ class GLDv2Retrieval(GLDv2Dataset):
         "all": (("public", "private"), ()),
     }
 
-    @property
-    def metrics(self):  # objects, not names: the precision is DELF's, not revisitop's mP@k
-        from cfcd.evaluation.gldv2 import gldv2_metrics
-
-        return gldv2_metrics()
+    # DELF's mAP@100 and precision at 100 (mPrecision@100, not revisitop's mP@k): cfcd.evaluation.gldv2
+    metrics: ClassVar[tuple[str, ...] | None] = ("mAP@100", "mPrecision@100")
 
     def ground_truth(self, root: str | os.PathLike):
         from cfcd.data.gnd import GroundTruth
