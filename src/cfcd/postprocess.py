@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
-
-import warnings
 
 import numpy as np
 
 from cfcd import __version__
 from cfcd.errors import CfcdError, InputError
-from cfcd.utils.io import utc_timestamp
+from cfcd.index import exact_search
+from cfcd.store import check_compatible, load_descriptors, transform_store
+from cfcd.utils.io import atomic_open, atomic_write_json, sha256_file, utc_timestamp
 
 __all__ = [
     "Whitening",
@@ -120,7 +121,6 @@ class Whitening:
         """Write ``<stem>.safetensors`` and ``<stem>.json`` (atomic); returns the safetensors path."""
         from safetensors.numpy import save as st_save
 
-        from cfcd.utils.io import atomic_open, atomic_write_json
 
         path = Path(path)
         stem = path.with_suffix("") if path.suffix in (".safetensors", ".json", ".npz") else path
@@ -396,7 +396,6 @@ def load_whitening(path: str | os.PathLike) -> Whitening:
     variance = tensors.get("variance")
     if proj.ndim != 2 or proj.shape[1] != mean.shape[0]:
         raise InputError(f"{st_path}: projection {proj.shape} does not match mean ({mean.shape[0]},)")
-    from cfcd.utils.io import sha256_file
 
     info.setdefault("file", str(st_path))
     info["sha256"] = sha256_file(st_path)
@@ -465,7 +464,6 @@ def alpha_query_expansion(
     if q.shape[1] != x.shape[1]:
         raise InputError(f"query expansion: queries are {q.shape[1]}-D, the database {x.shape[1]}-D")
     k = min(k, x.shape[0])
-    from cfcd.index import exact_search
 
     out = np.empty(q.shape, dtype=np.float32)
     for s in range(0, q.shape[0], chunk):
@@ -496,7 +494,6 @@ def database_augmentation(
         return np.asarray(x, dtype=np.float32)
     n = x.shape[0]
     k = min(k, n)
-    from cfcd.index import exact_search
 
     out = np.empty(x.shape, dtype=np.float32)
     kk = min(k + 1, n)
@@ -518,9 +515,7 @@ def whiten_store(source: str | os.PathLike, out: str | os.PathLike, whitening: W
     """Write the whitened copy of the descriptor store ``source`` to ``out`` (streamed block by
     block, so a 1M x 2048 store never has to fit in memory); the meta keeps the source's provenance
     and records the whitening. A whitening learned on a store applies only to the same embedding space."""
-    from cfcd.store import load_descriptors, transform_store
 
-    from cfcd.store import check_compatible
 
     store = load_descriptors(source, expected_dim=whitening.input_dim, role="descriptors to whiten", dtype=None)
     if store.ids is None:

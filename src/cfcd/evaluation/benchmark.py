@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cfcd.data.lists import gnd_image_list
 from cfcd.errors import CfcdError
+from cfcd.evaluation import evaluate_files
+from cfcd.extract import extract_to_store
+from cfcd.store import check_compatible, open_store
 
 PARTS = (("queries", True), ("database", False))
 
@@ -49,8 +53,6 @@ def describe_benchmark(model, gnd, root: str | os.PathLike, out: str | os.PathLi
     Returns ``(stores, summaries, stopped)``. A benchmark image that cannot be read is an error:
     a benchmark with a hole in it gives a number that cannot be compared with anyone's.
     """
-    from cfcd.data.lists import gnd_image_list
-    from cfcd.extract import extract_to_store
 
     out = Path(out)
     gnd_meta = {"gnd": {"dataset": gnd.dataset, "path": str(gnd.path), "sha256": gnd.sha256}}
@@ -91,8 +93,6 @@ def run_benchmark(model, gnd, root: str | os.PathLike, out: str | os.PathLike, o
     Under torchrun every rank extracts its share; only the result of rank 0 is meaningful, and
     ``evaluate=False`` lets the other ranks skip the evaluation.
     """
-    from cfcd.evaluation import evaluate_files
-    from cfcd.store import check_compatible, open_store
 
     out = Path(out)
     stores, summaries, stopped = describe_benchmark(model, gnd, root, out, options, weights=weights,

@@ -9,12 +9,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cfcd import __version__
 from cfcd.errors import InputError
 from cfcd.evaluation.metrics import Metric
 from cfcd.evaluation.results import EvaluationResult
 from cfcd.evaluation.scoring import _chosen_setups, evaluate
 from cfcd.evaluation.setups import DEFAULT_KAPPAS, TIE_POLICY
-from cfcd.store import StoreMeta
+from cfcd.postprocess import alpha_query_expansion, database_augmentation, load_whitening
+from cfcd.store import DescriptorStore, StoreMeta, check_compatible, load_descriptors, open_store
+from cfcd.utils.io import sha256_file
 
 
 def _store_summary(store: Any, role: str) -> dict[str, Any]:
@@ -72,7 +75,6 @@ def load_mat_descriptors(
     CFCD's R1M shards (``savemat(..., {'X': [(1, D) arrays]})``) load as N x 1 x D and are squeezed.
     ``variable`` defaults to ``Q`` for queries (else ``X``). Needs scipy.
     """
-    from cfcd.store import DescriptorStore
 
     path = Path(path)
     where = f"{path} ({role})"
@@ -155,7 +157,6 @@ def evaluate_files(
 
 def _load_inputs(gnd, queries, database, distractors):
     """The query, database and distractor stores, checked against the ground truth and each other."""
-    from cfcd.store import check_compatible, load_descriptors, open_store
 
     def load(path, ids, dim, role):
         if Path(path).suffix.lower() == ".mat":
@@ -190,7 +191,6 @@ def _load_inputs(gnd, queries, database, distractors):
 def _postprocess(qstore, xstore, dstores, whiten, dba, qe):
     """Whitening, then DBA, then alpha-QE, in dirtorch's order; returns the matrices to score,
     their source names, the whitening still to apply chunk by chunk, and the ``post`` record."""
-    from cfcd.utils.io import sha256_file
 
     q = np.asarray(qstore.descriptors, dtype=np.float32)
     x = np.asarray(xstore.descriptors, dtype=np.float32)
@@ -199,8 +199,6 @@ def _postprocess(qstore, xstore, dstores, whiten, dba, qe):
     transform = None
     post: dict[str, Any] = {"whitening": None, "database_augmentation": None, "query_expansion": None}
     if whiten is not None:
-        from cfcd.postprocess import load_whitening
-
         w = load_whitening(whiten)  # a path, or a Whitening (cfcd.postprocess.resolve_whitening)
         desc = w.summary() if hasattr(w, "summary") else {}
         post["whitening"] = {"path": str(w.info.get("file", whiten) if not isinstance(whiten, (str, os.PathLike)) else whiten), **desc}
@@ -211,8 +209,6 @@ def _postprocess(qstore, xstore, dstores, whiten, dba, qe):
     dba = dba if dba and int(dba[0]) > 0 else None  # k = 0 is a no-op, as in dirtorch
     qe = qe if qe and int(qe[0]) > 0 else None
     if dba or qe:
-        from cfcd.postprocess import alpha_query_expansion, database_augmentation
-
         parts = [np.asarray(transform(m) if transform else m, dtype=np.float32) for m in [x, *dmats]]
         x = parts[0]
         full = np.concatenate(parts) if len(parts) > 1 else x
@@ -242,7 +238,6 @@ def _metric_text(result) -> str:
 
 def _protocol(gnd, result, setups, qstore, xstore, dstores, post) -> dict[str, Any]:
     """What was evaluated and how: ground truth, inputs, post-processing, metric and timings."""
-    from cfcd import __version__
 
     qfields = _extraction_fields(qstore.meta)
     xfields = _extraction_fields(xstore.meta)

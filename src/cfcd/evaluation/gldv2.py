@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from cfcd.errors import InputError
 from cfcd.evaluation.metrics import AveragePrecisionAt, PrecisionOfFirst
 
 __all__ = ["PrecisionOfFirst", "gldv2_metrics", "score_predictions"]
@@ -39,7 +40,6 @@ def score_predictions(predictions: Mapping[str, Sequence[str]], solution: Mappin
     ``solution`` maps each scored query to its index ids (leave out the ignored queries and those
     whose solution is ``None``); a query of ``predictions`` that is not in it is an error, as in DELF.
     """
-    from cfcd.errors import InputError
 
     if not solution:
         raise InputError("the solution has no scored query")

@@ -17,18 +17,23 @@ import email.parser
 import email.policy
 import json
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from cfcd import __version__
+from cfcd.data.gnd import load_gnd
+from cfcd.data.lists import revisitop_image_dir
 from cfcd.errors import CfcdError, InputError
+from cfcd.serve.benchmark import Benchmark, comparison
 from cfcd.serve.service import Limits, QueryImage, RequestError, SearchService, parse_box
+from cfcd.serve.thumbs import SIZES, ThumbnailError, thumbnail_path
 
 STATIC_DIR = Path(__file__).with_name("static")
 _MULTIPART_SLACK = 64 * 1024  # multipart headers and the small form fields around the file
@@ -135,13 +140,9 @@ def load_state(config: ServeConfig, log=None) -> ServeState:
     log = log or (lambda message: None)
     gnd = None
     if config.gnd is not None:
-        from cfcd.data.gnd import load_gnd
-
         gnd = load_gnd(config.gnd)
     images = config.images
     if images is None and gnd is not None:
-        from cfcd.data.lists import revisitop_image_dir
-
         images = revisitop_image_dir(Path(config.gnd).parent, gnd.dataset)
     log(f"loading the index {config.index} and its model")
     service = SearchService.open(
@@ -158,8 +159,6 @@ def load_state(config: ServeConfig, log=None) -> ServeState:
             cache_dir=(service.cache_dir / "compare"), limits=config.limits,
         )
     if gnd is not None:
-        from cfcd.serve.benchmark import Benchmark
-
         log(f"evaluating {service.name} on {gnd.dataset} ({len(gnd.qimlist)} queries)")
         state.benchmark = Benchmark.build(service, gnd, queries=config.queries, log=log)
         if state.other is not None:
@@ -185,7 +184,6 @@ def create_app(config: ServeConfig | None = None, *, state: ServeState | None = 
         app.state.cfcd = state if state is not None else await run_in_threadpool(load_state, config)
         yield
 
-    from cfcd import __version__
 
     # no /api/docs: FastAPI's Swagger UI loads its scripts from a CDN, which the page's content
     # policy (script-src 'self') and offline use both block; the schema is /api/openapi.json
@@ -319,8 +317,6 @@ def create_app(config: ServeConfig | None = None, *, state: ServeState | None = 
 
     @app.get("/api/compare")
     def compare(request: Request):
-        from cfcd.serve.benchmark import comparison
-
         s = st(request)
         if s.other_benchmark is None:
             raise RequestError(404, "no comparison: start the server with --compare BASELINE_INDEX_DIR and --gnd FILE")
@@ -362,8 +358,6 @@ def _image_path(service: SearchService, image_id: str) -> Path:
 
 
 def _thumb_response(service: SearchService, path: Path, size: int, box):
-    from cfcd.serve.thumbs import SIZES, ThumbnailError, thumbnail_path
-
     if size not in SIZES:
         raise RequestError(400, f"thumbnail size must be one of {', '.join(map(str, SIZES))}, got {size}")
     try:

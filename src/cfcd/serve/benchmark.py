@@ -18,10 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from cfcd.data.lists import gnd_image_list
 from cfcd.errors import InputError
-from cfcd.store import StoreMeta
+from cfcd.evaluation import evaluate_files, protocol_setups
+from cfcd.evaluation.benchmark import describe_benchmark
+from cfcd.postprocess import whiten_store
 from cfcd.runtime import jsonable
 from cfcd.serve.service import RequestError, SearchService
+from cfcd.store import StoreMeta, check_compatible, is_store, load_descriptors
 
 CLASS_KEYS_REVISITED = ("easy", "hard", "junk")
 CLASS_KEYS_CLASSIC = ("ok", "junk")
@@ -30,8 +34,6 @@ CLASS_KEYS_CLASSIC = ("ok", "junk")
 def query_store_for(service: SearchService, gnd, *, image_root: Path, log=None) -> Path:
     """Describe the ground truth's queries (cropped to their boxes) with the service's model and
     settings into a store in the cache; reused while model, settings and ground truth stay the same."""
-    from cfcd.evaluation.benchmark import describe_benchmark
-    from cfcd.data.lists import gnd_image_list
 
     settings = StoreMeta.of(service.meta).settings
     key = hashlib.sha1(
@@ -49,8 +51,6 @@ def query_store_for(service: SearchService, gnd, *, image_root: Path, log=None) 
         raise InputError(f"{out_dir / 'queries'}: the query extraction was interrupted; start again to resume it")
     out = Path(stores["queries"].path)
     if service.whitening is not None:
-        from cfcd.postprocess import whiten_store
-
         whitened = out_dir / "queries-whitened"
         if not (whitened / "meta.json").is_file():  # what `cfcd whiten --apply` writes
             whiten_store(out, whitened, service.whitening)
@@ -73,9 +73,6 @@ class Benchmark:
     @classmethod
     def build(cls, service: SearchService, gnd, *, queries: str | os.PathLike | None = None,
               image_root: Path | None = None, log=None) -> "Benchmark":
-        from cfcd.evaluation import evaluate_files
-        from cfcd.store import is_store, load_descriptors
-
         db = Path(str((service.index.source or {}).get("path") or ""))
         if not db.name or not is_store(db):
             raise InputError(
@@ -92,8 +89,6 @@ class Benchmark:
         q = load_descriptors(queries, expected_ids=gnd.qimlist, role="queries")
         x = load_descriptors(db, expected_ids=gnd.imlist, role="database")
         if service.whitening is None and q.meta:
-            from cfcd.store import check_compatible
-
             check_compatible((f"the index {service.index.path}", service.meta), q)
         scores = np.asarray(q.descriptors, dtype=np.float32) @ np.asarray(x.descriptors, dtype=np.float32).T
         service.images.add_ids(list(gnd.qimlist) + list(gnd.imlist))
@@ -149,8 +144,6 @@ class Benchmark:
         return out
 
     def detail(self, query: str, *, setup: str | None = None, k: int = 100) -> dict:
-        from cfcd.evaluation import protocol_setups
-
         qi = self.query_index(query)
         setups = protocol_setups(self.gnd)
         setup = setup or ("medium" if "medium" in setups else self.setups[0])

@@ -19,6 +19,9 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from cfcd.data.images import crop_box
+from cfcd.errors import CfcdError
+
 
 class CacheBudget:
     """At most ``max_bytes`` of files under ``dirs`` (least recently used removed first)."""
@@ -125,8 +128,6 @@ def thumbnail_path(
 def _render(source: Path, size: int, box, crop_rule: str):
     from PIL import Image, ImageOps
 
-    from cfcd.data.images import crop_box
-    from cfcd.errors import CfcdError
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

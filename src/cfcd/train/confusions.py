@@ -21,8 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import cfcd.models as models
 from cfcd.errors import InputError
+from cfcd.losses import is_classification_head
 from cfcd.train.config import TrainConfig
+from cfcd.train.data import TrainingDataset, ValTransform, collate, read_labelled_list
+from cfcd.train.distributed import barrier, destroy, init_distributed
+from cfcd.train.trainer import build_head, init_from_checkpoint
 from cfcd.utils.io import atomic_open
 
 logger = logging.getLogger("cfcd.train")
@@ -50,12 +55,7 @@ def write_confusions(cfg: TrainConfig, weights: str | os.PathLike, list_path: st
     """Score every image of a training list with a stage-1 model; see the module docstring."""
     from torch.utils.data import DataLoader
 
-    from cfcd.train.data import TrainingDataset, ValTransform, collate, read_labelled_list
-    from cfcd.train.distributed import barrier, destroy, init_distributed
-    from cfcd.losses import is_classification_head
-    from cfcd.train.trainer import build_head, init_from_checkpoint
 
-    import cfcd.models as models
 
     out = Path(out)
     dist_info = init_distributed(device)

@@ -27,8 +27,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cfcd.train.samplers import GlobalBatchSampler
+from cfcd.data.lists import ImageList
 from cfcd.errors import InputError
+from cfcd.extract import ExtractOptions, Extractor, parse_scales
+from cfcd.train.samplers import GlobalBatchSampler
 
 __all__ = ["MinedTuples", "HardNegativeMiner", "MinedTupleBatchSampler", "pairs_from_labels"]
 
@@ -159,8 +161,6 @@ def model_describer(model, paths: Sequence, *, image_size: int | None = 1024, de
     the model's training mode is restored (and ``after()`` called, e.g. to re-freeze BN)."""
     from pathlib import Path
 
-    from cfcd.data.lists import ImageList
-    from cfcd.extract import ExtractOptions, Extractor, parse_scales
 
     paths = [Path(p) for p in paths]
 

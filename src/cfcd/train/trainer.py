@@ -40,13 +40,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cfcd.losses as losses
+import cfcd.models as models
+from cfcd.data.gnd import find_gnd, load_gnd
 from cfcd.errors import CfcdError, InputError
+from cfcd.evaluation.benchmark import run_benchmark
+from cfcd.extract import ExtractOptions, parse_scales
 from cfcd.losses import BatchLayout, CosineHead, Objective
+from cfcd.losses.madacos import MadaCos
+from cfcd.runtime import autocast_dtype, jsonable, precision_name, progress
 from cfcd.train import checkpoint as ckpt_mod
 from cfcd.train.builders import OPTIMIZERS, SAMPLERS, data_file, set_bn_eval
 from cfcd.train.config import TrainConfig, dump_config
-from cfcd.train.distributed import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
-from cfcd.runtime import autocast_dtype, jsonable, precision_name, progress
+from cfcd.train.data import (
+    TrainingDataset,
+    TrainTransform,
+    ValTransform,
+    collate,
+    opencv_fork_guard,
+    read_labelled_list,
+    worker_init,
+)
+from cfcd.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, destroy, init_distributed
 from cfcd.train.logging import TrainLogger
 from cfcd.train.schedule import lr_at, set_lr
 from cfcd.utils.io import atomic_write_text
@@ -86,7 +101,6 @@ def check_weights_file(key: str, path: str) -> None:
 
 def build_model(cfg: TrainConfig) -> nn.Module:
     """``cfcd.models.create`` + optional initial weights (ImageNet backbone, non-strict)."""
-    import cfcd.models as models
 
     m = cfg.model
     # a training run starts from the embedded weights where the model has them, else from a random
@@ -104,7 +118,6 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 def build_head(cfg: TrainConfig, embedding_dim: int) -> Objective | None:
     """The global objective ``loss.global`` (None for ``none``)."""
-    import cfcd.losses as losses
 
     lo = cfg.loss
     if not lo.global_ or lo.global_ == "none":
@@ -114,8 +127,6 @@ def build_head(cfg: TrainConfig, embedding_dim: int) -> Objective | None:
 
 
 def build_local_loss(cfg: TrainConfig) -> Objective | None:
-    import cfcd.losses as losses
-
     lo = cfg.loss
     if not lo.local:
         return None
@@ -125,7 +136,6 @@ def build_local_loss(cfg: TrainConfig) -> Objective | None:
 def init_from_checkpoint(model: nn.Module, head: nn.Module | None, path: str, *, strict: bool) -> Any:
     """Start from a stage-1 checkpoint (ours or the official ``.pyth``): model weights, and the
     classifier ``desc_cls.*`` into the classification head's class weights."""
-    import cfcd.models as models
 
     report = models.load_weights(model, path, strict=strict)
     if report.loaded == 0:
@@ -273,8 +283,6 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------------
     def build(self) -> None:
-        from cfcd.train.data import TrainingDataset, TrainTransform, read_labelled_list
-
         cfg, t, d, lo = self.cfg, self.cfg.train, self.cfg.data, self.cfg.loss
         torch.manual_seed(t.seed)  # identical initialisation on every rank
         np.random.seed(t.seed % 2**32)
@@ -377,7 +385,6 @@ class Trainer:
 
     def _maybe_resume(self) -> None:
         path = ckpt_mod.latest_checkpoint(self.out_dir) if self.dist.is_main else None
-        from cfcd.train.distributed import broadcast_object
 
         path = broadcast_object(str(path) if path else None)
         if not path:
@@ -473,7 +480,6 @@ class Trainer:
     def _loader(self, sampler, dataset):
         from torch.utils.data import DataLoader
 
-        from cfcd.train.data import collate, opencv_fork_guard, worker_init
 
         workers = self.cfg.data.workers
         if workers:
@@ -593,7 +599,6 @@ class Trainer:
         """
         from torch.utils.data import DataLoader
 
-        from cfcd.train.data import TrainingDataset, ValTransform, collate, read_labelled_list
 
         if not isinstance(self.head, CosineHead):
             return {}
@@ -627,16 +632,11 @@ class Trainer:
         """Optional revisitop evaluation hook: :func:`cfcd.evaluation.benchmark.run_benchmark` with the current
         model (every rank extracts its share, rank 0 evaluates), log mAP per setup. A failure is logged,
         never fatal to training."""
-        from cfcd.train.distributed import broadcast_object
 
         b = self.cfg.benchmark
         out: dict[str, float] = {}
         self.model.eval()
         try:
-            from cfcd.evaluation.benchmark import run_benchmark
-            from cfcd.data.gnd import find_gnd, load_gnd
-            from cfcd.extract import ExtractOptions, parse_scales
-
             # the training precision (fp16 stays fp16), and the model's layout left as the trainer set it
             options = ExtractOptions(scales=parse_scales(b.scales), max_size=b.max_size,
                                      device=str(self.device), precision=precision_name(self.autocast_dtype),
@@ -662,7 +662,6 @@ class Trainer:
 
     def export(self, out_dir: Path) -> None:
         """Deployable model: ``model.safetensors`` + ``config.json`` (+ the head as extra tensors)."""
-        import cfcd.models as models
 
         extra = None
         if self.head is not None and len(self.head.state_dict()):
@@ -693,7 +692,6 @@ def _warn_unused_classes(train_list, num_classes: int, path) -> None:
 
 def epoch_legend(head: nn.Module | None, local_loss: nn.Module | None, *, validates: bool = False) -> str:
     """What the numbers of the epoch lines mean, printed once before the first epoch."""
-    from cfcd.losses.madacos import MadaCos
 
     text = ("epoch lines: loss = mean training loss; top-1 = batch top-1 (with margin): augmented training "
             "batches, the head's margin applied")

@@ -26,7 +26,9 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 from urllib.parse import urlsplit
 
+from cfcd.data.datasets.install import download_archives, verify_archives
 from cfcd.data.download import resolve_url
+from cfcd.data.lists import ImageList, gnd_image_list
 from cfcd.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -103,7 +105,6 @@ class BenchmarkDataset:
         """Download (or complete) the dataset (the caller holds the download lock); ``options``
         are those of :func:`cfcd.data.datasets.install.download_dataset`. ``workers`` and
         ``force`` only matter to datasets in tar parts; ``parts`` is refused here."""
-        from cfcd.data.datasets.install import download_archives
 
         if parts:
             raise InputError(f"{self.name}: --parts selects tar parts of GLDv2; {self.name} is downloaded whole")
@@ -111,7 +112,6 @@ class BenchmarkDataset:
 
     def verify(self, root: str | os.PathLike, **options: Any) -> "VerifyReport":
         """Check the files under ``ROOT/<name>/`` (:func:`cfcd.data.datasets.install.verify_dataset`)."""
-        from cfcd.data.datasets.install import verify_archives
 
         return verify_archives(self, root, **options)
 
@@ -126,14 +126,12 @@ class BenchmarkDataset:
 
     def benchmark_list(self, gnd: "GroundTruth", root: str | os.PathLike, *, queries: bool) -> "ImageList":
         """The images ``cfcd benchmark`` describes: revisitop's rule, queries cropped to their boxes."""
-        from cfcd.data.lists import gnd_image_list
 
         return gnd_image_list(gnd, root=root, queries=queries)
 
     # -- derived ---------------------------------------------------------------------------
     def image_list(self, root: str | os.PathLike, *, queries: bool = False) -> "ImageList":
         """The database (or the queries, with their boxes) as an :class:`~cfcd.data.lists.ImageList`."""
-        from cfcd.data.lists import ImageList
 
         gt = self.ground_truth(root)
         names = list(gt.qimlist if queries else gt.imlist)

@@ -42,10 +42,19 @@ from cfcd.data.datasets.install import (
     download_small_files,
 )
 from cfcd.data.datasets.registry import register_dataset
-from cfcd.data.download import MIRROR_ENV
-from cfcd.data.download import ArchiveError, DownloadError, download_file, extract_archive, md5_file, remote_size
+from cfcd.data.download import (
+    MIRROR_ENV,
+    ArchiveError,
+    DownloadError,
+    download_file,
+    extract_archive,
+    md5_file,
+    remote_size,
+)
+from cfcd.data.gnd import GroundTruth
+from cfcd.data.lists import ImageList
 from cfcd.errors import CfcdError, InputError
-from cfcd.utils.io import atomic_write_text
+from cfcd.utils.io import atomic_write_text, sha256_file
 
 __all__ = ["GLDV2_BASE", "GLDv2Dataset", "GLDv2Retrieval", "Split", "download_parts", "gldv2_path", "parse_parts",
            "read_ids", "read_retrieval_solution", "verify_parts"]
@@ -205,9 +214,6 @@ class GLDv2Retrieval(GLDv2Dataset):
     metrics: ClassVar[tuple[str, ...] | None] = ("mAP@100", "mPrecision@100")
 
     def ground_truth(self, root: str | os.PathLike):
-        from cfcd.data.gnd import GroundTruth
-        from cfcd.utils.io import sha256_file
-
         solution_path = self.file_path(root, "gnd")
         public, private, _ = read_retrieval_solution(solution_path)
         index_path = self.dir(root) / self.split("index").csv
@@ -231,7 +237,6 @@ class GLDv2Retrieval(GLDv2Dataset):
 
     def benchmark_list(self, gnd, root: str | os.PathLike, *, queries: bool):
         """Whole images (no crop): the scored test images, or the index images."""
-        from cfcd.data.lists import ImageList
 
         split = "test" if queries else "index"
         names = list(gnd.qimlist if queries else gnd.imlist)

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from cfcd.data.datasets.base import BenchmarkDataset, RemoteFile
 from cfcd.data.datasets.registry import register_dataset
+from cfcd.data.gnd import find_gnd, load_gnd
 from cfcd.errors import InputError
 
 __all__ = ["DistractorSet", "RevisitopDataset"]
@@ -30,7 +31,6 @@ class RevisitopDataset(BenchmarkDataset):
 
     def ground_truth(self, root: str | os.PathLike):
         """``ROOT/<name>/gnd_<name>.pkl`` (or the revisitop/cirtorch layouts, :func:`cfcd.data.gnd.find_gnd`)."""
-        from cfcd.data.gnd import find_gnd, load_gnd
 
         return load_gnd(find_gnd(self.name, root), self.name)
 
