@@ -30,8 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--tiny", action="store_const", const="tiny", dest="mode",
                       help="a few photos and one short epoch per stage (the test suite's run)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: the free cores, from the load average)")
     g.add_argument("--overwrite", action="store_true", help="start a demo directory again from scratch")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = parser.add_argument_group("your own photos")
@@ -63,5 +61,5 @@ def run(args: argparse.Namespace) -> int:
     from cfcd.demo.pipeline import run_demo
 
     run_demo(args.out or DEFAULT_OUT, mode=args.mode or "full", seed=args.seed, overwrite=args.overwrite,
-             threads=args.threads, progress=not args.no_progress)
+             progress=not args.no_progress)
     return 0

@@ -127,31 +127,22 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
 
 
-def auto_threads() -> int:
-    """Intra-op threads: every core on an idle machine, fewer when other processes keep cores busy.
-
-    On a loaded machine, OpenMP threads that wait for each other's time slices make small CPU
-    convolutions 5-40x slower than one thread (measured in benchmarks/README.md), so the demo only
-    uses the cores that are free.
-    """
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # pragma: no cover - not on every platform
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+# Every step computes on one torch thread: the training and extraction results depend on the thread
+# count (reductions split differently), so a fixed count makes a run's numbers the same on any machine
+# and at any load; the README's table is reproduced bit for bit. One thread is also the fastest on a busy
+# machine, where OpenMP threads waiting for each other's time slices slow small convolutions many times.
+THREADS = 1
 
 
 def run_demo(out: str | os.PathLike, *, mode: str = "quick", seed: int = 0, overwrite: bool = False,
-             threads: int | None = None, stream=sys.stdout, progress: bool = True) -> dict:
+             stream=sys.stdout, progress: bool = True) -> dict:
     """Run (or resume) the whole demo in ``out``; returns the summary (also ``out/summary.json``)."""
     import torch
 
     previous = torch.get_num_threads()
-    threads = threads or auto_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(THREADS)
     try:
-        return _run_demo(out, mode=mode, seed=seed, overwrite=overwrite, threads=threads, stream=stream,
+        return _run_demo(out, mode=mode, seed=seed, overwrite=overwrite, threads=THREADS, stream=stream,
                          progress=progress)
     finally:
         torch.set_num_threads(previous)
@@ -270,7 +261,7 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     seconds = dict(steps.state["seconds"])
     seconds["total"] = round(sum(v for k_, v in seconds.items() if k_ != "total"), 2)
     summary = {
-        "mode": m.name, "seed": seed, "model": MODEL, "opencv_doc": data.manifest["opencv_doc"],
+        "mode": m.name, "seed": seed, "threads": threads, "model": MODEL, "opencv_doc": data.manifest["opencv_doc"],
         "before": _percent(before["metrics"]), "after": _percent(after["metrics"]),
         "val_before": val_before,
         "seconds": seconds,
