@@ -555,7 +555,7 @@ def _check_settings(out: Path, settings: dict, *, rank: int) -> None:
             diff = settings_difference(previous, settings)
             details = "; ".join(diff[:5]) + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "")
             raise CfcdError(
-                f"{out}: a partial store from a run with other settings is here ({details}). "
+                f"{out}: a partial store from a run with different settings is here ({details}). "
                 f"Rerun with the same arguments to resume, or use another --out (or --overwrite)"
             )
     elif rank == 0:
@@ -620,11 +620,11 @@ def extract_to_store(
         done = writer.done_ids()
         mine = [i for i in range(len(image_list)) if i % ctx.world_size == ctx.rank]
         todo = [i for i in mine if image_list.ids[i] not in done]
+        skipped = len(mine) - len(todo)
         for i in [i for i in todo if "\n" in image_list.ids[i] or "\r" in image_list.ids[i]]:
             writer.add_failure(image_list.ids[i], "the file name holds a line break, which a store cannot hold "
                                                   "(images.txt has one id a line): rename the file")
         todo = [i for i in todo if "\n" not in image_list.ids[i] and "\r" not in image_list.ids[i]]
-        skipped = len(mine) - len(todo)
         if skipped:
             log(f"{out}: resuming, {skipped} image(s) of this rank already done, {len(todo)} to go")
 
