@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cfcd-installed
+APT_LOG ?= /tmp/cfcd-apt.log
 
 .PHONY: demo demo-quick test install selfcheck clean-venv chromium
 
@@ -25,9 +26,9 @@ DEMO_ARGS ?=
 
 demo: $(STAMP)
 	@if [ ! -e $(OPENCV_DATA)/graf1.png ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing opencv-doc (real multi-view photos for the demo)"; \
+	  echo "installing opencv-doc (real multi-view photos for the demo; apt output in $(APT_LOG))"; \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends opencv-doc; } \
-	    >/dev/null 2>&1 || echo "opencv-doc could not be installed: the demo uses fewer photos"; \
+	    > $(APT_LOG) 2>&1 || echo "opencv-doc could not be installed (see $(APT_LOG)): the demo uses fewer photos"; \
 	fi
 	$(BIN)/cfcd demo $(DEMO_ARGS)
 
@@ -42,11 +43,13 @@ test: $(STAMP) chromium
 
 # The browser test drives Debian's chromium (Playwright from PyPI never downloads a browser here).
 # Installed when missing, apt-get is there and we are root; otherwise that one test is skipped.
+# apt's hundreds of lines go to $(APT_LOG); the screen gets one line.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	{ if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && apt-get install -y -qq chromium) || \
-	    echo "chromium could not be installed: tests/test_serve_browser.py will be skipped"; \
+	    echo "installing chromium for the browser test (apt output in $(APT_LOG))"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } > $(APT_LOG) 2>&1 || \
+	    echo "chromium could not be installed (see $(APT_LOG)): tests/test_serve_browser.py will be skipped"; \
 	  else echo "no chromium (and no root apt-get): tests/test_serve_browser.py will be skipped"; fi; }
 
 clean-venv:

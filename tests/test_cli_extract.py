@@ -200,3 +200,110 @@ def test_extraction_where_every_image_fails(tmp_path, capsys):
     assert "FAILED" in err and "every one of the 2 image(s) failed" in err and "fix the inputs" in err
     assert main(["store", "info", str(out)]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_resume_with_other_settings_names_what_differs(tmp_path, capsys):
+    images = tmp_path / "photos"
+    write_photo_dir(images, count=3, long_side=48)
+    out = tmp_path / "s"
+    base = ["extract", *MODEL, "--images", str(images), "--out", str(out), "--workers", "0", "--no-progress",
+            "--shard-size", "1"]
+    assert main([*base, "--scales", "1 0.7071", "--stop-after", "1"]) == 3  # a partial store
+    capsys.readouterr()
+    assert main([*base, "--scales", "single", "--max-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "scales: 1 0.7071 -> single" in err and "max_size: None -> 32" in err
+    assert len(err) < 400  # the settings by name, not two dicts of every field
+
+
+def test_out_a_file_and_a_file_name_with_a_line_break(tmp_path, capsys):
+    images = tmp_path / "photos"
+    write_photo_dir(images, count=2, long_side=48)
+    (tmp_path / "taken").write_text("x")
+    assert main(["extract", *MODEL, "--images", str(images), "--out", str(tmp_path / "taken"), *FAST]) == 2
+    assert "taken: exists and is not a directory" in capsys.readouterr().err
+    # one file whose name holds a line break: recorded as failed, the others are stored
+    first = next(images.rglob("*.jpg"))
+    (images / "odd\nname.jpg").write_bytes(first.read_bytes())
+    out = tmp_path / "s"
+    assert main(["extract", *MODEL, "--images", str(images), "--out", str(out), *FAST]) == 0
+    store = open_store(out)
+    assert len(store.ids) == 2
+    [failure] = store.meta["failures"]
+    assert failure["id"] == "odd\nname" and "line break" in failure["reason"]
+
+
+def test_a_second_extraction_into_the_same_store_is_refused_at_once(tmp_path, capsys):
+    import fcntl
+
+    images = tmp_path / "photos"
+    write_photo_dir(images, count=2, long_side=48)
+    out = tmp_path / "s"
+    (out / ".partial").mkdir(parents=True)
+    with open(out / ".partial" / "lock", "a") as held:  # another job writing the store
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["extract", *MODEL, "--images", str(images), "--out", str(out), *FAST]) == 2
+        err = capsys.readouterr().err
+        assert f"{out}: another extraction is writing this store" in err
+        assert not list(out.rglob("shard-*"))  # refused before any work
+    assert main(["extract", *MODEL, "--images", str(images), "--out", str(out), *FAST]) == 0  # lock released
+
+
+@pytest.mark.parametrize("limit, stage", [(3000, "shards"), (9000, "finalise")])
+def test_full_disk_is_named_nothing_half_written_and_a_rerun_completes(tmp_path, limit, stage):
+    """RLIMIT_FSIZE makes writes past ``limit`` bytes fail with EFBIG, like ENOSPC on a full disk:
+    a 1280-D shard row is 5.2 kB (fails at the first shard), the 3-row store 15.5 kB (fails at finalising)."""
+    import resource
+    import signal
+
+    images = tmp_path / "photos"
+    write_photo_dir(images, count=3, long_side=48)
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "cfcd", "extract", *MODEL, "--images", str(images), "--out", str(out), *FAST,
+           "--shard-size", "1", "--flush-seconds", "0"]
+
+    def full_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, preexec_fn=full_disk)
+    assert done.returncode == 2, done.stderr
+    assert f"disk full while writing {out}: free" in done.stderr and "rerun to resume" in done.stderr
+    assert "Traceback" not in done.stderr
+    shards = list(out.rglob("shard-*.npy"))
+    assert (len(shards) == 3) == (stage == "finalise") and not (out / "meta.json").exists()
+    assert not [p for p in out.rglob(".*") if p.is_file() and p.name.endswith(".tmp")]  # no temp file left
+    assert main(cmd[3:]) == 0
+    assert len(open_store(out).ids) == 3
+
+
+def test_default_model_and_a_folder_path_given_to_the_api(tmp_path, capsys):
+    import cfcd.models
+    from cfcd.extract import ExtractOptions, extract_to_store, parse_scales
+    from cfcd.models.registry import DEFAULT_MODEL
+
+    images = tmp_path / "photos"
+    write_photo_dir(images, count=2, long_side=48)
+    assert main(["extract", "--images", str(images), "--out", str(tmp_path / "s"), "--workers", "0", "--no-progress",
+                 "--scales", "single"]) == 0
+    assert open_store(tmp_path / "s").meta["model"] == DEFAULT_MODEL == "gem_efficientnet_lite2"
+    capsys.readouterr()
+    # the API takes a folder path like the command line; the progress bar shows the label
+    model = cfcd.models.create("gem_efficientnet_lite0")
+    options = ExtractOptions(scales=parse_scales("single"), workers=0, progress=True)
+    summary = extract_to_store(model, str(images), tmp_path / "api" / "0000", options, label="photos")
+    assert len(summary.store.ids) == 2
+    assert "extract photos" in capsys.readouterr().err
+
+
+def test_a_long_job_gets_one_line_with_its_estimate_and_the_option_that_shortens_it():
+    from cfcd.extract import ExtractOptions, parse_scales
+    from cfcd.extract.engine import long_job_note
+
+    slow = long_job_note(3, 36.0, 200, ExtractOptions(workers=0))  # 12 s/image, the default 5 scales
+    assert slow.startswith("about 40 min more for 200 image(s) at 12.0 s/image") and "--max-size 1024" in slow
+    capped = long_job_note(3, 36.0, 200, ExtractOptions(max_size=1024, workers=0))
+    assert "--scales single" in capped
+    assert long_job_note(3, 3.0, 200, ExtractOptions(workers=0)) is None  # 200 s: no line
+    assert long_job_note(0, 0.0, 200, ExtractOptions(workers=0)) is None
+    assert "a GPU" in long_job_note(1, 10.0, 100, ExtractOptions(max_size=512, scales=parse_scales("single"), workers=0))

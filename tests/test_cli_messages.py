@@ -31,7 +31,30 @@ def test_help_texts():
     assert "finalize" in COMMANDS["store"][1]
     export_help = build_parser("export").format_help()
     assert "ONNX opset" in " ".join(export_help.split())
-    assert "gem_efficientnet_lite2" in build_parser("extract").format_help()
+    extract_help = " ".join(build_parser("extract").format_help().split())
+    assert "default gem_efficientnet_lite2" in extract_help and "--max-size 1024 is several times faster" in extract_help
+    search_help = " ".join(build_parser("search").format_help().split())
+    assert "an image file, a folder of images or a text list" in search_help
+
+
+def test_selfcheck_names_no_file_it_deleted(capsys):
+    import re
+
+    assert main(["selfcheck"]) == 0
+    out = capsys.readouterr().out
+    assert "deleted at the end; --keep DIR keeps it" in out and "report:" not in out
+    root = re.search(r"generated benchmark in (\S+)", out).group(1)
+    assert not Path(root).exists()
+
+
+def test_makefile_quiets_apt_and_gitignore_has_the_demo_directory():
+    makefile = (REPO / "Makefile").read_text()
+    recipes = makefile.split("\n\n")
+    for target in ("chromium:", "demo: "):
+        [recipe] = [r for r in recipes if target in r and "apt-get install" in r]
+        # apt's output goes to a log file, not the screen (make test printed 500 lines of it)
+        assert "> $(APT_LOG) 2>&1" in recipe and "-qq chromium) ||" not in recipe
+    assert "/cfcd-demo/" in (REPO / ".gitignore").read_text().split()
 
 
 def test_closed_pipe_exits_quietly(tmp_path):

@@ -68,13 +68,22 @@ def test_tiny_demo_end_to_end_report_summary_resume_and_checkpoint(tmp_path):
     from cfcd.demo.pipeline import MODEL, run_demo
     from cfcd.index import open_index
 
+    import torch
+
     out = tmp_path / "demo"
     log = io.StringIO()
+    torch.set_num_threads(2)
     summary = run_demo(out, mode="tiny", seed=0, stream=log, progress=False)
+    assert torch.get_num_threads() == 2  # restored after the demo
     text = log.getvalue()
     assert text.count("mAP (%)") == 1 and "[7/7]" in text and "total" in text
+    # the served index is the fine-tuned model, --compare its pretrained baseline
+    assert f"cfcd serve {out / 'index'} " in text and f"--compare {out / 'index_before'} " in text
+    assert "queries better than the baseline / worse: Easy" in text
 
     saved = json.loads((out / "summary.json").read_text())
+    assert saved["seed"] == 0 and saved["threads"] == 1
+    assert saved["queries_better_worse"]["hard"]["queries"] == 4
     assert saved["before"].keys() == saved["after"].keys() == {"easy", "medium", "hard"}
     for when in ("before", "after"):
         for setup in ("easy", "medium", "hard"):
@@ -111,6 +120,28 @@ def test_tiny_demo_end_to_end_report_summary_resume_and_checkpoint(tmp_path):
     # another mode in the same directory is refused
     with pytest.raises(InputError, match="mode 'tiny'"):
         run_demo(out, mode="quick", stream=io.StringIO())
+
+    # a run started with another torch thread count gives the very same numbers (the demo fixes it)
+    torch.set_num_threads(1)
+    try:
+        other = run_demo(tmp_path / "demo1", mode="tiny", seed=0, stream=io.StringIO(), progress=False)
+    finally:
+        torch.set_num_threads(2)
+    assert other["before"] == summary["before"] and other["after"] == summary["after"]
+    assert other["queries_better_worse"] == summary["queries_better_worse"]
+
+
+def test_demo_without_matplotlib_stops_at_once_and_names_the_extra(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    code = ("import sys; sys.modules['matplotlib'] = None; from cfcd.cli import main; "
+            f"sys.exit(main(['demo', '--tiny', '--out', {str(out)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "matplotlib (report plots)" in done.stderr and 'pip install "cfcd[demo]"' in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()  # refused before any step
 
 
 def test_demo_refuses_a_non_empty_foreign_directory(tmp_path):
@@ -155,9 +186,12 @@ def test_own_photos_index_is_cached_and_updated_incrementally(tmp_path, real_pho
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
     (photos / "coffee.jpg").unlink()
     library = PhotoLibrary(photos, **kw)
-    index = library.update(lambda message: None)
+    said = []
+    index = library.update(said.append)
     u = library.last_update
-    assert (u.added, u.removed, u.failed, u.total) == (2, 1, 1, 4)
+    # the counts add up: 4 before + 1 added - 1 removed = 4; the unreadable one is not "added"
+    assert (u.added, u.changed, u.removed, u.failed, u.total) == (1, 0, 1, 1, 4)
+    assert any("describing 2 new or changed photo(s)" in line for line in said)
     assert sorted(index.ids) == ["astronaut.jpg", "chelsea.jpg", "china.jpg", "rocket.jpg"]
     # the index directory is a normal `cfcd index build` output
     assert (library.dir / "index" / "index.json").is_file()

@@ -204,6 +204,12 @@ def test_image_lists(tmp_path):
     from_list = read_list_file(listing, root=tmp_path / "imgs")
     assert from_list.ids == list(reversed(ids))
     assert all(p.is_file() for p in from_list.paths)
+    # saved by an editor that writes a UTF-8 byte-order mark: the first image is not lost
+    bom = tmp_path / "bom.txt"
+    bom.write_text("\n".join(f"{i}.jpg" for i in ids), encoding="utf-8-sig")
+    assert bom.read_bytes().startswith(b"\xef\xbb\xbf")
+    from_bom = read_list_file(bom, root=tmp_path / "imgs")
+    assert from_bom.ids == ids and all(p.is_file() for p in from_bom.paths)
     dup = tmp_path / "dup.txt"
     dup.write_text("a/x.jpg\na/x.png\n")
     with pytest.raises(InputError, match="duplicate"):

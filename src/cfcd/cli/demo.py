@@ -7,6 +7,7 @@ The first form builds a small benchmark and a disjoint training list from real p
 installed packages, evaluates the embedded pretrained model, fine-tunes it with CFCD (MadaCos
 stage 1, confusions, local-triplet stage 2), evaluates again, builds a FAISS index and writes
 DIR/report.html and DIR/summary.json. Rerun with the same --out to resume an interrupted demo.
+Every step runs on one torch thread, so a seed gives the same numbers on any machine and at any load.
 The second form searches your own photos; their index is kept in a cache (--cache, $CFCD_CACHE
 or $XDG_CACHE_HOME/cfcd) and updated incrementally.
 """
@@ -26,12 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 f"(default ./{DEFAULT_OUT}; rerun to resume)")
     size = g.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", const="quick", dest="mode",
-                      help="smaller photos, 2 scales, shorter training (under 3 minutes on 2 cores)")
+                      help="smaller photos, 2 scales, shorter training (about 3 minutes on a busy 2-core machine)")
     size.add_argument("--tiny", action="store_const", const="tiny", dest="mode",
                       help="a few photos and one short epoch per stage (the test suite's run)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: the free cores, from the load average)")
     g.add_argument("--overwrite", action="store_true", help="start a demo directory again from scratch")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = parser.add_argument_group("your own photos")
@@ -63,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
     from cfcd.demo.pipeline import run_demo
 
     run_demo(args.out or DEFAULT_OUT, mode=args.mode or "full", seed=args.seed, overwrite=args.overwrite,
-             threads=args.threads, progress=not args.no_progress)
+             progress=not args.no_progress)
     return 0

@@ -2,6 +2,7 @@
 
 Examples::
 
+    cfcd extract --images photos/ --out stores/photos --max-size 1024   # embedded gem_efficientnet_lite2
     cfcd extract --model cfcd_r50 --weights cfcd_r50.safetensors --images photos/ --out stores/photos
     cfcd extract --model cfcd_r50 --weights W --gnd data/roxford5k/gnd_roxford5k.pkl --queries \\
         --root data/roxford5k --out stores/roxf-q            # the 70 queries, cropped, in qimlist order
@@ -17,13 +18,15 @@ import argparse
 import os
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+# = cfcd.models.registry.DEFAULT_MODEL, written out: importing cfcd.models loads torch (seconds of start-up)
+DEFAULT_MODEL = "gem_efficientnet_lite2"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", required=True,
+    g.add_argument("--model", default=DEFAULT_MODEL,
                    help="registry name (cfcd_r50, cfcd_r101, dolg_r50, gem_r101, ...; 'cfcd models' lists them); "
-                   "gem_efficientnet_lite0/1/2 have embedded ImageNet weights (the package default is gem_efficientnet_lite2)")
+                   f"gem_efficientnet_lite0/1/2 have embedded ImageNet weights (default {DEFAULT_MODEL})")
     g.add_argument("--weights", default=None,
                    help="weights file or 'cfcd convert' directory (safetensors, or an official .pyth/.pt checkpoint); "
                    "required unless the model has embedded weights; 'random' for a random initialisation")
@@ -47,7 +50,9 @@ def add_procedure_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="target size of a scale: round(h*s) (cfcd), int(0.5+h*s) (dirtorch), floor via scale_factor (cirtorch)",
     )
-    g.add_argument("--max-size", type=int, default=None, help="cap the longer side (Lanczos thumbnail) before the scales; default: none")
+    g.add_argument("--max-size", type=int, default=None,
+                   help="cap the longer side (Lanczos thumbnail) before the scales; default: none. On a CPU, photos at "
+                        "full resolution and 5 scales take 10-16 s each: --max-size 1024 is several times faster")
     g.add_argument(
         "--crop-rule",
         choices=["truncate", "round"],

@@ -16,6 +16,8 @@ restricted ground-truth unpickler refuses a malicious pickle without running it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import pickle
 import tempfile
@@ -142,12 +144,17 @@ def run(args: argparse.Namespace) -> int:
         root = Path(args.keep) if args.keep is not None else Path(tmp)
         bench = make_benchmark(root, seed=args.seed, num_distractors=args.distractors)
         report = root / "report.json"
-        print(f"selfcheck: generated benchmark in {root}")
-        code = cli_main([
-            "evaluate", "--gnd", str(bench["gnd"]), "--queries", str(bench["queries"]),
-            "--database", str(bench["database"]), "--distractors", str(bench["distractors"]),
-            "--json", str(report),
-        ])
+        kept = args.keep is not None
+        print(f"selfcheck: generated benchmark in {root}" + ("" if kept else " (deleted at the end; --keep DIR keeps it)"))
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = cli_main([
+                "evaluate", "--gnd", str(bench["gnd"]), "--queries", str(bench["queries"]),
+                "--database", str(bench["database"]), "--distractors", str(bench["distractors"]),
+                "--json", str(report),
+            ])
+        # the report line names a file that is deleted with the temporary directory
+        print(buffer.getvalue().replace(f"\nreport: {report}\n", "\n") if not kept else buffer.getvalue(), end="")
         problems: list[str] = []
         if code != 0:
             problems.append(f"cfcd evaluate exited with {code}")

@@ -100,7 +100,7 @@ def read_list_file(
     """A text list of image paths, relative to ``root`` (default: the list file's directory)."""
     list_file = Path(list_file)
     try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
+        lines = list_file.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise InputError(f"{list_file}: image list not found") from None
     except UnicodeDecodeError as exc:

@@ -261,9 +261,9 @@ def synthetic_view(image: np.ndarray, grade: str, rng: np.random.Generator) -> n
     dst = (dst - dst.min(0)) * scale
     out_w, out_h = max(16, int(np.ceil(dst[:, 0].max()))), max(16, int(np.ceil(dst[:, 1].max())))
     matrix = cv2.getPerspectiveTransform(src, dst.astype(np.float32))
-    fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
+    # the corners the warp uncovers: neutral grey (a random colour read as a second, coloured border)
     view = cv2.warpPerspective(view, matrix, (out_w, out_h), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=(128, 128, 128))
     # lighting: gain, contrast about the mean, a colour cast
     gain = float(np.exp(rng.uniform(-1, 1) * 0.45 * t + rng.uniform(-0.08, 0.08)))
     contrast = 1.0 - float(rng.uniform(0, 0.4)) * t

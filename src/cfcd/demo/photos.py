@@ -49,11 +49,11 @@ def library_dir(images: Path, model_name: str, cache: str | os.PathLike | None =
 
 @dataclass
 class UpdateSummary:
-    added: int
-    changed: int
-    removed: int
-    failed: int
-    total: int
+    added: int    # new files described (and now in the index)
+    changed: int  # changed files described again
+    removed: int  # files gone from the folder (or now unreadable) and out of the index
+    failed: int   # new or changed files that could not be read: skipped, not in the index
+    total: int    # photos in the index
     seconds: float
 
 
@@ -118,16 +118,16 @@ class PhotoLibrary:
         removed = [rel for rel in files if rel not in current]
         todo = [rel for rel, sig in current.items()
                 if rel not in files or (files[rel]["size"], files[rel]["mtime_ns"]) != sig]
-        changed = sum(rel in files for rel in todo)
+        was_indexed = {rel for rel, entry in files.items() if "part" in entry}
         for rel in removed:
             del files[rel]
-        failed = 0
+        failed: set[str] = set()
         if todo:
             say(f"describing {len(todo)} new or changed photo(s) of {len(current)} in {self.images}")
             part = f"{int(self.catalog['next_part']):04d}"
             subset = ImageList(ids=todo, paths=[self.images / rel for rel in todo], source=str(self.images))
             summary = extract_to_store(self.model, subset, self.dir / "parts" / part, self.options,
-                                       log=lambda message: say(message))
+                                       log=lambda message: say(message), label=self.images.name or str(self.images))
             store = summary.store
             rows = {rid: i for i, rid in enumerate(store.ids)}
             reasons = {f.get("id"): f.get("reason") for f in summary.failures}
@@ -137,7 +137,7 @@ class PhotoLibrary:
                     entry.update(part=part, row=rows[rel])
                 else:
                     entry["failed"] = reasons.get(rel, "not described")
-                    failed += 1
+                    failed.add(rel)
                     say(f"warning: {self.images / rel}: skipped ({entry['failed']})")
                 files[rel] = entry
             self.catalog["next_part"] = int(self.catalog["next_part"]) + 1
@@ -145,7 +145,11 @@ class PhotoLibrary:
         atomic_write_json(self.dir / CATALOG, self.catalog)
         index = self._build_index() if (todo or removed or not (self.dir / "index" / "index.json").is_file()) \
             else self.open_index()
-        self.last_update = UpdateSummary(len(todo) - changed, changed, len(removed), failed, len(index),
+        described = [rel for rel in todo if rel not in failed]
+        changed = sum(rel in was_indexed for rel in described)
+        # a file that was in the index and is unreadable now has left it: it counts as removed
+        gone = len([rel for rel in removed if rel in was_indexed]) + len([rel for rel in failed if rel in was_indexed])
+        self.last_update = UpdateSummary(len(described) - changed, changed, gone, len(failed), len(index),
                                          time.perf_counter() - t0)
         return index
 
@@ -220,8 +224,9 @@ def search_photos(images: str | os.PathLike, query: str | os.PathLike, *, model_
                            progress=progress)
     index = library.update(say)
     u = library.last_update
-    say(f"index: {u.total} photos ({u.added} added, {u.changed} changed, {u.removed} removed"
-        + (f", {u.failed} unreadable" if u.failed else "") + f") in {u.seconds:.1f} s -> {library.dir / 'index'}")
+    say(f"index: {u.total} photos ({u.added} added, {u.changed} changed, {u.removed} removed)"
+        + (f"; {u.failed} unreadable photo(s) skipped" if u.failed else "")
+        + f" in {u.seconds:.1f} s -> {library.dir / 'index'}")
     hits = index.search(library.describe_query(query), k=min(k, len(index)))
     ranked = [(rid, score) for rid, score in zip(hits.ids[0], hits.scores[0].tolist()) if rid is not None]
     for rank, (rid, score) in enumerate(ranked, 1):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfcd.errors import InputError
+from cfcd.errors import CfcdError, InputError
 from cfcd.utils.io import atomic_write_json
 
 MARKER = "cfcd-demo.json"
@@ -127,31 +127,45 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
 
 
-def auto_threads() -> int:
-    """Intra-op threads: every core on an idle machine, fewer when other processes keep cores busy.
+# Every step computes on one torch thread: the training and extraction results depend on the thread
+# count (reductions split differently), so a fixed count makes a run's numbers the same on any machine
+# and at any load; the README's table is reproduced bit for bit. One thread is also the fastest on a busy
+# machine, where OpenMP threads waiting for each other's time slices slow small convolutions many times.
+THREADS = 1
 
-    On a loaded machine, OpenMP threads that wait for each other's time slices make small CPU
-    convolutions 5-40x slower than one thread (measured in benchmarks/README.md), so the demo only
-    uses the cores that are free.
-    """
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # pragma: no cover - not on every platform
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+
+# module -> what the demo needs it for (all in the `demo` extra)
+DEMO_MODULES = {"skimage": "scikit-image (photos)", "sklearn": "scikit-learn (photos)",
+                "matplotlib": "matplotlib (report plots)"}
+
+
+def check_dependencies() -> None:
+    """Refuse at once, not after every step, when an optional package of the demo is missing."""
+    import importlib.util
+
+    missing = []
+    for module, what in DEMO_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(what)
+    if missing:
+        raise CfcdError(f"cfcd demo needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+                        'installed: pip install "cfcd[demo]" (make demo installs everything)')
 
 
 def run_demo(out: str | os.PathLike, *, mode: str = "quick", seed: int = 0, overwrite: bool = False,
-             threads: int | None = None, stream=sys.stdout, progress: bool = True) -> dict:
+             stream=sys.stdout, progress: bool = True) -> dict:
     """Run (or resume) the whole demo in ``out``; returns the summary (also ``out/summary.json``)."""
     import torch
 
+    check_dependencies()
     previous = torch.get_num_threads()
-    threads = threads or auto_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(THREADS)
     try:
-        return _run_demo(out, mode=mode, seed=seed, overwrite=overwrite, threads=threads, stream=stream,
+        return _run_demo(out, mode=mode, seed=seed, overwrite=overwrite, threads=THREADS, stream=stream,
                          progress=progress)
     finally:
         torch.set_num_threads(previous)
@@ -270,9 +284,11 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     seconds = dict(steps.state["seconds"])
     seconds["total"] = round(sum(v for k_, v in seconds.items() if k_ != "total"), 2)
     summary = {
-        "mode": m.name, "seed": seed, "model": MODEL, "opencv_doc": data.manifest["opencv_doc"],
+        "mode": m.name, "seed": seed, "threads": threads, "model": MODEL, "opencv_doc": data.manifest["opencv_doc"],
         "before": _percent(before["metrics"]), "after": _percent(after["metrics"]),
         "val_before": val_before,
+        # per protocol: queries whose AP the fine-tuned model raised / lowered against the pretrained baseline
+        "queries_better_worse": _better_worse(before, after),
         "seconds": seconds,
     }
     commands = reproduce_commands(out, m, over1, over2)
@@ -290,7 +306,8 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     say("time per step: " + ", ".join(f"{k_} {_fmt_s(v)}" for k_, v in seconds.items() if k_ != "total")
         + f"; total {_fmt_s(seconds['total'])} (this run: {_fmt_s(time.perf_counter() - total0)})")
     say(f"report: {out / 'report.html'}")
-    say(f"browse: {commands['serve']}")
+    say("browse the fine-tuned index, with the pretrained model as its baseline (--compare):")
+    say(f"  {commands['serve']}")
     return summary
 
 
@@ -399,12 +416,27 @@ def _table(metrics: dict, title: str) -> str:
     return "\n".join(rows)
 
 
+def _better_worse(before: dict, after: dict) -> dict:
+    out = {}
+    for setup in SETUPS:
+        pairs = [(before["per_query"][q][setup]["AP"], after["per_query"][q][setup]["AP"]) for q in before["per_query"]]
+        pairs = [(b, a) for b, a in pairs if a is not None and b is not None]
+        out[setup] = {"better": sum(a > b for b, a in pairs), "worse": sum(a < b for b, a in pairs),
+                      "queries": len(pairs)}
+    return out
+
+
 def _comparison(summary: dict) -> str:
     lines = ["mAP (%)        Easy    Medium  Hard",
              "pretrained   " + "".join(f"{summary['before'][s]['mAP']:8.2f}" for s in SETUPS),
              "fine-tuned   " + "".join(f"{summary['after'][s]['mAP']:8.2f}" for s in SETUPS),
              "change       " + "".join(f"{summary['after'][s]['mAP'] - summary['before'][s]['mAP']:+8.2f}"
                                        for s in SETUPS)]
+    counts = summary.get("queries_better_worse")
+    if counts:
+        lines.append("queries better than the baseline / worse: "
+                     + ", ".join(f"{s.capitalize()} {counts[s]['better']}/{counts[s]['worse']}" for s in SETUPS)
+                     + f" (of {counts['hard']['queries']})")
     return "\n".join(lines)
 
 

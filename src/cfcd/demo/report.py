@@ -150,7 +150,8 @@ def _per_query_plot(before: dict, after: dict) -> str:
         ax.set_ylabel("AP after (%)")
         better = sum(y > x for x, y in zip(xs, ys))
         worse = sum(y < x for x, y in zip(xs, ys))
-        ax.set_title(f"{setup}: {better} better, {worse} worse, of {len(xs)}")
+        ax.set_title(f"{setup}: {better} queries better than the baseline, {worse} worse (of {len(xs)})",
+                     fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)
@@ -234,11 +235,12 @@ td.up {{color: #2ca02c; font-weight: bold}} td.down {{color: #d62728}}
 table.grid td {{text-align: center; font-size: 11px; padding: 2px; vertical-align: top}}
 table.grid th {{text-align: left; font-size: 12px; padding-right: 8px}}
 .chip {{border: 3px solid; padding: 0 6px; margin-right: 6px}}
-pre {{background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 12px}}
+pre {{background: #f6f6f6; padding: 1em; font-size: 12px; white-space: pre-wrap; overflow-wrap: anywhere}}
 img.plot {{max-width: 100%}}
 </style></head><body>
 <h1>cfcd demo: fine-tuning {html.escape(summary['model'])} with CFCD</h1>
-<p>Mode <b>{html.escape(summary['mode'])}</b>, seed {summary['seed']}. Benchmark: {len(gnd.qimlist)} queries,
+<p>Mode <b>{html.escape(summary['mode'])}</b>, seed {summary['seed']}, {summary.get('threads', 1)} torch thread(s)
+(fixed, so the numbers are the same on any machine and at any load). Benchmark: {len(gnd.qimlist)} queries,
 {len(gnd.imlist)} database images (revisitop protocol: Easy = easy positives, junk = hard + junk;
 Medium = easy + hard, junk; Hard = hard positives, junk = easy + junk). Training list: {data.num_classes} classes
 from other photos ({len(roles['train'])} sources; none of them, nor any view of them, is in the benchmark).
@@ -259,6 +261,9 @@ epoch 0 is the pretrained model.</p>
 <h2>Time</h2>
 <table class="metrics">{times}</table>
 <h2>Reproduce and browse</h2>
+<p>The last command (<code>serve</code>) serves the fine-tuned index, the model; <code>--compare</code> gives
+its baseline, the pretrained model's index, and the page counts the queries better and worse than the
+baseline.</p>
 <pre>{cmds}</pre>
 </body></html>
 """

@@ -509,6 +509,38 @@ def extraction_rules(options: ExtractOptions, queries: bool) -> dict:
     return rules
 
 
+def _short(value) -> str:
+    """A setting in a few characters: a scale recipe by its preset name, a model by its name, a hash cut."""
+    if isinstance(value, dict):
+        if "scales" in value and "combine" in value:  # MultiScale.to_meta()
+            name = value.get("name")
+            return name if name and name != "custom" else " ".join(f"{float(v):.4g}" for v in value["scales"])
+        if "name" in value:
+            return str(value["name"])
+        return "{" + ", ".join(sorted(value)) + "}"
+    if isinstance(value, str) and len(value) > 40:
+        return value[:12] + "..." if all(c in "0123456789abcdef" for c in value) else "..." + value[-37:]
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def settings_difference(previous: dict, settings: dict) -> list[str]:
+    """``name: old -> new`` for each setting that differs (nested settings by their last key)."""
+    out: list[str] = []
+
+    def walk(a, b, name):
+        if a == b:
+            return
+        scales = isinstance(a, dict) and isinstance(b, dict) and "combine" in a and "combine" in b
+        if isinstance(a, dict) and isinstance(b, dict) and not scales:
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key), b.get(key), key)
+            return
+        out.append(f"{name}: {_short(a)} -> {_short(b)}")
+
+    walk(previous, settings, "settings")
+    return out
+
+
 def _check_settings(out: Path, settings: dict, *, rank: int) -> None:
     """Refuse to resume a partial store written with other settings."""
 
@@ -520,8 +552,8 @@ def _check_settings(out: Path, settings: dict, *, rank: int) -> None:
         except (OSError, json.JSONDecodeError) as exc:
             raise CfcdError(f"{path}: unreadable settings of the partial store ({exc}); remove {out} to start again") from None
         if previous != settings:
-            diff = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            details = "; ".join(f"{k}: partial store has {previous.get(k)!r}, this run {settings.get(k)!r}" for k in diff[:4])
+            diff = settings_difference(previous, settings)
+            details = "; ".join(diff[:5]) + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "")
             raise CfcdError(
                 f"{out}: a partial store from a run with different settings is here ({details}). "
                 f"Rerun with the same arguments to resume, or use another --out (or --overwrite)"
@@ -541,8 +573,10 @@ def extract_to_store(
     extra_meta: dict | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
+    label: str | None = None,
 ) -> ExtractSummary:
-    """Describe every image of ``image_list`` into the descriptor store ``out``.
+    """Describe every image of ``image_list`` (an :class:`ImageList`, or a folder or list file path) into
+    the descriptor store ``out``; ``label`` names the job in the progress bar (default: the store's name).
 
     Resumable: images already in the store's shards are skipped, so a killed job rerun with the
     same arguments ends with the same store as an uninterrupted run. Under ``torchrun`` each
@@ -554,6 +588,12 @@ def extract_to_store(
     options = options or ExtractOptions()
     log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out)
+    if isinstance(image_list, (str, os.PathLike)):  # a folder or a list file, as on the command line
+        from cfcd.data.lists import read_image_list
+
+        image_list = read_image_list(image_list)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory (the output is a store directory)")
     fingerprint = model_fingerprint(model, weights)
     settings = {
         "model": fingerprint,
@@ -563,10 +603,12 @@ def extract_to_store(
     settings = jsonable(settings)
     # ranks that finish early wait at the final barrier: allow a long job
     ctx = init_distributed(options.device, timeout=datetime.timedelta(hours=72))
+    lock = None
     try:
         finished = _reuse_complete_store(out, settings, overwrite, log)
         if finished is not None:
             return finished
+        lock = _lock_store(out, "lock" if ctx.world_size == 1 else f"lock.rank{ctx.rank:03d}")
         _prepare_partial(out, settings, overwrite, ctx)
 
         part = f"rank{ctx.rank:03d}" if ctx.world_size > 1 else "main"
@@ -579,13 +621,18 @@ def extract_to_store(
         mine = [i for i in range(len(image_list)) if i % ctx.world_size == ctx.rank]
         todo = [i for i in mine if image_list.ids[i] not in done]
         skipped = len(mine) - len(todo)
+        for i in [i for i in todo if "\n" in image_list.ids[i] or "\r" in image_list.ids[i]]:
+            writer.add_failure(image_list.ids[i], "the file name holds a line break, which a store cannot hold "
+                                                  "(images.txt has one id a line): rename the file")
+        todo = [i for i in todo if "\n" not in image_list.ids[i] and "\r" not in image_list.ids[i]]
         if skipped:
             log(f"{out}: resuming, {skipped} image(s) of this rank already done, {len(todo)} to go")
 
         start = time.perf_counter()
         count, stopped = _write_batches(extractor, writer, image_list, todo, options,
                                         warnings_path=out / PARTIAL_DIR / f"extract-warnings-{part}.jsonl",
-                                        show_progress=options.progress and ctx.rank == 0, desc=f"extract {out.name}")
+                                        show_progress=options.progress and ctx.rank == 0,
+                                        desc=f"extract {label or out.name}", log=log if ctx.rank == 0 else None)
         seconds = time.perf_counter() - start
         if stopped:
             log(f"{out}: stopped after {count} image(s) (--stop-after); rerun without it to resume")
@@ -606,7 +653,29 @@ def extract_to_store(
         ctx.barrier()
         return ExtractSummary(count, summary_failures, warnings_all, seconds, store, skipped=skipped)
     finally:
+        if lock is not None:
+            lock.close()  # closing the file releases the flock
         ctx.close()
+
+
+def _lock_store(out: Path, name: str):
+    """Hold ``out/.partial/<name>`` (flock, non-blocking) while this job writes ``out``: a second job into
+    the same store is refused at once instead of doing all the work again."""
+    import fcntl
+
+    partial = out / PARTIAL_DIR
+    try:
+        partial.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):
+        raise InputError(f"{out}: cannot create the store directory (a file is in the way)") from None
+    handle = open(partial / name, "a")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise CfcdError(f"{out}: another extraction is writing this store right now (it holds {partial / name}); "
+                        "wait for it to finish, or write to another --out") from None
+    return handle
 
 
 def _reuse_complete_store(out: Path, settings: dict, overwrite: bool, log) -> ExtractSummary | None:
@@ -631,11 +700,14 @@ def _prepare_partial(out: Path, settings: dict, overwrite: bool, ctx) -> None:
 
 
     if overwrite and ctx.rank == 0:
-        for name in (DESCRIPTORS_FILE, IDS_FILE, META_FILE, PARTIAL_DIR):
+        for name in (DESCRIPTORS_FILE, IDS_FILE, META_FILE):
             target = out / name
+            if target.exists():
+                target.unlink()
+        for target in (out / PARTIAL_DIR).iterdir():  # all but the lock files, which this job holds
             if target.is_dir():
                 shutil.rmtree(target)
-            elif target.exists():
+            elif not target.name.startswith("lock"):
                 target.unlink()
     ctx.barrier()
     if ctx.rank == 0:
@@ -646,12 +718,34 @@ def _prepare_partial(out: Path, settings: dict, overwrite: bool, ctx) -> None:
         _check_settings(out, settings, rank=ctx.rank)
 
 
+LONG_JOB_SECONDS = 600  # a job estimated longer than this gets one line saying how to shorten it
+
+
+def long_job_note(done: int, seconds: float, remaining: int, options: ExtractOptions) -> str | None:
+    """One line when ``remaining`` images at the rate so far take over 10 minutes, naming what shortens it."""
+    if done <= 0 or remaining <= 0 or seconds <= 0:
+        return None
+    estimate = seconds / done * remaining
+    if estimate <= LONG_JOB_SECONDS:
+        return None
+    if options.max_size is None:
+        hint = "--max-size 1024 (cap the longer side) shortens it several times over"
+    elif len(options.scales.scales) > 1:
+        hint = "fewer scales (--scales single) shorten it"
+    else:
+        hint = "a GPU (--device cuda) shortens it"
+    when = f"{estimate / 3600:.1f} h" if estimate >= 5400 else f"{estimate / 60:.0f} min"
+    return (f"about {when} more for {remaining} image(s) at {seconds / done:.1f} s/image on "
+            f"{str(options.device)}; {hint}")
+
+
 def _write_batches(extractor, writer, image_list, todo, options, *, warnings_path: Path, show_progress: bool,
-                   desc: str) -> tuple[int, bool]:
+                   desc: str, log=None) -> tuple[int, bool]:
     """Describe ``todo`` into ``writer``; returns (rows written, stopped by ``stop_after``)."""
     count = 0
     stopped = False
     progress = progress_bar(len(todo), enabled=show_progress, desc=desc)
+    start, handled, noted = time.perf_counter(), 0, log is None
     try:
         for batch in extractor.iter_batches(image_list, todo):
             for image_id, reason in batch.failures:
@@ -664,6 +758,12 @@ def _write_batches(extractor, writer, image_list, todo, options, *, warnings_pat
                 writer.append(batch.ids, batch.descriptors)  # writes a shard every shard_size rows
                 count += len(batch.ids)
             progress.update(len(batch.ids) + len(batch.failures))
+            handled += len(batch.ids) + len(batch.failures)
+            if not noted and count >= min(3, len(todo)):  # the first images, the model warmed up
+                noted = True
+                note = long_job_note(count, time.perf_counter() - start, len(todo) - handled, options)
+                if note:
+                    log(f"{desc.split(' ', 1)[-1]}: {note}")
             if options.stop_after is not None and count >= options.stop_after:
                 stopped = True  # like a kill: the unflushed buffer is lost
                 break

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -317,6 +318,16 @@ def _descriptor_memmap(directory: Path, dtype, shape: tuple[int, int]) -> Iterat
     tmp = Path(tmp_name)
     try:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        # open_memmap leaves a sparse file: on a full disk a write into the map would kill the process
+        # with SIGBUS; reserving the blocks first turns that into an OSError (ENOSPC) here
+        with open(tmp, "rb+") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+            except AttributeError:  # pragma: no cover - no posix_fallocate on this platform
+                pass
         yield mm
         mm.flush()
         del mm

@@ -18,6 +18,8 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import logging
 import os
@@ -29,16 +31,45 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cfcd.errors import InputError
+from cfcd.errors import CfcdError, InputError
 from cfcd.store.format import _PART_RE, _SHARD_RE, BASE_PART, DEFAULT_FLUSH_SECONDS, DESCRIPTORS_FILE, FAILED_FILE
 from cfcd.store.format import FAILURES_FILE, IDS_FILE, META_FILE, PARTIAL_DIR, WRITER_FILE
 from cfcd.store.format import DescriptorStore, is_store, link_or_copy, open_store, read_ids, write_ids
 from cfcd.store.format import _block_rows, _check_ids, _descriptor_memmap, _duplicates, _few, _fsync_dir
 from cfcd.store.format import _normalise_dtype
 from cfcd.store.meta import write_meta
-from cfcd.utils.io import atomic_save_npy, atomic_write_json, utc_timestamp
+from cfcd.utils.io import atomic_open, atomic_write_json, utc_timestamp
 
 logger = logging.getLogger(__name__)
+
+# out of space: ENOSPC; EDQUOT (quota); EFBIG (a file-size limit, RLIMIT_FSIZE, reads the same to a user)
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
+
+
+def disk_full_error(path: str | os.PathLike, needed_bytes: int = 0) -> CfcdError:
+    """The message of a store write that ran out of space: which store, how much to free, that a rerun resumes."""
+    path = Path(path)
+    try:
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        free = 0
+    more = max(1, -(-(int(needed_bytes) - free) // 1_000_000))
+    return CfcdError(f"disk full while writing {path}: free {more} MB (or more) and rerun to resume; "
+                     "what was written is kept, nothing half-written is left")
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(path: Path, needed_bytes: int = 0):
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path, needed_bytes) from None
+        raise
 
 
 @dataclass
@@ -237,8 +268,14 @@ class StoreWriter:
         ids, rest_ids = self._buffer_ids[:n], self._buffer_ids[n:]
         shard, rest = rows[:n], rows[n:]
         stem = self.part_dir / f"shard-{self._next:05d}"
-        atomic_save_npy(stem.with_suffix(".npy"), np.ascontiguousarray(shard))
-        write_ids(stem.with_suffix(".txt"), ids)  # the .txt last: it makes the shard visible
+        # serialised in memory first: np.save on a file reports a short write on a full disk as a bare
+        # "N requested and M written", a plain write() as ENOSPC
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(shard), allow_pickle=False)
+        with _disk_full_is_an_error(self.path, 2 * buffer.tell()):
+            with atomic_open(stem.with_suffix(".npy"), "wb") as handle:
+                handle.write(buffer.getbuffer())
+            write_ids(stem.with_suffix(".txt"), ids)  # the .txt last: it makes the shard visible
         self._next += 1
         self._last_write = self._clock()
         self._buffer_ids = rest_ids
@@ -295,13 +332,15 @@ def finalize_store(
     dim, dtype = _shard_shape(path, shards, partial)
     if not final_ids:
         _fail_without_rows(path, partial, failures)
-    _copy_rows(path, shards, shard_ids, source, final_ids, dim, dtype)
-    write_ids(path / IDS_FILE, final_ids)
+    size = len(final_ids) * dim * np.dtype(dtype).itemsize
+    with _disk_full_is_an_error(path, size):
+        _copy_rows(path, shards, shard_ids, source, final_ids, dim, dtype)
+        write_ids(path / IDS_FILE, final_ids)
 
-    new_meta = {**old_meta, **(meta or {}), "failures": failures}
-    if duplicates:
-        new_meta["duplicates_resolved"] = int(new_meta.get("duplicates_resolved", 0)) + duplicates
-    write_meta(path, new_meta, count=len(final_ids), dim=dim, dtype=dtype)
+        new_meta = {**old_meta, **(meta or {}), "failures": failures}
+        if duplicates:
+            new_meta["duplicates_resolved"] = int(new_meta.get("duplicates_resolved", 0)) + duplicates
+        write_meta(path, new_meta, count=len(final_ids), dim=dim, dtype=dtype)
     _fsync_dir(path)
     shutil.rmtree(partial, ignore_errors=True)
     if failures:
@@ -376,11 +415,13 @@ def _final_ids(path: Path, order: Sequence[str] | None, source: dict, failures: 
     """The store's rows in ``order`` (checked against the shards and failures), else shard order."""
     if order is None:
         return list(source), failures  # dict keeps first-insertion order; values are the last occurrence
-    order = _check_ids(list(order), f"{path} (finalize order)")
+    order = list(order)
+    failed = {f["id"] for f in failures}
+    # an id that failed is never written to images.txt, so it may be one a store cannot hold (a line break)
+    _check_ids([i for i in order if i not in failed], f"{path} (finalize order)")
     if len(set(order)) != len(order):
         raise InputError(f"{path}: the image order given to finalize has duplicate ids: {_few(_duplicates(order))}")
     order_set = set(order)
-    failed = {f["id"] for f in failures}
     missing = [i for i in order if i not in source and i not in failed]
     if missing:
         raise InputError(
