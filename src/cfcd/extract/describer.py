@@ -15,7 +15,10 @@ from typing import Any
 
 import numpy as np
 
+import cfcd.models
 from cfcd.errors import InputError
+from cfcd.extract.engine import ExtractOptions, Extractor, model_fingerprint
+from cfcd.postprocess import load_whitening
 from cfcd.store import DescriptorStore, StoreMeta
 
 
@@ -30,8 +33,6 @@ def model_for(meta, *, model_name: str | None = None, weights: str | None = None
     Refuses (:class:`InputError`) when the name, the weights' sha256, the state-dict hash or the
     preprocessing recorded at extraction differ from the model given. Returns ``(model, weights)``.
     """
-    import cfcd.models
-    from cfcd.extract.engine import model_fingerprint
 
     meta = StoreMeta.of(meta)
     recorded = meta.model
@@ -68,7 +69,6 @@ def whitening_for(meta, whiten: str | None, where: str = "the store"):
     if whiten is None:
         raise InputError(f"{where}: holds whitened descriptors ({recorded.get('kind')}, {recorded.get('dim')}-D); "
                          "pass --whiten FILE with the whitening that made them, so queries are whitened the same way")
-    from cfcd.postprocess import load_whitening
 
     w = load_whitening(whiten)
     got = w.summary()
@@ -101,7 +101,6 @@ class Describer:
     def describe(self, image_list) -> tuple[DescriptorStore, list[tuple[str, str]]]:
         """Descriptors of ``image_list`` as an in-memory store (the meta of the described store, so
         :func:`cfcd.index.check_compatible` accepts it) and the images that failed, with why."""
-        from cfcd.extract.engine import Extractor
 
         x, failures, _ = Extractor(self.model, self.options).extract(image_list)
         good = [i for i in range(len(image_list)) if np.isfinite(x[i]).all()]
@@ -116,7 +115,6 @@ def describer_for(meta, *, model_name: str | None = None, weights: str | None = 
                   device: str = "cpu", workers: int = 0, progress: bool = False,
                   where: str = "the store") -> Describer:
     """The :class:`Describer` of a store's meta (an index's: ``open_index(...).source["meta"]``)."""
-    from cfcd.extract.engine import ExtractOptions
 
     meta = StoreMeta.of(meta)
     options = ExtractOptions.from_settings(meta.extract_options, device=device, batch_size=1, workers=workers,
