@@ -26,20 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from cfcd.errors import InputError
-from cfcd.utils.io import atomic_write_json
+from cfcd.utils.io import atomic_write_json, cache_root  # noqa: F401 - cache_root is re-exported
 
 DEFAULT_MODEL = "gem_efficientnet_lite0"
 CATALOG = "catalog.json"
-
-
-def cache_root(explicit: str | os.PathLike | None = None) -> Path:
-    """``explicit``, ``$CFCD_CACHE``, ``$XDG_CACHE_HOME/cfcd`` or ``~/.cache/cfcd``."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("CFCD_CACHE"):
-        return Path(os.environ["CFCD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cfcd"
 
 
 def library_dir(images: Path, model_name: str, cache: str | os.PathLike | None = None) -> Path:
