@@ -51,7 +51,8 @@ class PhotoLibrary:
     """A folder of photos, its descriptors and its index, kept in sync incrementally."""
 
     def __init__(self, images: str | os.PathLike, *, model_name: str = DEFAULT_MODEL, scales="cfcd",
-                 max_size: int | None = 1024, cache: str | os.PathLike | None = None, progress: bool = True):
+                 max_size: int | None = 1024, cache: str | os.PathLike | None = None, progress: bool = True,
+                 runtime: str = "auto"):
         from cfcd.extract import ExtractOptions, parse_scales
 
         self.images = Path(images)
@@ -59,7 +60,7 @@ class PhotoLibrary:
             raise InputError(f"{self.images}: not a directory of photos")
         self.model_name = model_name
         self.options = ExtractOptions(scales=parse_scales(scales), max_size=max_size, progress=progress,
-                                      workers=min(2, os.cpu_count() or 1))
+                                      workers=min(2, os.cpu_count() or 1), runtime=runtime)
         self.dir = library_dir(self.images, model_name, cache)
         self._model = None
         self.catalog = self._read_catalog()
@@ -202,12 +203,12 @@ def check_query(query: str | os.PathLike) -> Path:
 
 def search_photos(images: str | os.PathLike, query: str | os.PathLike, *, model_name: str = DEFAULT_MODEL,
                   scales="cfcd", max_size: int | None = 1024, k: int = 10, cache: str | os.PathLike | None = None,
-                  progress: bool = True, out=sys.stdout) -> list[tuple[str, float]]:
+                  progress: bool = True, out=sys.stdout, runtime: str = "auto") -> list[tuple[str, float]]:
     """Index ``images`` (incrementally, in the cache) and print the ``k`` nearest photos of ``query``."""
     query = check_query(query)
     say = lambda message: print(message, file=out, flush=True)  # noqa: E731
     library = PhotoLibrary(images, model_name=model_name, scales=scales, max_size=max_size, cache=cache,
-                           progress=progress)
+                           progress=progress, runtime=runtime)
     index = library.update(say)
     u = library.last_update
     say(f"index: {u.total} photos ({u.added} added, {u.changed} changed, {u.removed} removed"

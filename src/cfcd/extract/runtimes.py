@@ -141,6 +141,26 @@ def _check_export(model, path: Path) -> None:
         raise ValueError(f"cosine {float(cos.min()):.6f} to PyTorch at input {tuple(x.shape)} (the graph bakes its size in)")
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence file descriptor 1 (C++ prints too), restored after."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout at all
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _prune(directory: Path, keep: int) -> None:
     graphs = sorted(directory.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in graphs[keep:]:
@@ -173,7 +193,8 @@ def cached_graph(model, *, cache: str | os.PathLike | None = None, log: Callable
     tmp = directory / f".{name}-{key}.{os.getpid()}.onnx"
     try:
         was_training = model.training
-        export_onnx(model, tmp, size=_EXPORT_SIZE, dynamic=True, opset=OPSET)
+        with _quiet_stdout():  # the exporter prints its whole IR graph (from C++) on a failure
+            export_onnx(model, tmp, size=_EXPORT_SIZE, dynamic=True, opset=OPSET)
         model.train(was_training)
         _check_export(model.eval(), tmp)
         os.replace(tmp, path)

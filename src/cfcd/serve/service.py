@@ -136,7 +136,7 @@ def default_image_root(meta: dict) -> Path | None:
 # --------------------------------------------------------------------------- model and options
 
 
-def options_from_meta(meta: dict, *, device: str = "cpu"):
+def options_from_meta(meta: dict, *, device: str = "cpu", runtime: str = "torch"):
     """The :class:`~cfcd.extract.ExtractOptions` a store was extracted with (from its meta)."""
     from cfcd.extract import ExtractOptions
     from cfcd.extract.scales import MultiScale
@@ -159,6 +159,7 @@ def options_from_meta(meta: dict, *, device: str = "cpu"):
         precision=settings.get("precision", "fp32"),
         dtype=settings.get("dtype", "float32"),
         device=device,
+        runtime=runtime,
         batch_size=1,
         workers=0,
         progress=False,
@@ -287,6 +288,7 @@ class SearchService:
         weights: str | None = None,
         whiten: str | None = None,
         device: str = "cpu",
+        runtime: str = "torch",
         cache_dir: str | os.PathLike | None = None,
         limits: Limits | None = None,
         extra_ids: Sequence[str] = (),
@@ -301,7 +303,7 @@ class SearchService:
         where = f"the index {index_dir}"
         model, weights = load_model_for(meta, model_name=model_name, weights=weights, where=where)
         whitening = load_whitening_for(meta, whiten, where)
-        options = options_from_meta(meta, device=device)
+        options = options_from_meta(meta, device=device, runtime=runtime)
         dim = int(model.embedding_dim) if whitening is None else int(whitening.dim)
         if dim != index.dim:
             raise InputError(f"{where} holds {index.dim}-D descriptors but the model gives {dim}-D ones")
@@ -350,6 +352,7 @@ class SearchService:
             "dim": int(self.index.dim),
             "images": self.images.root is not None,
             "device": str(self.extractor.device),
+            "runtime": self.extractor.runtime,
             "descriptor": self.descriptor_settings(),
         }
 
