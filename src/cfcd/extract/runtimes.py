@@ -73,19 +73,57 @@ def resolve_runtime(runtime: str, device: str, *, mode: str = "fast", precision:
 # ----------------------------------------------------------------------------- execution policy
 
 
-def free_cores() -> int:
-    """CPU cores that the 1-minute load average leaves free (at least 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _busy_now(seconds: float = 0.2) -> float | None:
+    """Cores busy with other work now: /proc/stat sampled over ``seconds`` (this process is idle
+    meanwhile). None where there is no /proc/stat."""
+    import time
+
+    def sample():
+        with open("/proc/stat", encoding="ascii") as handle:
+            values = [int(v) for v in handle.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # total, idle + iowait
+
     try:
-        busy = os.getloadavg()[0]
-    except OSError:  # pragma: no cover - no load average on this platform
-        busy = 0.0
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / (total1 - total0))
+
+
+def free_cores() -> int:
+    """CPU cores that other work leaves free now (at least 1): /proc/stat over 0.2 s, else the
+    1-minute load average (which also counts this process's own recent work)."""
+    cores = usable_cores()
+    busy = _busy_now()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:  # pragma: no cover - no load average on this platform
+            busy = 0.0
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
+def decode_workers(requested: int) -> int:
+    """Decoding processes beside onnxruntime: JPEG decoding and the thumbnail take ~12 ms per
+    1024x768 photo, less than half of the network's time per core, so one worker per four cores
+    keeps the network fed; more only take cores from the network's threads."""
+    return min(int(requested), max(1, usable_cores() // 4)) if requested > 0 else 0
+
+
 def cpu_policy() -> dict:
-    """Session settings for onnxruntime on this CPU now (see the module docstring)."""
-    return {"threads": free_cores(), "spinning": False}
+    """Session settings for onnxruntime on this CPU now (see the module docstring).
+    ``$CFCD_ORT_THREADS`` and ``$CFCD_ORT_SPINNING`` (0/1) override them (for measuring)."""
+    threads = os.environ.get("CFCD_ORT_THREADS")
+    spinning = os.environ.get("CFCD_ORT_SPINNING")
+    return {"threads": int(threads) if threads else free_cores(), "spinning": spinning == "1"}
 
 
 # ----------------------------------------------------------------------------- the cached graph
