@@ -9,6 +9,7 @@ Reports p50/p95/p99 latency, throughput and the concurrent/serial throughput rat
 
     python benchmarks/serve_load.py                        # 8 clients, 200 searches
     python benchmarks/serve_load.py --index out/index --images photos/ --clients 8 --requests 200
+    python benchmarks/serve_load.py --runtime torch        # against the default (onnxruntime on a CPU)
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def main() -> int:
     parser.add_argument("--side", type=int, default=384, help="long side of the uploaded photos")
     parser.add_argument("--scales", default="single", help="scales of the index built here (default single)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"], help="cfcd serve --runtime")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cfcd-serve-load-"))
@@ -132,7 +134,7 @@ def main() -> int:
     index = args.index or _build_index(work, photos, args.scales)
     port = _free_port()
     command = [sys.executable, "-m", "cfcd", "serve", str(index), "--port", str(port), "--device", args.device,
-               "--cache-dir", str(work / "cache")]
+               "--runtime", args.runtime, "--cache-dir", str(work / "cache")]
     if args.images:
         command += ["--images", str(args.images)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
@@ -154,14 +156,14 @@ def main() -> int:
                 time.sleep(0.5)
         print(f"server: {health['model']} {health['index_type']} {health['count']} x {health['dim']}, "
               f"scales {health['descriptor']['scales']['scales']}, device {health['device']}, "
-              f"{os.cpu_count()} CPUs; uploads of long side {args.side}, k={args.k}")
+              f"runtime {health.get('runtime', 'torch')}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; uploads of long side {args.side}, k={args.k}")
         _run(base, photos, 1, 5, args.k)  # warm-up
         print("| clients | searches | errors | p50 ms | p95 ms | p99 ms | searches/s |")
         print("|---|---|---|---|---|---|---|")
         serial = _report("1", *_run(base, photos, 1, args.serial, args.k))
         lat, errors, wall = _run(base, photos, args.clients, args.requests, args.k)
         rate = _report(str(args.clients), lat, errors, wall)
-        print(f"throughput {args.clients} clients / 1 client: {rate / serial:.2f}x")
+        print(f"throughput {args.clients} clients / 1 client: {rate / serial:.2f}x; load average {os.getloadavg()[0]:.2f}")
         return 1 if errors else 0
     finally:
         server.terminate()

@@ -273,7 +273,10 @@ class OrtNetwork:
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        try:
+            return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        except Exception as exc:  # onnxruntime's errors are no RuntimeError: the engine retries those one by one
+            raise RuntimeError(f"onnxruntime: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
     def __call__(self, x):
         import torch
