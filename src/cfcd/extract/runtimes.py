@@ -13,9 +13,13 @@ the forward call.
   written atomically; the 8 most recently used graphs are kept.
 * A model that cannot be exported with dynamic sizes (R-MAC pooling, a graph that bakes its input
   size in) runs in PyTorch, with one line saying so; the failure is remembered in the cache.
-* CPU policy (measured, ``benchmarks/README.md``): batch 1; intra-op threads = the cores the load
-  average leaves free (at least 1); intra-op spinning off (it costs nothing when idle and keeps the
-  threads from burning the cores that the JPEG decoding workers need).
+* CPU policy (measured, ``benchmarks/README.md``): batch 1; intra-op threads = the cores of this
+  process's CPU set that other work leaves idle at start-up (``/proc/stat`` over 0.1 s, at least 1);
+  intra-op spinning off (it keeps the threads from burning the cores that the JPEG decoding workers
+  and other processes need); one decoding worker per 4 cores; torch on one thread while it
+  normalises and resizes beside onnxruntime (the engine, ``_torch_threads``).
+* ViT (timm's antialiased bicubic resampling of the position embedding) does not export with the
+  TorchScript exporter at opset 17: it runs in torch.
 """
 
 from __future__ import annotations
@@ -77,15 +81,28 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _busy_now(seconds: float = 0.2) -> float | None:
-    """Cores busy with other work now: /proc/stat sampled over ``seconds`` (this process is idle
-    meanwhile). None where there is no /proc/stat."""
+def _busy_now(seconds: float = 0.1) -> float | None:
+    """Cores of this process's CPU set busy with other work now: /proc/stat sampled over ``seconds``
+    (this process is idle meanwhile). None where there is no /proc/stat."""
     import time
 
-    def sample():
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+    def sample() -> tuple[int, int]:
+        total = idle = 0
         with open("/proc/stat", encoding="ascii") as handle:
-            values = [int(v) for v in handle.readline().split()[1:]]
-        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # total, idle + iowait
+            for line in handle:
+                name, *fields = line.split()
+                if not name.startswith("cpu") or name == "cpu":
+                    continue
+                if not name[3:].isdigit():
+                    break
+                if mine is not None and int(name[3:]) not in mine:
+                    continue
+                values = [int(v) for v in fields]
+                total += sum(values[:8])  # guest time is already counted in user/nice
+                idle += values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return total, idle
 
     try:
         total0, idle0 = sample()
@@ -95,11 +112,12 @@ def _busy_now(seconds: float = 0.2) -> float | None:
         return None
     if total1 <= total0:
         return None
-    return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / (total1 - total0))
+    cores = len(mine) if mine is not None else (os.cpu_count() or 1)
+    return cores * (1.0 - (idle1 - idle0) / (total1 - total0))
 
 
 def free_cores() -> int:
-    """CPU cores that other work leaves free now (at least 1): /proc/stat over 0.2 s, else the
+    """CPU cores that other work leaves free now (at least 1): /proc/stat over 0.1 s, else the
     1-minute load average (which also counts this process's own recent work)."""
     cores = usable_cores()
     busy = _busy_now()
