@@ -134,3 +134,21 @@ def test_cli_default_runtime_equals_torch_one_scale_and_cfcd_preset(tmp_path, ca
     assert main(["extract", "--model", "gem_efficientnet_lite0", "--images", str(tmp_path / "photos"),
                  "--out", str(tmp_path / "x"), "--device", "cpu", "--runtime", "onnx", "--naive"]) == 2
     assert "--naive" in capsys.readouterr().err
+
+
+def test_cpu_policy_and_cache_pruning(tmp_path, monkeypatch):
+    from cfcd.extract.runtimes import _prune, cpu_policy, decode_workers, free_cores, usable_cores
+
+    assert 1 <= free_cores() <= usable_cores()
+    assert cpu_policy()["spinning"] is False
+    monkeypatch.setenv("CFCD_ORT_THREADS", "3")
+    monkeypatch.setenv("CFCD_ORT_SPINNING", "1")
+    assert cpu_policy() == {"threads": 3, "spinning": True}
+    assert decode_workers(0) == 0 and decode_workers(8) == max(1, usable_cores() // 4)
+    import os
+
+    for i in range(4):
+        (tmp_path / f"m{i}.onnx").write_bytes(b"x")
+        os.utime(tmp_path / f"m{i}.onnx", (1000 + i, 1000 + i))
+    _prune(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["m2.onnx", "m3.onnx"]
