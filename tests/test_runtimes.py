@@ -152,3 +152,11 @@ def test_cpu_policy_and_cache_pruning(tmp_path, monkeypatch):
         os.utime(tmp_path / f"m{i}.onnx", (1000 + i, 1000 + i))
     _prune(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["m2.onnx", "m3.onnx"]
+
+
+def test_unwritable_cache_runs_in_torch(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    model = M.create("gem_efficientnet_lite0")
+    assert cached_graph(model, cache=blocker) is None
+    assert "using torch" in capsys.readouterr().err

@@ -245,16 +245,16 @@ def cached_graph(model, *, cache: str | os.PathLike | None = None, log: Callable
             reason = json.loads(failed.read_text(encoding="utf-8")).get("reason", "")
             log(f"runtime: {name} cannot run in onnxruntime ({reason}); using torch")
             return None
-    directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{name}-{key}.{os.getpid()}.onnx"
+    was_training = model.training
     try:
-        was_training = model.training
+        directory.mkdir(parents=True, exist_ok=True)  # an unwritable cache also means: run in torch
         with _quiet_stdout():  # the exporter prints its whole IR graph (from C++) on a failure
             export_onnx(model, tmp, size=_EXPORT_SIZE, dynamic=True, opset=OPSET)
-        model.train(was_training)
         _check_export(model.eval(), tmp)
         os.replace(tmp, path)
     except Exception as exc:  # noqa: BLE001 - any export failure means: run in torch
+        model.train(was_training)
         with contextlib.suppress(OSError):
             tmp.unlink()
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -262,6 +262,7 @@ def cached_graph(model, *, cache: str | os.PathLike | None = None, log: Callable
             atomic_write_json(failed, {"reason": reason, "key": what})
         log(f"runtime: {name} cannot run in onnxruntime ({reason}); using torch")
         return None
+    model.train(was_training)
     _prune(directory, KEEP_GRAPHS)
     return path
 
