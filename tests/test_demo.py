@@ -155,6 +155,7 @@ def test_own_photos_index_is_cached_and_updated_incrementally(tmp_path, real_pho
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
     (photos / "coffee.jpg").unlink()
     library = PhotoLibrary(photos, **kw)
+    assert library.options.runtime == "auto"  # onnxruntime on a CPU, like cfcd extract
     index = library.update(lambda message: None)
     u = library.last_update
     assert (u.added, u.removed, u.failed, u.total) == (2, 1, 1, 4)
