@@ -2,6 +2,8 @@
 
     python benchmarks/extract.py --model cfcd_r50 --device cuda --precision bf16 --n 512
     python benchmarks/extract.py --model gem_efficientnet_lite0 --device cpu --n 16 --naive-n 8
+    python benchmarks/extract.py --model gem_efficientnet_lite2 --device cpu --precision fp32 --scales single \
+        --max-size 512 --n 64 --no-naive --runtimes torch,onnx --bare    # the CPU section of the README
 
 Generates ``--n`` JPEGs of 1024x768 (every fourth one 768x1024) from the skimage/sklearn photos
 (random crops, flips and resizes, so no two are alike), then times on the same files:
@@ -11,6 +13,11 @@ Generates ``--n`` JPEGs of 1024x768 (every fourth one 768x1024) from the skimage
 * **naive**: the CFCD ``evaler/infer.py`` procedure (batch 1, fp32, ``cv2.resize`` and numpy
   normalisation on the CPU, one forward and one ``.cpu()`` per scale, decoding on the main thread)
   on the first ``--naive-n`` files, on the same device.
+
+With ``--runtimes torch,onnx`` the fast path is timed once per runtime (``cfcd extract --runtime``;
+the cosine of each to the first is reported); ``--bare`` adds the limit: a bare onnxruntime session
+(default settings) timed on ready normalised tensors of every scale's size, no decoding, no
+resizing. The 1-minute load average is recorded before and after.
 
 Both include decoding. Reports images/s of each, the ratio, and the cosine between the two paths
 per image on the files both saw (same weights: random initialisation is fine for speed). The
@@ -79,6 +86,32 @@ def run_path(model, image_list, options, warmup_list) -> tuple[np.ndarray, float
     return rows, seconds
 
 
+def bare_onnx(model, recipe, sizes: list[tuple[int, int]], repeats: int = 3) -> float:
+    """Seconds per image of a bare onnxruntime session (default settings) on normalised tensors:
+    one forward per scale (and flip), for each (height, width) in ``sizes`` (the mean over them)."""
+    import onnxruntime as ort
+    import torch
+
+    from cfcd.extract.describe import resize_on_device
+    from cfcd.extract.runtimes import cached_graph
+
+    session = ort.InferenceSession(str(cached_graph(model)), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    per_image = []
+    for height, width in sizes:
+        base = torch.zeros(1, 3, height, width)
+        shapes = [tuple(resize_on_device(base, recipe, s).shape) for s in recipe.scales] * (2 if recipe.flip else 1)
+        inputs = [np.random.default_rng(0).standard_normal(shape).astype(np.float32) for shape in shapes]
+        for x in inputs:  # warm-up
+            session.run(None, {name: x})
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for x in inputs:
+                session.run(None, {name: x})
+        per_image.append((time.perf_counter() - start) / repeats)
+    return float(np.mean(per_image))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="cfcd_r50")
@@ -95,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--no-naive", action="store_true", help="time the fast path only")
+    parser.add_argument("--runtimes", default="torch", help="comma-separated runtimes for the fast path: torch, onnx, auto")
+    parser.add_argument("--bare", action="store_true", help="also time a bare onnxruntime forward (the limit)")
     args = parser.parse_args(argv)
 
     import torch
@@ -126,8 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(scales=recipe, max_size=args.max_size, device=args.device, progress=False)
     if args.batch_size is None:
         args.batch_size = 32 if args.device.startswith("cuda") else 1
-    fast_opts = ExtractOptions(**common, precision=args.precision, batch_size=args.batch_size, workers=args.workers)
-    fast_rows, fast_s = run_path(model, full, fast_opts, warm)
+    load_before = os.getloadavg()[0]
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    per_runtime = {}
+    for runtime in runtimes:
+        opts = ExtractOptions(**common, precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+                              runtime=runtime)
+        rows, seconds = run_path(model, full, opts, warm)
+        per_runtime[runtime] = (rows, seconds)
+    fast_rows, fast_s = per_runtime[runtimes[0]]
     result = {
         "model": args.model,
         "device": args.device,
@@ -141,8 +183,32 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
         "fast": {"images": len(full), "seconds": round(fast_s, 3), "images_per_s": round(len(full) / fast_s, 2)},
         "generate_s": round(generate_s, 2),
+        "load_average_before": round(load_before, 2),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
+    if len(runtimes) > 1 or runtimes != ["torch"]:
+        result["runtimes"] = {}
+        for runtime, (rows, seconds) in per_runtime.items():
+            cos = (rows * fast_rows).sum(1)
+            result["runtimes"][runtime] = {"seconds": round(seconds, 3), "images_per_s": round(len(full) / seconds, 2),
+                                           "cosine_to_first_min": float(cos.min())}
+    if args.bare:
+        from PIL import Image
+
+        sizes = sorted({Image.open(p).size[::-1] for p in full.paths})
+        if args.max_size:
+            sizes = [tuple(int(round(v * min(1.0, args.max_size / max(h, w)))) for v in (h, w)) for h, w in sizes]
+        # the share of each size in the list (portrait one in four)
+        counts = {}
+        for p in full.paths:
+            h, w = Image.open(p).size[::-1]
+            counts[(h, w)] = counts.get((h, w), 0) + 1
+        per = bare_onnx(model, recipe, sizes)
+        result["bare_onnx"] = {"ms_per_image": round(1000 * per, 2), "images_per_s": round(1 / per, 2),
+                               "sizes": [list(s) for s in sizes]}
+        for runtime in result.get("runtimes", {}):
+            result["runtimes"][runtime]["of_bare"] = round(result["runtimes"][runtime]["images_per_s"] * per, 3)
+    result["load_average_after"] = round(os.getloadavg()[0], 2)
     if not args.no_naive and naive_n > 0:
         subset = full.subset(range(naive_n))
         naive_opts = ExtractOptions(**common, mode="naive", precision="fp32", batch_size=1, workers=0)

@@ -16,6 +16,7 @@ the small searches' worst latency.
     python benchmarks/serve_load.py                        # 8, 32, 48 clients, 20 s each
     python benchmarks/serve_load.py --big
     python benchmarks/serve_load.py --index out/index --images photos/ --clients 8,32 --seconds 30
+    python benchmarks/serve_load.py --clients 8 --runtime torch   # against the default (onnxruntime on a CPU)
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def _start(index: Path, work: Path, args, extra=()) -> tuple[subprocess.Popen, s
     import httpx
 
     command = [sys.executable, "-m", "cfcd", "serve", str(index), "--port", "0", "--device", args.device,
-               "--cache-dir", str(work / "cache"), *extra]
+               "--runtime", args.runtime, "--cache-dir", str(work / "cache"), *extra]
     if args.images:
         command += ["--images", str(args.images)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
@@ -239,6 +240,7 @@ def main() -> int:
     parser.add_argument("--scales", default="single", help="scales of the index built here (default single)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--big", action="store_true", help="the two big uploads instead of the load levels")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"], help="cfcd serve --runtime")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="cfcd-serve-load-"))

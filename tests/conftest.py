@@ -26,6 +26,20 @@ def _limit_threads() -> None:
 _limit_threads()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cfcd_cache(tmp_path_factory):
+    """ONNX graphs (cfcd.extract.runtimes) and other cache entries go to a per-session directory,
+    never to the user's cache; the graphs are shared by the tests of the session."""
+    if os.environ.get("CFCD_CACHE"):
+        yield
+        return
+    os.environ["CFCD_CACHE"] = str(tmp_path_factory.mktemp("cfcd-cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop("CFCD_CACHE", None)
+
+
 @pytest.fixture(scope="session")
 def revisitop_gnd_dir() -> Path:
     if not (REVISITOP_GND / "gnd_roxford5k.pkl").exists():

@@ -43,6 +43,7 @@ def test_extract_directory_resume_and_errors(tmp_path, capsys):
     assert meta["model"] == "gem_efficientnet_lite0" and meta["extract"]["scales"]["scales"] == [1.0, 0.7071]
     assert meta["preprocess"]["channel_order"] == "RGB" and meta["failures"][0]["id"] == "a/broken"
     assert meta["extract"]["precision"] == "fp32" and meta["extract"]["max_size"].startswith("none")
+    assert meta["extract"]["runtime"] == "onnx"  # --runtime auto on a CPU
 
     # killed after 3 images (in a real subprocess), rerun: the same store as the clean run
     out = tmp_path / "resumed"

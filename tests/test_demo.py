@@ -186,6 +186,7 @@ def test_own_photos_index_is_cached_and_updated_incrementally(tmp_path, real_pho
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
     (photos / "coffee.jpg").unlink()
     library = PhotoLibrary(photos, **kw)
+    assert library.options.runtime == "auto"  # onnxruntime on a CPU, like cfcd extract
     said = []
     index = library.update(said.append)
     u = library.last_update

@@ -161,6 +161,7 @@ def test_health_and_image_listing(served):
     assert health["model"] == "gem_efficientnet_lite0" and health["index_type"] == "flat"
     assert health["count"] == len(state.service.index) == 23 and health["dim"] == 1280
     assert health["version"] and health["benchmark"] == {"dataset": "tiny", "queries": 4}
+    assert health["runtime"] == "onnx"  # ServeConfig's default: auto, i.e. onnxruntime on a CPU
     listing = client.get("/api/images", params={"q": "coffee", "limit": 2}).json()
     assert listing["total"] == 4 and listing["ids"] == ["coffee_easy0", "coffee_easy1"]
 

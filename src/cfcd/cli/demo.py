@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="gem_efficientnet_lite0", help="registry name (default gem_efficientnet_lite0)")
     g.add_argument("--scales", default="cfcd", help="scale preset or list (default: the CFCD 5 scales)")
     g.add_argument("--max-size", type=int, default=1024, help="cap the longer side of every photo (default 1024)")
+    from cfcd.cli.extract import add_runtime_choice
+
+    add_runtime_choice(parser.add_argument_group("runtime"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,11 +59,12 @@ def run(args: argparse.Namespace) -> int:
         from cfcd.demo.photos import search_photos
 
         search_photos(args.images, args.query, model_name=args.model, scales=args.scales,
-                      max_size=args.max_size, k=args.k, cache=args.cache, progress=not args.no_progress)
+                      max_size=args.max_size, k=args.k, cache=args.cache, progress=not args.no_progress,
+                      runtime=args.runtime)
         return 0
 
     from cfcd.demo.pipeline import run_demo
 
     run_demo(args.out or DEFAULT_OUT, mode=args.mode or "full", seed=args.seed, overwrite=args.overwrite,
-             progress=not args.no_progress)
+             progress=not args.no_progress, runtime=args.runtime)
     return 0

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--weights", default=None, help="weights file of --model (checked against the index's meta)")
     m.add_argument("--whiten", default=None, help="the whitening file of a whitened index (queries get it too)")
     m.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    from cfcd.cli.extract import add_runtime_choice
+
+    add_runtime_choice(m)
     b = parser.add_argument_group("benchmark view")
     b.add_argument("--gnd", type=Path, default=None, help="revisitop ground truth gnd_<ds>.pkl of the indexed database")
     b.add_argument("--queries", type=Path, default=None,
@@ -101,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig(
         index=args.index, images=args.images, model=args.model, weights=args.weights, whiten=args.whiten,
         gnd=args.gnd, queries=args.queries, compare=args.compare, compare_weights=args.compare_weights,
-        compare_queries=args.compare_queries, device=resolve_device(args.device), cache_dir=args.cache_dir,
-        limits=limits, host=args.host, allow_hosts=tuple(args.allow_host),
+        compare_queries=args.compare_queries, device=resolve_device(args.device), runtime=args.runtime,
+        cache_dir=args.cache_dir, limits=limits, host=args.host, allow_hosts=tuple(args.allow_host),
     )
     sock = bind_socket(args.host, args.port)
     try:

@@ -26,20 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from cfcd.errors import InputError
-from cfcd.utils.io import atomic_write_json
+from cfcd.utils.io import atomic_write_json, cache_root  # noqa: F401 - cache_root is re-exported
 
 DEFAULT_MODEL = "gem_efficientnet_lite0"
 CATALOG = "catalog.json"
-
-
-def cache_root(explicit: str | os.PathLike | None = None) -> Path:
-    """``explicit``, ``$CFCD_CACHE``, ``$XDG_CACHE_HOME/cfcd`` or ``~/.cache/cfcd``."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("CFCD_CACHE"):
-        return Path(os.environ["CFCD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cfcd"
 
 
 def library_dir(images: Path, model_name: str, cache: str | os.PathLike | None = None) -> Path:
@@ -61,7 +51,8 @@ class PhotoLibrary:
     """A folder of photos, its descriptors and its index, kept in sync incrementally."""
 
     def __init__(self, images: str | os.PathLike, *, model_name: str = DEFAULT_MODEL, scales="cfcd",
-                 max_size: int | None = 1024, cache: str | os.PathLike | None = None, progress: bool = True):
+                 max_size: int | None = 1024, cache: str | os.PathLike | None = None, progress: bool = True,
+                 runtime: str = "auto"):
         from cfcd.extract import ExtractOptions, parse_scales
 
         self.images = Path(images)
@@ -69,7 +60,7 @@ class PhotoLibrary:
             raise InputError(f"{self.images}: not a directory of photos")
         self.model_name = model_name
         self.options = ExtractOptions(scales=parse_scales(scales), max_size=max_size, progress=progress,
-                                      workers=min(2, os.cpu_count() or 1))
+                                      workers=min(2, os.cpu_count() or 1), runtime=runtime)
         self.dir = library_dir(self.images, model_name, cache)
         self._model = None
         self.catalog = self._read_catalog()
@@ -216,12 +207,12 @@ def check_query(query: str | os.PathLike) -> Path:
 
 def search_photos(images: str | os.PathLike, query: str | os.PathLike, *, model_name: str = DEFAULT_MODEL,
                   scales="cfcd", max_size: int | None = 1024, k: int = 10, cache: str | os.PathLike | None = None,
-                  progress: bool = True, out=sys.stdout) -> list[tuple[str, float]]:
+                  progress: bool = True, out=sys.stdout, runtime: str = "auto") -> list[tuple[str, float]]:
     """Index ``images`` (incrementally, in the cache) and print the ``k`` nearest photos of ``query``."""
     query = check_query(query)
     say = lambda message: print(message, file=out, flush=True)  # noqa: E731
     library = PhotoLibrary(images, model_name=model_name, scales=scales, max_size=max_size, cache=cache,
-                           progress=progress)
+                           progress=progress, runtime=runtime)
     index = library.update(say)
     u = library.last_update
     say(f"index: {u.total} photos ({u.added} added, {u.changed} changed, {u.removed} removed)"

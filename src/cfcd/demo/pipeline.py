@@ -157,7 +157,7 @@ def check_dependencies() -> None:
 
 
 def run_demo(out: str | os.PathLike, *, mode: str = "quick", seed: int = 0, overwrite: bool = False,
-             stream=sys.stdout, progress: bool = True) -> dict:
+             stream=sys.stdout, progress: bool = True, runtime: str = "auto") -> dict:
     """Run (or resume) the whole demo in ``out``; returns the summary (also ``out/summary.json``)."""
     import torch
 
@@ -166,12 +166,13 @@ def run_demo(out: str | os.PathLike, *, mode: str = "quick", seed: int = 0, over
     torch.set_num_threads(THREADS)
     try:
         return _run_demo(out, mode=mode, seed=seed, overwrite=overwrite, threads=THREADS, stream=stream,
-                         progress=progress)
+                         progress=progress, runtime=runtime)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, stream, progress: bool) -> dict:
+def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, stream, progress: bool,
+              runtime: str = "auto") -> dict:
     import torch
 
     if mode not in MODES:
@@ -209,7 +210,7 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     from cfcd.data.gnd import load_gnd
 
     gnd = load_gnd(data.test_gnd, "demo")
-    options = _extract_options(m, progress)
+    options = _extract_options(m, progress, runtime)
 
     # 2. baseline --------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -328,11 +329,11 @@ def _train_step(steps, name: str, cfg: dict, progress: bool, t0: float, say) -> 
     steps.finish(name, time.perf_counter() - t0)
 
 
-def _extract_options(m: Mode, progress: bool):
+def _extract_options(m: Mode, progress: bool, runtime: str = "auto"):
     from cfcd.extract import ExtractOptions, parse_scales
 
     return ExtractOptions(scales=parse_scales(list(m.scales)), max_size=None, workers=0, crop_rule="round",
-                          progress=progress)
+                          progress=progress, runtime=runtime)
 
 
 def _extract_and_evaluate(model, weights, gnd, data, stores: Path, options, say) -> dict:

@@ -42,6 +42,7 @@ from cfcd.data.images import DEFAULT_MAX_PIXELS, ImageInfo, ImageLoadError, load
 from cfcd.data.lists import ImageList
 from cfcd.errors import CfcdError, InputError
 from cfcd.extract.describe import describe_batch, describe_reference, normalisation_tensors
+from cfcd.extract.runtimes import decode_workers, onnx_network, resolve_runtime
 from cfcd.extract.scales import MultiScale, parse_scales
 from cfcd.runtime import init_distributed, jsonable
 from cfcd.runtime import progress as progress_bar
@@ -86,6 +87,10 @@ class ExtractOptions:
     channels_last: bool | None = None
     stop_after: int | None = None  # debug: stop like a kill after this many images were handed to the writer
     progress: bool = True
+    # which runtime runs the network (cfcd.extract.runtimes): "auto" is onnxruntime on the CPU and torch
+    # on a GPU (the command line's default). "torch" here, because callers that pass a live model
+    # (the trainer's benchmark hook, hard-negative mining) must not export it at every call.
+    runtime: Literal["auto", "torch", "onnx"] = "torch"
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -102,6 +107,8 @@ class ExtractOptions:
             raise InputError(f"--max-size must be >= 1, got {self.max_size}")
         if self.dtype not in ("float32", "float16"):
             raise InputError(f"unknown store dtype {self.dtype!r} (expected float32 or float16)")
+        if self.runtime not in ("auto", "torch", "onnx"):
+            raise InputError(f"unknown runtime {self.runtime!r} (expected auto, torch or onnx)")
 
     def settings(self) -> dict:
         """The options that change the descriptors (what a resumed job must share)."""
@@ -231,6 +238,23 @@ def _cudnn_benchmark(enabled: bool | None):
         torch.backends.cudnn.benchmark = previous
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads for the block, restored after. Beside onnxruntime the normalising and
+    resizing run on one thread: torch's OpenMP pool otherwise spins against onnxruntime's threads
+    (measured: lite2 at 512, 2 cores, 24.5 -> 27.7 and 14.9 -> 31.3 img/s; benchmarks/README.md)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if previous != n:
+            torch.set_num_threads(previous)
+
+
 class Extractor:
     """Multi-scale descriptors for image lists with one model.
 
@@ -238,7 +262,7 @@ class Extractor:
     ``model.preprocess`` has ``channel_order``, ``mean``, ``std``; ``model.embedding_dim``.
     """
 
-    def __init__(self, model, options: ExtractOptions | None = None):
+    def __init__(self, model, options: ExtractOptions | None = None, *, log: Callable[[str], None] | None = None):
         import torch
 
         self.options = options or ExtractOptions()
@@ -262,6 +286,15 @@ class Extractor:
         self.cudnn_benchmark = self.device.type == "cuda" and opts.mode == "fast" and opts.cudnn_benchmark
         self.mean, self.std = normalisation_tensors(self.preprocess, self.device)
         self._pinned = _PinnedBuffers() if self.device.type == "cuda" else None
+        # the network's forward: the model itself, or its graph in onnxruntime (everything else is shared)
+        self.network = self.model
+        self.runtime = resolve_runtime(opts.runtime, str(self.device), mode=opts.mode, precision=opts.precision)
+        if self.runtime == "onnx":
+            network = onnx_network(self.model, log=log)
+            if network is None:
+                self.runtime = "torch"
+            else:
+                self.network, self.channels_last = network, False
 
     # ---- small API ------------------------------------------------------------------------
 
@@ -303,7 +336,8 @@ class Extractor:
         B x H x W x 3 uint8 tensor or a list of H x W x 3 tensors of one size."""
         import torch
 
-        with torch.inference_mode(), _cudnn_benchmark(self.cudnn_benchmark if self.device.type == "cuda" else None):
+        threads = _torch_threads(1) if self.runtime == "onnx" else contextlib.nullcontext()
+        with torch.inference_mode(), threads, _cudnn_benchmark(self.cudnn_benchmark if self.device.type == "cuda" else None):
             if self.device.type == "cuda":
                 shape = (len(images), *images[0].shape)
                 pinned = self._pinned.get(shape)
@@ -315,7 +349,7 @@ class Extractor:
             else:
                 batch = images if isinstance(images, torch.Tensor) else torch.stack(images)
             return describe_batch(
-                self.model,
+                self.network,
                 batch,
                 self.options.scales,
                 mean=self.mean,
@@ -335,6 +369,8 @@ class Extractor:
             return
         dataset = DecodeDataset(image_list, positions, self.load_kwargs())
         workers = max(0, int(opts.workers))
+        if self.runtime == "onnx":
+            workers = decode_workers(workers)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
@@ -614,7 +650,7 @@ def extract_to_store(
         part = f"rank{ctx.rank:03d}" if ctx.world_size > 1 else "main"
         if options.device.startswith("cuda") and ctx.world_size > 1 and ":" not in options.device:
             options = replace(options, device=f"cuda:{ctx.local_rank}")
-        extractor = Extractor(model, options)
+        extractor = Extractor(model, options, log=log)
         writer = StoreWriter(out, dim=extractor.dim, dtype=options.dtype, part=part, shard_size=options.shard_size,
                              flush_seconds=options.flush_seconds)
         done = writer.done_ids()
@@ -791,6 +827,7 @@ def _store_meta(fingerprint: dict, settings: dict, options, queries: bool, extra
             "precision": options.precision,
             "mode": options.mode,
             "device": str(extractor.device.type),
+            "runtime": extractor.runtime,
             "world_size": world_size,
             "list": image_list.source,
             "warnings": warnings_all,

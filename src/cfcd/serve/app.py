@@ -52,6 +52,7 @@ class ServeConfig:
     compare_weights: str | None = None
     compare_queries: Path | None = None
     device: str = "cpu"
+    runtime: str = "auto"  # what runs the network that describes queries (cfcd.extract.runtimes)
     cache_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)
     host: str = "127.0.0.1"  # the bind address: a Host header naming it is accepted
@@ -147,7 +148,7 @@ def load_state(config: ServeConfig, log=None) -> ServeState:
     log(f"loading the index {config.index} and its model")
     service = SearchService.open(
         config.index, images=images, model_name=config.model, weights=config.weights, whiten=config.whiten,
-        device=config.device, cache_dir=config.cache_dir, limits=config.limits,
+        device=config.device, runtime=config.runtime, cache_dir=config.cache_dir, limits=config.limits,
     )
     state = ServeState(service=service)
     if config.compare is not None:
@@ -156,6 +157,7 @@ def load_state(config: ServeConfig, log=None) -> ServeState:
         log(f"loading the baseline index {config.compare} and its model")
         state.other = SearchService.open(
             config.compare, images=service.images.root, weights=config.compare_weights, device=config.device,
+            runtime=config.runtime,
             cache_dir=(service.cache_dir / "compare"), limits=config.limits,
         )
     if gnd is not None:

@@ -167,12 +167,12 @@ def default_image_root(meta: dict) -> Path | None:
 # --------------------------------------------------------------------------- model and options
 
 
-def options_from_meta(meta: dict, *, device: str = "cpu"):
+def options_from_meta(meta: dict, *, device: str = "cpu", runtime: str = "torch"):
     """The :class:`~cfcd.extract.ExtractOptions` a store was extracted with (from its meta)."""
     from cfcd.extract import ExtractOptions
 
-    return ExtractOptions.from_settings(StoreMeta.of(meta).extract_options, device=device, batch_size=1, workers=0,
-                                        progress=False)
+    return ExtractOptions.from_settings(StoreMeta.of(meta).extract_options, device=device, runtime=runtime,
+                                        batch_size=1, workers=0, progress=False)
 
 
 def load_model_for(meta: dict, *, model_name: str | None, weights: str | None, where: str):
@@ -387,6 +387,7 @@ class SearchService:
         weights: str | None = None,
         whiten: str | None = None,
         device: str = "cpu",
+        runtime: str = "torch",
         cache_dir: str | os.PathLike | None = None,
         limits: Limits | None = None,
         extra_ids: Sequence[str] = (),
@@ -401,7 +402,7 @@ class SearchService:
         where = f"the index {index_dir}"
         model, weights = load_model_for(meta, model_name=model_name, weights=weights, where=where)
         whitening = load_whitening_for(meta, whiten, where)
-        options = options_from_meta(meta, device=device)
+        options = options_from_meta(meta, device=device, runtime=runtime)
         dim = int(model.embedding_dim) if whitening is None else int(whitening.dim)
         if dim != index.dim:
             raise InputError(f"{where} holds {index.dim}-D descriptors but the model gives {dim}-D ones")
@@ -503,6 +504,7 @@ class SearchService:
             "dim": int(index.dim),
             "images": self.images.root is not None,
             "device": str(self.extractor.device),
+            "runtime": self.extractor.runtime,
             "descriptor": self.descriptor_settings(),
         }
 

@@ -60,6 +60,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def cache_root(explicit: str | os.PathLike | None = None) -> Path:
+    """The user's cfcd cache: ``explicit``, ``$CFCD_CACHE``, ``$XDG_CACHE_HOME/cfcd`` or ``~/.cache/cfcd``."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("CFCD_CACHE"):
+        return Path(os.environ["CFCD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cfcd"
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path, "w") as handle:
         handle.write(text)
