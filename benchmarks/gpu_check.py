@@ -519,10 +519,10 @@ def check_train_step(run: Run, ctx: Context) -> None:
         ref_model = copy.deepcopy(trainer.model).cpu().float().to(memory_format=torch.contiguous_format).train()
         ref_head = copy.deepcopy(trainer.head).cpu().float().train()
         images, labels, _ = collate([trainer.dataset[i] for i in range(s.step_batch)])
-        o = trainer.cfg["optim"]
+        o = trainer.cfg.optim
         params = list(ref_model.parameters()) + list(ref_head.parameters())
-        opt = torch.optim.SGD(params, lr=0.01, momentum=float(o["momentum"]), nesterov=bool(o["nesterov"]),
-                              weight_decay=float(o["weight_decay"]))
+        opt = torch.optim.SGD(params, lr=0.01, momentum=float(o.momentum), nesterov=bool(o.nesterov),
+                              weight_decay=float(o.weight_decay))
         opt.zero_grad(set_to_none=True)
         ref_loss = F.cross_entropy(ref_head.logits(ref_model.forward_features(images)["global"], labels), labels)
         ref_loss.backward()

@@ -114,7 +114,7 @@ def test_runtime_choice():
 
 def test_cli_default_runtime_equals_torch_one_scale_and_cfcd_preset(tmp_path, capsys):
     from cfcd.cli import main
-    from cfcd.features import open_store
+    from cfcd.store import open_store
 
     write_photo_dir(tmp_path / "photos", count=5, long_side=160)
     for scales in ("single", "cfcd"):

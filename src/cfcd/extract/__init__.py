@@ -10,10 +10,9 @@ from cfcd.extract.describe import describe_batch, describe_reference, reference_
 from cfcd.extract.engine import (
     Batch,
     ExtractOptions,
-    ExtractSummary,
     Extractor,
+    ExtractSummary,
     extract_to_store,
-    model_fingerprint,
 )
 from cfcd.extract.scales import PRESETS, MultiScale, parse_scales
 
@@ -27,7 +26,6 @@ __all__ = [
     "describe_batch",
     "describe_reference",
     "extract_to_store",
-    "model_fingerprint",
     "parse_scales",
     "reference_resize",
     "resize_on_device",

@@ -29,14 +29,12 @@ differs only by float rounding.
 
 from __future__ import annotations
 
-
 import functools
 
 import numpy as np
 
-from cfcd.runtime import autocast
-
 from cfcd.extract.scales import MultiScale
+from cfcd.runtime import autocast
 
 _SYMPOW_EPS = 1e-6  # dirtorch's clamp in sympow (dirtorch/utils/common.py, pool)
 

@@ -17,7 +17,8 @@ import numpy as np
 
 import cfcd.models
 from cfcd.errors import InputError
-from cfcd.extract.engine import ExtractOptions, Extractor, model_fingerprint
+from cfcd.extract.engine import ExtractOptions, Extractor
+from cfcd.models.fingerprint import model_fingerprint
 from cfcd.postprocess import load_whitening
 from cfcd.store import DescriptorStore, StoreMeta
 
@@ -112,13 +113,13 @@ class Describer:
 
 
 def describer_for(meta, *, model_name: str | None = None, weights: str | None = None, whiten: str | None = None,
-                  device: str = "cpu", workers: int = 0, progress: bool = False,
+                  device: str = "cpu", runtime: str = "auto", workers: int = 0, progress: bool = False,
                   where: str = "the store") -> Describer:
     """The :class:`Describer` of a store's meta (an index's: ``open_index(...).source["meta"]``)."""
 
     meta = StoreMeta.of(meta)
-    options = ExtractOptions.from_settings(meta.extract_options, device=device, batch_size=1, workers=workers,
-                                           progress=progress)
+    options = ExtractOptions.from_settings(meta.extract_options, device=device, runtime=runtime, batch_size=1,
+                                           workers=workers, progress=progress)
     model, weights = model_for(meta, model_name=model_name, weights=weights, where=where)
     whitening = whitening_for(meta, whiten, where)
     return Describer(model, weights, options, whitening, meta, where)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -44,6 +43,7 @@ from cfcd.errors import CfcdError, InputError
 from cfcd.extract.describe import describe_batch, describe_reference, normalisation_tensors
 from cfcd.extract.runtimes import decode_workers, onnx_network, resolve_runtime
 from cfcd.extract.scales import MultiScale, parse_scales
+from cfcd.models.fingerprint import model_fingerprint
 from cfcd.runtime import init_distributed, jsonable
 from cfcd.runtime import progress as progress_bar
 from cfcd.store import (
@@ -124,15 +124,15 @@ class ExtractOptions:
         }
 
     @classmethod
-    def from_settings(cls, settings: dict, **runtime) -> "ExtractOptions":
+    def from_settings(cls, settings: dict, **overrides) -> "ExtractOptions":
         """The options a store was extracted with, from :meth:`settings` as recorded in its meta
-        (``StoreMeta.extract_options``); ``runtime`` sets what does not change the numbers (device, batch
-        size, workers, progress)."""
+        (``StoreMeta.extract_options``); ``overrides`` set what does not change the numbers (device, runtime,
+        batch size, workers, progress)."""
         if not isinstance(settings, dict) or "scales" not in settings:
             raise InputError("no extraction settings (extract.settings.options in the store's meta): the store was "
                              "not written by 'cfcd extract', so images cannot be described the same way")
         recorded = {k: v for k, v in settings.items() if k != "scales"}
-        return cls(scales=MultiScale.from_meta(settings["scales"]), **recorded, **runtime)
+        return cls(scales=MultiScale.from_meta(settings["scales"]), **recorded, **overrides)
 
 
 @dataclass
@@ -475,35 +475,6 @@ class Extractor:
 
 # --------------------------------------------------------------------------------------------
 # store jobs: resume, ranks, meta
-
-
-def model_fingerprint(model, weights: str | os.PathLike | None) -> dict:
-    """What identifies the model's numbers: its config, the weights file hash, and a hash of the
-    state dict itself (catches random initialisations that differ between runs)."""
-    import torch
-
-    from cfcd.models.checkpoints import weights_sha256
-    from cfcd.models.registry import RANDOM_WEIGHTS
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        t = tensor.detach().cpu().contiguous()
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    preprocess = model.preprocess
-    return {
-        "config": getattr(model, "model_config", {"name": type(model).__name__}),
-        "weights": None if weights is None else str(weights),
-        "weights_sha256": None if weights is None or str(weights) == RANDOM_WEIGHTS else weights_sha256(weights),
-        "state_sha256": digest.hexdigest(),
-        "embedding_dim": int(model.embedding_dim),
-        "preprocess": {
-            "channel_order": getattr(preprocess, "channel_order", "RGB"),
-            "mean": [float(v) for v in preprocess.mean],
-            "std": [float(v) for v in preprocess.std],
-        },
-    }
 
 
 def extraction_rules(options: ExtractOptions, queries: bool) -> dict:

@@ -152,7 +152,7 @@ def graph_key(model) -> tuple[str, dict]:
     import torch
 
     import cfcd
-    from cfcd.extract.engine import model_fingerprint
+    from cfcd.models.fingerprint import model_fingerprint
 
     fingerprint = model_fingerprint(model, None)
     what = {

@@ -167,83 +167,6 @@ def default_image_root(meta: dict) -> Path | None:
 # --------------------------------------------------------------------------- model and options
 
 
-def options_from_meta(meta: dict, *, device: str = "cpu", runtime: str = "torch"):
-    """The :class:`~cfcd.extract.ExtractOptions` a store was extracted with (from its meta)."""
-    from cfcd.extract import ExtractOptions
-
-    return ExtractOptions.from_settings(StoreMeta.of(meta).extract_options, device=device, runtime=runtime,
-                                        batch_size=1, workers=0, progress=False)
-
-
-def load_model_for(meta: dict, *, model_name: str | None, weights: str | None, where: str):
-    """Create the model of a store's meta, or check that the given one is that model.
-
-    Refuses (:class:`InputError`) when the name, the weights' sha256 or the state-dict hash
-    recorded at extraction differ from the model given.
-    """
-    import cfcd.models
-    from cfcd.extract import model_fingerprint
-
-    meta = StoreMeta.of(meta)
-    recorded_name = meta.model
-    name = model_name or recorded_name
-    if not name:
-        raise InputError(f"{where}: the meta names no model; pass --model NAME (and --weights W)")
-    if model_name and recorded_name and model_name != recorded_name:
-        raise InputError(
-            f"--model {model_name} does not match {where}: its descriptors were extracted with "
-            f"{recorded_name!r}. Serve it with --model {recorded_name} (or omit --model)"
-        )
-    if weights is None and meta.weights:  # the recorded weights, unless others are given
-        weights = meta.weights
-        if not os.path.exists(weights):
-            raise InputError(
-                f"{where}: was extracted with weights {weights}, which is not there any more; "
-                f"pass --model {name} --weights PATH"
-            )
-    model = cfcd.models.create(name, weights=weights)
-    fingerprint = model_fingerprint(model, weights)
-    checks = [
-        ("weights_sha256", meta.weights_sha256, fingerprint["weights_sha256"]),
-        ("state_sha256", meta.state_sha256, fingerprint["state_sha256"]),
-        ("preprocess", meta.preprocess, fingerprint["preprocess"]),
-    ]
-    for key, want, got in checks:
-        if want is not None and got is not None and want != got:
-            raise InputError(
-                f"the model {name}{f' with weights {weights}' if weights else ''} does not match {where}: "
-                f"{key} is {str(got)[:16]}... but the index was extracted with {str(want)[:16]}... "
-                "(other weights?); a query would land in another embedding space"
-            )
-    if meta.weights_sha256 and fingerprint["weights_sha256"] is None and meta.state_sha256 is None:
-        raise InputError(f"{where}: was extracted with weights (sha256 {meta.weights_sha256[:16]}...); pass --weights")
-    return model, weights
-
-
-def load_whitening_for(meta: dict, whiten: str | None, where: str):
-    """The whitening a whitened store was made with (``--whiten FILE``), checked against its meta."""
-    recorded = meta.get("whitening")
-    if recorded is None:
-        if whiten is not None:
-            raise InputError(f"--whiten {whiten}: {where} holds unwhitened descriptors; drop --whiten")
-        return None
-    if whiten is None:
-        raise InputError(
-            f"{where}: holds whitened descriptors ({recorded.get('kind')}, {recorded.get('dim')}-D); pass "
-            "--whiten FILE with the whitening that made them, so queries are whitened the same way"
-        )
-    from cfcd.postprocess import load_whitening
-
-    w = load_whitening(whiten)
-    got = w.summary()
-    if any(recorded.get(k) != v for k, v in got.items() if k in recorded):
-        raise InputError(f"--whiten {whiten}: {got} is not the whitening of {where} ({recorded})")
-    return w
-
-
-# --------------------------------------------------------------------------- the service
-
-
 @dataclass
 class QueryImage:
     """What a search is run with: a collection image (``image_id``) or an upload (``upload``)."""
@@ -393,6 +316,7 @@ class SearchService:
         extra_ids: Sequence[str] = (),
     ) -> "SearchService":
         from cfcd.extract import Extractor
+        from cfcd.extract.describer import describer_for
         from cfcd.index import open_index
 
         index = open_index(index_dir)
@@ -400,10 +324,11 @@ class SearchService:
             raise InputError(f"{index_dir}: the index has no image ids (built from a plain .npy); build it from a store")
         meta = dict((index.source or {}).get("meta") or {})
         where = f"the index {index_dir}"
-        model, weights = load_model_for(meta, model_name=model_name, weights=weights, where=where)
-        whitening = load_whitening_for(meta, whiten, where)
-        options = options_from_meta(meta, device=device, runtime=runtime)
-        dim = int(model.embedding_dim) if whitening is None else int(whitening.dim)
+        # the model, options and whitening the database was described with, checked against the meta
+        described = describer_for(meta, model_name=model_name, weights=weights, whiten=whiten, device=device,
+                                  runtime=runtime, where=where)
+        model, weights, whitening, options = described.model, described.weights, described.whitening, described.options
+        dim = described.dim
         if dim != index.dim:
             raise InputError(f"{where} holds {index.dim}-D descriptors but the model gives {dim}-D ones")
         root = Path(images) if images is not None else default_image_root(meta)
