@@ -6,7 +6,7 @@ demo's wall and CPU time per mode.
 
 The load average is printed with every figure: on a busy machine, OpenMP threads that wait for
 each other's time slices make small CPU convolutions much slower than one thread, which is why
-the demo picks its thread count from the free cores (``cfcd.demo.pipeline.auto_threads``).
+the demo runs on one thread (``cfcd.demo.pipeline.THREADS``), which also makes its numbers the same on any machine.
 """
 
 from __future__ import annotations

@@ -244,7 +244,8 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
         summary = write_confusions(cfg1, runs / "stage1" / "final", data.train_list, data.train_root, confusions,
                                    batch_size=32, workers=0, device="cpu", progress=progress)
         steps.finish("confusions", time.perf_counter() - t0, top1=summary.get("top1"))
-    say(f"      training top-1 of the stage-1 classifier: {100 * steps.state['done']['confusions']['top1']:.1f}%")
+    say(f"      stage-1 classifier top-1 on the training list (eval mode, no margin, no augmentation): "
+        f"{100 * steps.state['done']['confusions']['top1']:.1f}%")
 
     t0 = time.perf_counter()
     over2 = _overrides(m, data, runs / "stage2", seed, m.s2_epochs,
@@ -333,7 +334,7 @@ def _extract_options(m: Mode, progress: bool, runtime: str = "auto"):
     from cfcd.extract import ExtractOptions, parse_scales
 
     return ExtractOptions(scales=parse_scales(list(m.scales)), max_size=None, workers=0, crop_rule="round",
-                          progress=progress, runtime=runtime)
+                          progress=progress, runtime=runtime, threads=THREADS)
 
 
 def _extract_and_evaluate(model, weights, gnd, data, stores: Path, options, say) -> dict:

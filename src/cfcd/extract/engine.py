@@ -91,6 +91,9 @@ class ExtractOptions:
     # on a GPU (the command line's default). "torch" here, because callers that pass a live model
     # (the trainer's benchmark hook, hard-negative mining) must not export it at every call.
     runtime: Literal["auto", "torch", "onnx"] = "torch"
+    # onnxruntime's intra-op threads; None: the measured CPU policy (the cores other work leaves idle).
+    # A fixed count makes a run's numbers independent of the machine's load (the demo uses 1).
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -290,7 +293,7 @@ class Extractor:
         self.network = self.model
         self.runtime = resolve_runtime(opts.runtime, str(self.device), mode=opts.mode, precision=opts.precision)
         if self.runtime == "onnx":
-            network = onnx_network(self.model, log=log)
+            network = onnx_network(self.model, log=log, threads=opts.threads)
             if network is None:
                 self.runtime = "torch"
             else:

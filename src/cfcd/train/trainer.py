@@ -707,22 +707,24 @@ def epoch_legend(head: nn.Module | None, local_loss: nn.Module | None, *, valida
     return text
 
 
+# (metric, how the epoch line shows it), in the order of the line
+_EPOCH_FIELDS = (
+    ("train_loss", lambda m: f"loss {m['train_loss']:.4f}"),
+    ("train_loss_local", lambda m: f"local {m['train_loss_local']:.4f}"),
+    ("train_top1", lambda m: f"top-1 {100 * m['train_top1']:.1f}%"),
+    ("train_scale", lambda m: f"s {m['train_scale']:.1f} m {m.get('train_margin', float('nan')):.3f}"),
+    ("train_active_share", lambda m: f"active triplets {100 * m['train_active_share']:.1f}%"),
+    ("val_top1", lambda m: f"val top-1 {100 * m['val_top1']:.1f}%"),
+)
+
+
 def epoch_summary(epoch: int, epochs: int, metrics: dict[str, float]) -> str:
     """One line per epoch: loss, top-1, MadaCos s and m, active triplets, validation, benchmark mAP,
     time (:func:`epoch_legend` says what each is)."""
     parts = [f"epoch {epoch}/{epochs}"]
-    if "train_loss" in metrics:
-        parts.append(f"loss {metrics['train_loss']:.4f}")
-    if "train_loss_local" in metrics:
-        parts.append(f"local {metrics['train_loss_local']:.4f}")
-    if "train_top1" in metrics:
-        parts.append(f"top-1 {100 * metrics['train_top1']:.1f}%")
-    if "train_scale" in metrics:
-        parts.append(f"s {metrics['train_scale']:.1f} m {metrics.get('train_margin', float('nan')):.3f}")
-    if "train_active_share" in metrics:
-        parts.append(f"active triplets {100 * metrics['train_active_share']:.1f}%")
-    if "val_top1" in metrics:
-        parts.append(f"val top-1 {100 * metrics['val_top1']:.1f}%")
+    for key, show in _EPOCH_FIELDS:
+        if key in metrics:
+            parts.append(show(metrics))
     parts += [f"{k[:-4]} mAP {v:.2f}" for k, v in metrics.items() if k.endswith("_mAP")]  # already percent
     if "epoch_time_s" in metrics:
         parts.append(f"{metrics['epoch_time_s']:.1f} s ({metrics.get('images_per_s', 0):.1f} img/s)")

@@ -37,9 +37,9 @@ from cfcd.data.datasets.install import (
     _save_state,
     _scan_images,
     _verify_readable,
-    _verify_small_files,
     _verify_unchanged,
     download_small_files,
+    start_verify,
 )
 from cfcd.data.datasets.registry import register_dataset
 from cfcd.data.download import (
@@ -437,16 +437,9 @@ def verify_parts(dataset: GLDv2Dataset, root: str | os.PathLike, *, check_images
     extracted, else a warning (``--parts`` downloads a subset); ``strict`` makes it an error.
     """
     ds_dir = dataset.dir(root)
-    report = VerifyReport(dataset.name, str(ds_dir), examples=examples)
-    if not ds_dir.is_dir():
-        report.error(f"{ds_dir} not found; run 'cfcd data download {dataset.name} --root {root}'")
+    report, state = start_verify(dataset, root, examples)
+    if state is None:
         return report
-    try:
-        state = _load_state(ds_dir)
-    except CfcdError as exc:
-        report.warnings.append(str(exc))
-        state = {"files": {}}
-    _verify_small_files(dataset, ds_dir, state, report)
     found: list[str] = []
     for split in dataset.splits:
         _verify_split(dataset, ds_dir, split, state, report, found, strict=strict)

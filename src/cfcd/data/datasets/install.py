@@ -414,21 +414,31 @@ def verify_dataset(
                                     strict=strict, workers=workers, examples=examples, progress=progress)
 
 
-def verify_archives(dataset: BenchmarkDataset, root, *, check_images: bool = True, decode: bool = False,
-                    checksums: bool = False, strict: bool = False, workers: int = 8, examples: int = 10,
-                    progress: bool = False) -> VerifyReport:
-    """:func:`verify_dataset` for a dataset whose archives all go into ``jpg/``."""
+def start_verify(dataset: BenchmarkDataset, root, examples: int) -> tuple[VerifyReport, dict | None]:
+    """The report of a verification and the download state, with the small files checked; the state
+    is None when the dataset's directory is missing (the report says so)."""
     ds_dir = dataset.dir(root)
     report = VerifyReport(dataset.name, str(ds_dir), examples=examples)
     if not ds_dir.is_dir():
         report.error(f"{ds_dir} not found; run 'cfcd data download {dataset.name} --root {root}'")
-        return report
+        return report, None
     try:
         state = _load_state(ds_dir)
     except CfcdError as exc:
         report.warnings.append(str(exc))
         state = {"files": {}}
     _verify_small_files(dataset, ds_dir, state, report)
+    return report, state
+
+
+def verify_archives(dataset: BenchmarkDataset, root, *, check_images: bool = True, decode: bool = False,
+                    checksums: bool = False, strict: bool = False, workers: int = 8, examples: int = 10,
+                    progress: bool = False) -> VerifyReport:
+    """:func:`verify_dataset` for a dataset whose archives all go into ``jpg/``."""
+    ds_dir = dataset.dir(root)
+    report, state = start_verify(dataset, root, examples)
+    if state is None:
+        return report
     images_dir = dataset.images_dir(root)
     if not images_dir.is_dir():
         report.error(f"{images_dir} is missing (required)")
