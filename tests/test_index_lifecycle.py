@@ -175,33 +175,3 @@ def test_an_index_directory_of_an_older_cfcd_is_refused_with_a_rebuild_hint(tmp_
     (tmp_path / "old" / "index.json").write_text(json.dumps({"type": "flat", "dim": 4, "params": {}}))
     with pytest.raises(CfcdError, match="older cfcd.*build it again"):
         open_index(tmp_path / "old")
-
-
-def test_no_import_cycle_inside_cfcd_index():
-    # every `from cfcd.index... import` counts, function-local ones too (an import of the package runs __init__)
-    import ast
-
-    root = Path(cfcd.__file__).parent / "index"
-    mods = {("cfcd.index" if p.stem == "__init__" else f"cfcd.index.{p.stem}"): p for p in root.glob("*.py")}
-    graph = {}
-    for name, path in mods.items():
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cfcd.index"):
-                deps.add(node.module)
-                deps.update(f"{node.module}.{a.name}" for a in node.names)
-            elif isinstance(node, ast.Import):
-                deps.update(a.name for a in node.names)
-        graph[name] = {d for d in deps if d in mods and d != name}
-    done: set = set()
-
-    def visit(name, stack):
-        assert name not in stack, " -> ".join(stack[stack.index(name):] + [name])
-        if name not in done:
-            for dep in graph[name]:
-                visit(dep, stack + [name])
-            done.add(name)
-
-    for name in graph:
-        visit(name, [])
-    assert graph["cfcd.index.build"] and "cfcd.index" not in set().union(*graph.values())
