@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cfcd.errors import InputError
-from cfcd.utils.io import atomic_write_json, cache_root  # noqa: F401 - cache_root is re-exported
+from cfcd.utils.io import atomic_write_json, cache_root
 
 DEFAULT_MODEL = "gem_efficientnet_lite0"
 CATALOG = "catalog.json"

@@ -34,7 +34,11 @@ from typing import Callable
 
 import numpy as np
 
+import cfcd
 from cfcd.errors import InputError
+from cfcd.models.export import export_onnx
+from cfcd.models.fingerprint import model_fingerprint
+from cfcd.utils.io import atomic_write_json, cache_root
 
 RUNTIMES = ("auto", "torch", "onnx")
 OPSET = 17
@@ -151,8 +155,6 @@ def graph_key(model) -> tuple[str, dict]:
     """The cache key of the model's graph and what it hashes: model config and state, versions, opset."""
     import torch
 
-    import cfcd
-    from cfcd.models.fingerprint import model_fingerprint
 
     fingerprint = model_fingerprint(model, None)
     what = {
@@ -169,8 +171,6 @@ def graph_key(model) -> tuple[str, dict]:
 
 
 def graph_dir(cache: str | os.PathLike | None = None) -> Path:
-    from cfcd.utils.io import cache_root
-
     return cache_root(cache) / "onnx"
 
 
@@ -227,8 +227,6 @@ def _prune(directory: Path, keep: int) -> None:
 def cached_graph(model, *, cache: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> Path | None:
     """The model's dynamic ONNX graph, exported now or reused from the cache; None (after one line to
     ``log``) when the model cannot be exported with dynamic sizes."""
-    from cfcd.models.export import export_onnx
-    from cfcd.utils.io import atomic_write_json
 
     log = log or (lambda message: print(message, file=sys.stderr))
     key, what = graph_key(model)
