@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 from cfcd.errors import InputError
+from cfcd.train.data import write_labelled_list
 from cfcd.utils.io import atomic_write_json, atomic_write_text
 
 OPENCV_DATA = Path(os.environ.get("CFCD_OPENCV_DATA", "/usr/share/doc/opencv-doc/examples/data"))
@@ -374,7 +375,6 @@ def build_demo_data(out: str | os.PathLike, sizes: Sizes | None = None, *, seed:
     ``out/train/train_list.txt`` (``path label``, GLDv2 layout) and ``out/manifest.json``.
     The same ``sizes`` and ``seed`` give the same files.
     """
-    from cfcd.train.data import write_labelled_list
 
     sizes = sizes or Sizes()
     root = Path(out)

@@ -25,7 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+import cfcd.models
+from cfcd.data.images import ImageLoadError, load_image
+from cfcd.data.lists import ImageList, scan_directory
 from cfcd.errors import InputError
+from cfcd.extract import ExtractOptions, Extractor, extract_to_store, parse_scales
+from cfcd.index import build_index, open_index
+from cfcd.store import open_store
 from cfcd.utils.io import atomic_write_json, cache_root
 
 DEFAULT_MODEL = "gem_efficientnet_lite0"
@@ -53,8 +59,6 @@ class PhotoLibrary:
     def __init__(self, images: str | os.PathLike, *, model_name: str = DEFAULT_MODEL, scales="cfcd",
                  max_size: int | None = 1024, cache: str | os.PathLike | None = None, progress: bool = True,
                  runtime: str = "auto"):
-        from cfcd.extract import ExtractOptions, parse_scales
-
         self.images = Path(images)
         if not self.images.is_dir():
             raise InputError(f"{self.images}: not a directory of photos")
@@ -88,16 +92,12 @@ class PhotoLibrary:
     @property
     def model(self):
         if self._model is None:
-            import cfcd.models
-
             self._model = cfcd.models.create(self.model_name)
         return self._model
 
     # -- update -----------------------------------------------------------------------------
     def update(self, say=print):
         """Describe new or changed files, drop removed ones, rebuild the index; returns the index."""
-        from cfcd.data.lists import ImageList, scan_directory
-        from cfcd.extract import extract_to_store
 
         t0 = time.perf_counter()
         listing = scan_directory(self.images, id_rule="path")
@@ -153,8 +153,6 @@ class PhotoLibrary:
                     shutil.rmtree(child, ignore_errors=True)
 
     def descriptors(self) -> tuple[list[str], np.ndarray]:
-        from cfcd.store import open_store
-
         ids, chunks = [], []
         by_part: dict[str, list[tuple[str, int]]] = {}
         for rel, entry in sorted(self.catalog["files"].items()):
@@ -169,21 +167,14 @@ class PhotoLibrary:
         return ids, np.concatenate(chunks)
 
     def _build_index(self):
-        from cfcd.index import build_index
-
         ids, x = self.descriptors()
         return build_index(x, "flat", ids=ids, out=self.dir / "index")
 
     def open_index(self):
-        from cfcd.index import open_index
-
         return open_index(self.dir / "index")
 
     # -- query ------------------------------------------------------------------------------
     def describe_query(self, query: Path) -> np.ndarray:
-        from cfcd.data.lists import ImageList
-        from cfcd.extract import Extractor
-
         desc, failed, _ = Extractor(self.model, self.options).extract(
             ImageList(ids=[query.name], paths=[query], source=str(query)))
         if failed:
@@ -193,7 +184,6 @@ class PhotoLibrary:
 
 def check_query(query: str | os.PathLike) -> Path:
     """Fail fast, before any indexing, when the query is missing or not a readable image."""
-    from cfcd.data.images import ImageLoadError, load_image
 
     query = Path(query)
     if not query.is_file():

@@ -29,7 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
+import cfcd.models
+from cfcd.data.gnd import load_gnd
+from cfcd.demo.data import Sizes, build_demo_data, check_disjoint, load_demo_data
+from cfcd.demo.report import write_report
 from cfcd.errors import CfcdError, InputError
+from cfcd.evaluation.benchmark import run_benchmark
+from cfcd.extract import ExtractOptions, parse_scales
+from cfcd.index import build_index
+from cfcd.store import open_store
+from cfcd.train.config import load_config
+from cfcd.train.confusions import write_confusions
+from cfcd.train.trainer import train
 from cfcd.utils.io import atomic_write_json
 
 MARKER = "cfcd-demo.json"
@@ -187,15 +198,12 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     n_steps = 7
 
     # 1. data ------------------------------------------------------------------------------------
-    from cfcd.demo.data import Sizes, build_demo_data, check_disjoint
 
     data_root = out / "data"
     t0 = time.perf_counter()
     say(f"[1/{n_steps}] data: benchmark and disjoint training list from real photos")
     sizes = Sizes(max_side=m.max_side, train_views=m.train_views, **m.limits)
     if steps.done("data"):
-        from cfcd.demo.data import load_demo_data
-
         data = load_demo_data(data_root)
         say("      already built")
     else:
@@ -207,7 +215,6 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
         f"{data.num_classes} training classes, {len(roles['val'])} validation queries"
         + ("" if data.manifest["opencv_doc"] else " (opencv-doc not installed: fewer photos)"))
 
-    from cfcd.data.gnd import load_gnd
 
     gnd = load_gnd(data.test_gnd, "demo")
     options = _extract_options(m, progress, runtime)
@@ -215,7 +222,6 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     # 2. baseline --------------------------------------------------------------------------------
     t0 = time.perf_counter()
     say(f"[2/{n_steps}] baseline: extract and evaluate the embedded pretrained {MODEL}")
-    import cfcd.models
 
     pretrained = cfcd.models.create(MODEL)
     before = _extract_and_evaluate(pretrained, None, gnd, data, out / "stores" / "before", options, say)
@@ -225,7 +231,6 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     say(_table(before["metrics"], "pretrained"))
 
     # 3-5. fine-tune -----------------------------------------------------------------------------
-    from cfcd.train.config import load_config
 
     runs = out / "runs"
     over1 = _overrides(m, data, runs / "stage1", seed, m.s1_epochs, m.s1, im_size=m.im_size)
@@ -239,8 +244,6 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     confusions = runs / "landmark_scores.txt"
     say(f"[4/{n_steps}] cfcd train confusions: stage-1 predictions on the training list (hard negatives)")
     if not steps.done("confusions"):
-        from cfcd.train.confusions import write_confusions
-
         summary = write_confusions(cfg1, runs / "stage1" / "final", data.train_list, data.train_root, confusions,
                                    batch_size=32, workers=0, device="cpu", progress=progress)
         steps.finish("confusions", time.perf_counter() - t0, top1=summary.get("top1"))
@@ -269,8 +272,6 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
     # 7. index, search, report -------------------------------------------------------------------
     t0 = time.perf_counter()
     say(f"[7/{n_steps}] FAISS index of the fine-tuned database, search, report")
-    from cfcd.demo.report import write_report
-    from cfcd.index import build_index
 
     index = build_index(out / "stores" / "after" / "database", "flat", out=out / "index")
     k = 8
@@ -320,7 +321,6 @@ def _run_demo(out, *, mode: str, seed: int, overwrite: bool, threads: int, strea
 
 def _train_step(steps, name: str, cfg: dict, progress: bool, t0: float, say) -> None:
     """Train ``cfg`` unless the step is recorded as done (the trainer itself resumes a killed run)."""
-    from cfcd.train.trainer import train
 
     if steps.done(name):
         say("      already trained")
@@ -331,15 +331,11 @@ def _train_step(steps, name: str, cfg: dict, progress: bool, t0: float, say) -> 
 
 
 def _extract_options(m: Mode, progress: bool, runtime: str = "auto"):
-    from cfcd.extract import ExtractOptions, parse_scales
-
     return ExtractOptions(scales=parse_scales(list(m.scales)), max_size=None, workers=0, crop_rule="round",
                           progress=progress, runtime=runtime, threads=THREADS)
 
 
 def _extract_and_evaluate(model, weights, gnd, data, stores: Path, options, say) -> dict:
-    from cfcd.evaluation.benchmark import run_benchmark
-
     def report(role, summary):
         if summary.count:
             rate = summary.count / max(summary.seconds, 1e-9)
@@ -357,8 +353,6 @@ def _val_map(model, data, stores: Path, options, say) -> dict:
     """The held-out validation benchmark with the pretrained model: epoch 0 of the curves."""
     from dataclasses import replace
 
-    from cfcd.evaluation.benchmark import run_benchmark
-    from cfcd.data.gnd import load_gnd
 
     gnd = load_gnd(data.val_gnd, "demoval")
     result = run_benchmark(model, gnd, data.benchmarks, stores, replace(options, progress=False),
@@ -395,8 +389,6 @@ def _nest(flat: dict) -> dict:
 
 
 def _search(index, queries: Path, k: int) -> dict[str, list[tuple[str, float]]]:
-    from cfcd.store import open_store
-
     store = open_store(queries)
     hits = index.search(np.asarray(store.descriptors, dtype=np.float32), k=k, query_ids=store.ids)
     return {qid: list(zip(row, hits.scores[i].tolist())) for i, (qid, row) in enumerate(zip(hits.query_ids, hits.ids))}

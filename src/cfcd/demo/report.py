@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cfcd.train.logging import read_log
 from cfcd.utils.io import atomic_write_text
 
 COLOURS = {"query": "#1f77b4", "easy": "#2ca02c", "hard": "#ff7f0e", "junk": "#9467bd", "negative": "#d62728"}
@@ -45,7 +46,6 @@ def _thumb(path: Path, box=None, side: int = 112) -> str:
 
 def training_history(runs: Path) -> list[dict]:
     """Epoch rows of both stages' ``log.jsonl``, numbered across the stages."""
-    from cfcd.train.logging import read_log
 
     rows = []
     epoch = 0
@@ -64,7 +64,6 @@ def training_history(runs: Path) -> list[dict]:
 
 def training_steps(runs: Path) -> list[dict]:
     """Per-step rows of both stages' ``log.jsonl``; ``x`` counts steps across the stages."""
-    from cfcd.train.logging import read_log
 
     rows = []
     offset = 0

@@ -34,6 +34,7 @@ import functools
 import numpy as np
 
 from cfcd.extract.scales import MultiScale
+from cfcd.models.preprocess import Preprocess
 from cfcd.runtime import autocast
 
 _SYMPOW_EPS = 1e-6  # dirtorch's clamp in sympow (dirtorch/utils/common.py, pool)
@@ -70,7 +71,6 @@ def _views(x, flip: bool):
 
 def normalisation_tensors(preprocess, device) -> tuple:
     """mean and std, shaped 1 x 3 x 1 x 1 and scaled to 0-255 inputs (:meth:`Preprocess.scale_shift`)."""
-    from cfcd.models.preprocess import Preprocess
 
     return Preprocess.coerce(preprocess).scale_shift(device)
 
@@ -109,7 +109,6 @@ def describe_batch(
     import torch
     import torch.nn.functional as F
 
-    from cfcd.models.preprocess import Preprocess
 
     # images are already in the model's order, so the order here is only for the arithmetic
     prep = Preprocess()
@@ -178,7 +177,6 @@ def describe_reference(model, image: np.ndarray, recipe: MultiScale, preprocess)
     batch 1, fp32, CPU resize, numpy normalisation, one host copy per scale."""
     import torch
 
-    from cfcd.models.preprocess import Preprocess
 
     prep = Preprocess.coerce(preprocess)
     norm = functools.partial(prep.normalise_numpy, layout="HWC")  # image already in the model's order

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Literal
 import numpy as np
 
 from cfcd.data.images import DEFAULT_MAX_PIXELS, ImageInfo, ImageLoadError, load_image
-from cfcd.data.lists import ImageList
+from cfcd.data.lists import ImageList, read_image_list
 from cfcd.errors import CfcdError, InputError
 from cfcd.extract.describe import describe_batch, describe_reference, normalisation_tensors
 from cfcd.extract.runtimes import decode_workers, onnx_network, resolve_runtime
@@ -599,7 +599,6 @@ def extract_to_store(
     log = log or (lambda message: print(message, file=sys.stderr))
     out = Path(out)
     if isinstance(image_list, (str, os.PathLike)):  # a folder or a list file, as on the command line
-        from cfcd.data.lists import read_image_list
 
         image_list = read_image_list(image_list)
     if out.exists() and not out.is_dir():

@@ -40,7 +40,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cfcd import __version__
+from cfcd.data.images import ImageInfo, ImageLoadError, _to_rgb, crop_box, load_image
+from cfcd.data.lists import IMAGE_EXTENSIONS, revisitop_image_dir
 from cfcd.errors import CfcdError, InputError
+from cfcd.extract import Extractor
+from cfcd.extract.describer import describer_for
+from cfcd.index import ExactIndex, generation, open_index
+from cfcd.serve.thumbs import CacheBudget
 from cfcd.store import StoreMeta
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -90,8 +97,6 @@ class ImageRoot:
     """
 
     def __init__(self, root: str | os.PathLike | None, ids):
-        from cfcd.data.lists import IMAGE_EXTENSIONS
-
         self.root = None if root is None else Path(root)
         self._real = None if root is None else Path(root).resolve()
         self._ids = ids if hasattr(ids, "__contains__") and not isinstance(ids, (list, tuple)) else set(ids)
@@ -147,7 +152,6 @@ class ImageRoot:
 
 def default_image_root(meta: dict) -> Path | None:
     """Where the database images were read from, from the store's meta (``extract.list``)."""
-    from cfcd.data.lists import revisitop_image_dir
 
     source = str(StoreMeta.of(meta).image_list or "")
     if not source:
@@ -187,7 +191,6 @@ class QueryImage:
 
 def _generation(index_dir) -> str | None:
     """The index directory's generation token; None when there is none to follow."""
-    from cfcd.index import generation
 
     if index_dir is None:
         return None
@@ -277,8 +280,6 @@ class SearchService:
     check_seconds: float = GENERATION_CHECK_SECONDS
 
     def __post_init__(self) -> None:
-        from cfcd.serve.thumbs import CacheBudget
-
         key = _generation(self.index_dir)
         self._gen = Generation.of(self.index, key)
         self.images.set_ids(self._gen.row_of)
@@ -315,10 +316,6 @@ class SearchService:
         limits: Limits | None = None,
         extra_ids: Sequence[str] = (),
     ) -> "SearchService":
-        from cfcd.extract import Extractor
-        from cfcd.extract.describer import describer_for
-        from cfcd.index import open_index
-
         index = open_index(index_dir)
         if index.ids is None:
             raise InputError(f"{index_dir}: the index has no image ids (built from a plain .npy); build it from a store")
@@ -381,7 +378,6 @@ class SearchService:
 
     def reload(self, key: str | None = None) -> Generation:
         """Open the index directory's current generation fully, then swap it in (one reference)."""
-        from cfcd.index import open_index
 
         index = open_index(self.index_dir)
         key = getattr(index, "generation", None) or key or _generation(self.index_dir)
@@ -417,8 +413,6 @@ class SearchService:
         }
 
     def health(self) -> dict:
-        from cfcd import __version__
-
         index = self.current().index
         return {
             "status": "ok",
@@ -463,7 +457,6 @@ class SearchService:
     def decode_query(self, path: Path, box=None, *, upload: bool = False) -> tuple[np.ndarray, dict | None]:
         """The query image as the model gets it, and ``{"from": [w, h], "to": [w, h]}`` when it
         was downscaled (``None`` otherwise). Never more than :meth:`query_size_cap` on the long side."""
-        from cfcd.data.images import ImageInfo, ImageLoadError, load_image
 
         kwargs = self.extractor.load_kwargs()
         if upload:
@@ -490,7 +483,6 @@ class SearchService:
 
     def stored_descriptor(self, row: int, index=None) -> np.ndarray | None:
         """The database row as indexed (no re-extraction), when the index keeps it exactly."""
-        from cfcd.index import ExactIndex
 
         index = self._gen.index if index is None else index
         if isinstance(index, ExactIndex):
@@ -655,7 +647,6 @@ def _decode_reduced(path: Path, box, side: int, kwargs: dict) -> tuple[np.ndarra
     """
     from PIL import Image, ImageOps
 
-    from cfcd.data.images import ImageLoadError, _to_rgb, crop_box
 
     raw = Path(path).read_bytes()
     max_pixels = kwargs.get("max_pixels")
