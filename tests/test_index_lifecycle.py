@@ -20,20 +20,15 @@ from cfcd.index import add, build, build_index, exact_search, generation, open_i
 from cfcd.index.generations import KILL_ENV, referenced
 from cfcd.store import write_store
 
+from _index_helpers import clustered  # noqa: E402
+
 _BUILD = ["--factory", "IVF32,SQ8", "--shard-rows", "3000", "--tune-queries", "50", "--seed", "3", "--no-progress"]
-
-
-def _clustered(n, d, clusters, seed=0, noise=0.3):
-    rng = np.random.default_rng(seed)
-    centers = np.random.default_rng(100).standard_normal((clusters, d))
-    x = centers[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def coll(tmp_path_factory):
     root = tmp_path_factory.mktemp("life")
-    x = _clustered(6600, 16, 40)
+    x = clustered(6600, 16, 40)
     ids = [f"img/{i:05d}.jpg" for i in range(len(x))]
     write_store(root / "db", ids[:6000], x[:6000], meta={"model": "gem_r50"})
     write_store(root / "new", ids[6000:], x[6000:], meta={"model": "gem_r50"})

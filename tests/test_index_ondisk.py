@@ -16,18 +16,13 @@ from cfcd.index.rows import RowReader
 from cfcd.index.tune import exact_topk
 from cfcd.store import write_store
 
-
-def _clustered(n, d, clusters, seed=0, noise=0.3):
-    rng = np.random.default_rng(seed)
-    centers = np.random.default_rng(100).standard_normal((clusters, d))
-    x = centers[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, d))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+from _index_helpers import clustered  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def coll(tmp_path_factory):
     root = tmp_path_factory.mktemp("coll")
-    x = _clustered(7000, 16, 40)
+    x = clustered(7000, 16, 40)
     ids = [f"photos/{i:05d} é.jpg" for i in range(len(x))]  # ids are strings, spaces and non-ASCII welcome
     write_store(root / "db", ids[:6000], x[:6000], meta={"model": "gem_r50"})
     write_store(root / "new", ids[6000:], x[6000:], meta={"model": "gem_r50"})
