@@ -5,6 +5,7 @@ Examples::
     cfcd serve out/index --images photos/
     cfcd serve demo/index --gnd demo/benchmark/gnd_demo.pkl           # + the benchmark view
     cfcd serve idx_new --gnd gnd_roxford5k.pkl --compare idx_old       # the model against its baseline
+    cfcd serve gldv2/index --dataset gldv2_retrieval --root data       # a registered benchmark (GLDv2)
 
 The model, preprocessing, scales and crop rule are read from the index's source-store meta, so a
 query is described exactly as the database was (at most ``--max-query-size`` on the long side
@@ -31,8 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_runtime_choice(m)
     b = parser.add_argument_group("benchmark view")
     b.add_argument("--gnd", type=Path, default=None, help="revisitop ground truth gnd_<ds>.pkl of the indexed database")
+    b.add_argument("--dataset", default=None, metavar="NAME",
+                   help="instead of --gnd: a registered benchmark (gldv2_retrieval, roxford5k, ... as 'cfcd data "
+                        "download' knows them) under --root, evaluated with its setups and metrics")
+    b.add_argument("--root", type=Path, default=None, help="data root of --dataset (holding <NAME>/)")
     b.add_argument("--queries", type=Path, default=None,
-                   help="query descriptor store for --gnd (default: the queries are described at start-up and cached)")
+                   help="query descriptor store of the benchmark (default: the queries are described at start-up "
+                        "and cached)")
     b.add_argument("--compare", type=Path, default=None, metavar="BASELINE_INDEX_DIR",
                    help="the baseline: an index of the same database by another model; the page shows the change "
                         "from it to the served index (model - baseline)")
@@ -98,13 +104,15 @@ def run(args: argparse.Namespace) -> int:
             or args.cache_max_bytes <= 0):
         raise InputError("--max-upload-mb, --max-upload-pixels, --workers-queue, --max-query-size and "
                          "--cache-max-bytes must be positive")
+    if args.root is not None and args.dataset is None:
+        raise InputError("--root needs --dataset NAME (e.g. --dataset gldv2_retrieval)")
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_upload_pixels=args.max_upload_pixels,
                     max_waiting=args.workers_queue, max_query_size=args.max_query_size,
                     cache_max_bytes=args.cache_max_bytes)
     config = ServeConfig(
         index=args.index, images=args.images, model=args.model, weights=args.weights, whiten=args.whiten,
-        gnd=args.gnd, queries=args.queries, compare=args.compare, compare_weights=args.compare_weights,
-        compare_queries=args.compare_queries, device=resolve_device(args.device), runtime=args.runtime,
+        gnd=args.gnd, dataset=args.dataset, root=args.root, queries=args.queries, compare=args.compare,
+        compare_weights=args.compare_weights, compare_queries=args.compare_queries, device=resolve_device(args.device), runtime=args.runtime,
         cache_dir=args.cache_dir, limits=limits, host=args.host, allow_hosts=tuple(args.allow_host),
     )
     sock = bind_socket(args.host, args.port)

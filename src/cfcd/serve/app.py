@@ -28,6 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from cfcd import __version__
+from cfcd.data.datasets import DATASETS
 from cfcd.data.gnd import load_gnd
 from cfcd.data.lists import revisitop_image_dir
 from cfcd.errors import CfcdError, InputError
@@ -47,7 +48,9 @@ class ServeConfig:
     weights: str | None = None
     whiten: str | None = None
     gnd: Path | None = None
-    queries: Path | None = None  # query store for --gnd (default: described at start-up, cached)
+    dataset: str | None = None  # a registered benchmark (cfcd.data.datasets.DATASETS) under ``root``, instead of gnd
+    root: Path | None = None
+    queries: Path | None = None  # query store of the benchmark (default: described at start-up, cached)
     compare: Path | None = None
     compare_weights: str | None = None
     compare_queries: Path | None = None
@@ -139,12 +142,21 @@ class ServeState:
 def load_state(config: ServeConfig, log=None) -> ServeState:
     """Open everything ``config`` names; raises :class:`InputError` with a clear message."""
     log = log or (lambda message: None)
-    gnd = None
-    if config.gnd is not None:
-        gnd = load_gnd(config.gnd)
+    gnd = dataset = None
     images = config.images
-    if images is None and gnd is not None:
-        images = revisitop_image_dir(Path(config.gnd).parent, gnd.dataset)
+    if config.dataset is not None:
+        if config.gnd is not None:
+            raise InputError("--gnd and --dataset both name the benchmark: pass one of them")
+        if config.root is None:
+            raise InputError(f"--dataset {config.dataset} needs --root DIR (where 'cfcd data download' put it)")
+        dataset = DATASETS.get(config.dataset)
+        gnd = dataset.ground_truth(config.root)
+        if images is None:
+            images = dataset.dir(config.root)  # the benchmark's images are served from their own paths under it
+    elif config.gnd is not None:
+        gnd = load_gnd(config.gnd)
+        if images is None:
+            images = revisitop_image_dir(Path(config.gnd).parent, gnd.dataset)
     log(f"loading the index {config.index} and its model")
     service = SearchService.open(
         config.index, images=images, model_name=config.model, weights=config.weights, whiten=config.whiten,
@@ -153,7 +165,7 @@ def load_state(config: ServeConfig, log=None) -> ServeState:
     state = ServeState(service=service)
     if config.compare is not None:
         if gnd is None:
-            raise InputError("--compare compares two indexes on a benchmark: it needs --gnd FILE")
+            raise InputError("--compare compares two indexes on a benchmark: it needs --gnd FILE or --dataset NAME")
         log(f"loading the baseline index {config.compare} and its model")
         state.other = SearchService.open(
             config.compare, images=service.images.root, weights=config.compare_weights, device=config.device,
@@ -162,10 +174,13 @@ def load_state(config: ServeConfig, log=None) -> ServeState:
         )
     if gnd is not None:
         log(f"evaluating {service.name} on {gnd.dataset} ({len(gnd.qimlist)} queries)")
-        state.benchmark = Benchmark.build(service, gnd, queries=config.queries, log=log)
+        root = config.root if dataset is not None else None
+        state.benchmark = Benchmark.build(service, gnd, queries=config.queries, image_root=root, dataset=dataset,
+                                          log=log)
         if state.other is not None:
             log(f"evaluating the baseline {state.other.name} on {gnd.dataset}")
-            state.other_benchmark = Benchmark.build(state.other, gnd, queries=config.compare_queries, log=log)
+            state.other_benchmark = Benchmark.build(state.other, gnd, queries=config.compare_queries, image_root=root,
+                                                    dataset=dataset, log=log)
             if state.other.name == service.name:
                 state.other.name = state.other_benchmark.name = f"{service.name} (2)"
     return state
@@ -321,7 +336,8 @@ def create_app(config: ServeConfig | None = None, *, state: ServeState | None = 
     def compare(request: Request):
         s = st(request)
         if s.other_benchmark is None:
-            raise RequestError(404, "no comparison: start the server with --compare BASELINE_INDEX_DIR and --gnd FILE")
+            raise RequestError(404, "no comparison: start the server with --compare BASELINE_INDEX_DIR and --gnd FILE "
+                                   "(or --dataset NAME --root DIR)")
         return comparison(s.benchmark, s.other_benchmark)
 
     @app.get("/api/{rest:path}", include_in_schema=False)
@@ -347,7 +363,8 @@ def _side_benchmark(state: ServeState, side: str):
     if bench is None:
         if side not in ("a", "b"):
             raise RequestError(400, f"unknown side {side!r}")
-        raise RequestError(404, "no benchmark: start the server with --gnd FILE (a revisitop ground truth)")
+        raise RequestError(404, "no benchmark: start the server with --gnd FILE (a revisitop ground truth) or "
+                                "--dataset NAME --root DIR")
     return bench
 
 

@@ -1,9 +1,12 @@
-"""The benchmark view: revisitop evaluation of a served index, query by query.
+"""The benchmark view: the evaluation of a served index on a benchmark, query by query.
 
-The table and every query's AP come from :func:`cfcd.evaluation.evaluate_files` on the query
-store and the index's source store, i.e. the code and the numbers of ``cfcd evaluate``. The
-ranked lists shown for a query are the stable ``argsort`` of ``-(q @ X.T)`` over the ground
-truth's database (the ranking the evaluation scores), each image labelled with its ground-truth
+The benchmark is a revisitop ground truth (``--gnd``) or a registered dataset (``--dataset``,
+e.g. GLDv2 retrieval) with its own setups and metrics. The table and every query's value of the
+primary metric (the first one: revisitop's AP, GLDv2's AP@100) come from
+:func:`cfcd.evaluation.evaluate_files` on the query store and the index's source store, i.e. the
+code and the numbers of ``cfcd evaluate``. The ranked lists shown for a query are the stable
+``argsort`` of ``-(X @ q)`` over the ground truth's database (the ranking the evaluation scores),
+computed when asked (GLDv2's database has 762k images), each image labelled with its ground-truth
 class; the precision-recall points are computed from that ranking with junk removed, as the AP is.
 """
 
@@ -18,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from cfcd.data.lists import gnd_image_list
+from cfcd.data.lists import ImageList, gnd_image_list
 from cfcd.errors import InputError
 from cfcd.evaluation import evaluate_files, protocol_setups
 from cfcd.evaluation.benchmark import describe_benchmark
@@ -27,25 +30,36 @@ from cfcd.runtime import jsonable
 from cfcd.serve.service import RequestError, SearchService
 from cfcd.store import StoreMeta, check_compatible, is_store, load_descriptors
 
-CLASS_KEYS_REVISITED = ("easy", "hard", "junk")
-CLASS_KEYS_CLASSIC = ("ok", "junk")
+_ROW_CHUNK = 65536  # database rows cast to float32 at a time when a query's scores are computed
 
 
-def query_store_for(service: SearchService, gnd, *, image_root: Path, log=None) -> Path:
-    """Describe the ground truth's queries (cropped to their boxes) with the service's model and
-    settings into a store in the cache; reused while model, settings and ground truth stay the same."""
+def benchmark_images(gnd, root: Path, dataset=None, *, queries: bool) -> ImageList:
+    """The benchmark's query (or database) images: the dataset's rule (whole images for GLDv2),
+    else revisitop's (queries cropped to their boxes)."""
+    return (dataset.benchmark_list(gnd, root, queries=queries) if dataset is not None
+            else gnd_image_list(gnd, root=root, queries=queries))
+
+
+def query_store_for(service: SearchService, gnd, *, image_root: Path, dataset=None, log=None) -> Path:
+    """Describe the ground truth's queries (revisitop's cropped to their boxes, a ``dataset``'s by its
+    rule) with the service's model and settings into a store in the cache; reused while model,
+    settings and ground truth stay the same."""
 
     settings = StoreMeta.of(service.meta).settings
+    rule = None if dataset is None else dataset.name
     key = hashlib.sha1(
-        json.dumps([gnd.sha256, settings, str(Path(image_root).resolve())], sort_keys=True, default=str).encode()
+        json.dumps([gnd.sha256, settings, str(Path(image_root).resolve()), rule], sort_keys=True,
+                   default=str).encode()
     ).hexdigest()[:12]
-    missing = [str(p) for p in gnd_image_list(gnd, root=image_root, queries=True).paths if not Path(p).is_file()]
+    images = benchmark_images(gnd, image_root, dataset, queries=True)
+    missing = [str(p) for p in images.paths if not Path(p).is_file()]
     if missing:
-        raise InputError(f"{len(missing)} query image(s) of {gnd.path} not found, first: {missing[0]} "
-                         "(pass --images ROOT with the benchmark's jpg directory)")
+        where = ("pass --root DIR where 'cfcd data download' put it" if dataset is not None
+                 else "pass --images ROOT with the benchmark's jpg directory")
+        raise InputError(f"{len(missing)} query image(s) of {gnd.path} not found, first: {missing[0]} ({where})")
     out_dir = service.cache_dir / "benchmark" / f"{gnd.dataset}-{key}"
     stores, _, stopped = describe_benchmark(service.model, gnd, image_root, out_dir, service.extractor.options,
-                                            weights=service.weights, parts=("queries",),
+                                            weights=service.weights, parts=("queries",), dataset=dataset,
                                             log=log or (lambda message: None))
     if stopped:
         raise InputError(f"{out_dir / 'queries'}: the query extraction was interrupted; start again to resume it")
@@ -58,6 +72,14 @@ def query_store_for(service: SearchService, gnd, *, image_root: Path, log=None) 
     return out
 
 
+def _class_keys(setups: dict) -> tuple[str, ...]:
+    """The ground-truth keys an image is labelled with, positives' first: revisitop's easy, hard,
+    junk; classic ok, junk; GLDv2's public, private."""
+    positive = [k for ok, _ in setups.values() for k in ok]
+    junk = [k for _, j in setups.values() for k in j]
+    return tuple(dict.fromkeys(positive + junk))
+
+
 @dataclass
 class Benchmark:
     """One index evaluated on one ground truth, with what the page shows per query."""
@@ -66,33 +88,51 @@ class Benchmark:
     gnd: Any
     result: Any
     protocol: dict
-    scores: np.ndarray  # nq x N float32, q @ X.T over the ground truth's database
+    setup_keys: dict  # {setup: (positive keys, junk keys)}: the dataset's, else protocol_setups(gnd)
+    metric: str  # the primary per-query metric ("AP", "AP@100"), in the JSON's "AP" fields
+    queries: np.ndarray  # nq x D float32
+    database: np.ndarray  # N x D, the ground truth's database in imlist order (memory-mapped when it can be)
     query_store: Path
     database_store: Path
 
     @classmethod
     def build(cls, service: SearchService, gnd, *, queries: str | os.PathLike | None = None,
-              image_root: Path | None = None, log=None) -> "Benchmark":
+              image_root: Path | None = None, dataset=None, log=None) -> "Benchmark":
+        """``dataset`` (a :class:`cfcd.data.datasets.BenchmarkDataset`) gives the setups, metrics and
+        images (under ``image_root``, its ``--root``); without it, revisitop's."""
         db = Path(str((service.index.source or {}).get("path") or ""))
         if not db.name or not is_store(db):
             raise InputError(
                 f"the benchmark view evaluates the descriptor store the index was built from ({db}), "
                 "which is not there; rebuild the index from a store, or serve without --gnd"
             )
+        if dataset is not None and image_root is None:
+            raise InputError(f"--dataset {dataset.name} needs --root DIR (where 'cfcd data download' put it)")
+        root = image_root or service.images.root
         if queries is None:
-            root = image_root or service.images.root
             if root is None:
                 raise InputError("--gnd needs the query images: pass --images ROOT (the benchmark's jpg directory) "
                                  "or --queries STORE")
-            queries = query_store_for(service, gnd, image_root=root, log=log)
-        result, protocol = evaluate_files(gnd=gnd, queries=queries, database=db)
+            queries = query_store_for(service, gnd, image_root=root, dataset=dataset, log=log)
+        setup_keys = dict(dataset.setups) if dataset is not None and dataset.setups else protocol_setups(gnd)
+        # the scoring of `cfcd evaluate --dataset` (evaluate_dataset) on the ground truth already loaded
+        scoring = {"setups": dataset.setups, "metrics": dataset.metrics} if dataset is not None else {}
+        result, protocol = evaluate_files(gnd=gnd, queries=queries, database=db, **scoring)
         q = load_descriptors(queries, expected_ids=gnd.qimlist, role="queries")
-        x = load_descriptors(db, expected_ids=gnd.imlist, role="database")
+        x = load_descriptors(db, expected_ids=gnd.imlist, role="database", dtype=None)
         if service.whitening is None and q.meta:
             check_compatible((f"the index {service.index.path}", service.meta), q)
-        scores = np.asarray(q.descriptors, dtype=np.float32) @ np.asarray(x.descriptors, dtype=np.float32).T
-        service.images.add_ids(list(gnd.qimlist) + list(gnd.imlist))
-        return cls(service.name, gnd, result, jsonable(protocol, finite=True), scores, Path(queries), db)
+        if dataset is not None and root is not None:
+            # the dataset's own paths (GLDv2: test/ and index/ a/b/c/<id>.jpg), still only under the image root
+            for part in (True, False):
+                listed = dataset.benchmark_list(gnd, root, queries=part)
+                service.images.add_paths(dict(zip(listed.ids, listed.paths)))
+        else:
+            service.images.add_ids(list(gnd.qimlist) + list(gnd.imlist))
+        first = next(iter(result.setups.values()))
+        return cls(service.name, gnd, result, jsonable(protocol, finite=True), setup_keys,
+                   first.metrics[0].query_name, np.asarray(q.descriptors, dtype=np.float32), x.descriptors,
+                   Path(queries), db)
 
     # ---- the whole benchmark
 
@@ -109,7 +149,7 @@ class Benchmark:
             queries.append({
                 "id": qid,
                 "index": i,
-                "AP": {s: row[s]["AP"] for s in self.setups},
+                "AP": {s: row[s][self.metric] for s in self.setups},
                 "positives": {s: row[s]["positives"] for s in self.setups},
                 "bbx": self.gnd.bbx(i),
             })
@@ -117,6 +157,7 @@ class Benchmark:
             "name": self.name,
             "dataset": self.gnd.dataset,
             "setups": self.setups,
+            "metric": self.metric,
             "kappas": list(r.kappas),
             "num_queries": r.num_queries,
             "num_database": r.num_database,
@@ -134,19 +175,26 @@ class Benchmark:
         except ValueError:
             raise RequestError(404, f"no query {query!r} in {self.gnd.dataset}") from None
 
+    def scores(self, qi: int) -> np.ndarray:
+        """(N,) float32 ``X @ q`` over the database, in chunks (no N x D float32 copy of a float16 store)."""
+        q = self.queries[qi]
+        out = np.empty(self.database.shape[0], dtype=np.float32)
+        for start in range(0, out.size, _ROW_CHUNK):
+            out[start:start + _ROW_CHUNK] = np.asarray(self.database[start:start + _ROW_CHUNK], dtype=np.float32) @ q
+        return out
+
     def classes(self, qi: int) -> dict[int, str]:
         entry = self.gnd.gnd[qi]
-        keys = CLASS_KEYS_REVISITED if "easy" in entry else CLASS_KEYS_CLASSIC
         out: dict[int, str] = {}
-        for key in keys:
+        for key in _class_keys(self.setup_keys):
             for j in entry.get(key, []):
                 out.setdefault(int(j), key)
         return out
 
     def detail(self, query: str, *, setup: str | None = None, k: int = 100) -> dict:
         qi = self.query_index(query)
-        setups = protocol_setups(self.gnd)
-        setup = setup or ("medium" if "medium" in setups else self.setups[0])
+        setups = self.setup_keys
+        setup = setup or ("medium" if "medium" in self.setups else self.setups[0])
         if setup not in setups:
             raise RequestError(400, f"unknown setup {setup!r}; choose from {', '.join(setups)}")
         ok_keys, junk_keys = setups[setup]
@@ -154,7 +202,7 @@ class Benchmark:
         ok = {int(j) for key in ok_keys for j in entry.get(key, [])}
         junk = {int(j) for key in junk_keys for j in entry.get(key, [])}
         classes = self.classes(qi)
-        row = self.scores[qi]
+        row = self.scores(qi)
         order = np.argsort(-row, kind="stable")  # the evaluation's tie policy: lower index first
         rank_of = np.empty(order.size, dtype=np.int64)
         rank_of[order] = np.arange(order.size)
@@ -178,7 +226,8 @@ class Benchmark:
             "query": {"id": query, "index": qi, "bbx": self.gnd.bbx(qi)},
             "name": self.name,
             "setup": setup,
-            "AP": {s: per_query[s]["AP"] for s in self.setups},
+            "metric": self.metric,
+            "AP": {s: per_query[s][self.metric] for s in self.setups},
             "metrics": per_query,
             "positives": nres,
             "k": k,
@@ -190,8 +239,9 @@ class Benchmark:
 
 def comparison(model: Benchmark, baseline: Benchmark) -> dict:
     """The served index (the model) against ``--compare`` (its baseline): both tables and, per
-    query, both APs and the change from the baseline to the model (``diff`` = model - baseline)."""
-    if model.gnd.sha256 != baseline.gnd.sha256:
+    query, both values of the primary metric (AP) and the change from the baseline to the model
+    (``diff`` = model - baseline)."""
+    if model.gnd.sha256 != baseline.gnd.sha256 or model.metric != baseline.metric:
         raise InputError("the two indexes are compared on different ground truths")
     sm, sb = model.summary(), baseline.summary()
     rows = []
@@ -205,6 +255,7 @@ def comparison(model: Benchmark, baseline: Benchmark) -> dict:
     return {
         "dataset": model.gnd.dataset,
         "setups": model.setups,
+        "metric": model.metric,
         "kappas": sm["kappas"],
         "model": {"name": model.name, "metrics": sm["metrics"],
                   "model": (model.protocol.get("model") or {}).get("database")},

@@ -36,7 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -90,17 +90,20 @@ class ImageRoot:
     """Maps image ids to files under one root, never outside it.
 
     Only ids of the current index generation (``set_ids``) and the extra ids of the benchmark
-    (``add_ids``) are served. The file is ``root/<id>`` when the id has an image extension,
-    else ``root/<id>.<ext>`` for the first extension that exists (the ``stem`` id rule). Ids
-    with ``..``, absolute paths, NUL bytes, and files whose real path (symlinks followed) leaves
-    the root give ``None``; so does a file deleted since it was found.
+    (``add_ids``, ``add_paths``) are served. An id given a path (``paths``, ``add_paths``: a
+    dataset's own layout, e.g. GLDv2's ``index/a/b/c/<id>.jpg``) is that file; else the file is
+    ``root/<id>`` when the id has an image extension, else ``root/<id>.<ext>`` for the first
+    extension that exists (the ``stem`` id rule). Ids with ``..``, absolute paths, NUL bytes, and
+    files whose real path (symlinks followed) leaves the root give ``None``; so does a file
+    deleted since it was found.
     """
 
-    def __init__(self, root: str | os.PathLike | None, ids):
+    def __init__(self, root: str | os.PathLike | None, ids, paths: Mapping[str, str | os.PathLike] | None = None):
         self.root = None if root is None else Path(root)
         self._real = None if root is None else Path(root).resolve()
         self._ids = ids if hasattr(ids, "__contains__") and not isinstance(ids, (list, tuple)) else set(ids)
         self._extra: set[str] = set()
+        self._paths: dict[str, str | os.PathLike] = dict(paths or {})
         self._exts = IMAGE_EXTENSIONS
         self._cache: dict[str, Path | None] = {}
         self._lock = threading.Lock()
@@ -112,8 +115,12 @@ class ImageRoot:
     def add_ids(self, ids: Sequence[str]) -> None:
         self._extra.update(ids)
 
+    def add_paths(self, paths: Mapping[str, str | os.PathLike]) -> None:
+        """Serve these ids from these files (still only where they lie under the root)."""
+        self._paths.update(paths)
+
     def __contains__(self, image_id: str) -> bool:
-        return image_id in self._ids or image_id in self._extra
+        return image_id in self._ids or image_id in self._extra or image_id in self._paths
 
     def path(self, image_id: str) -> Path | None:
         if self._real is None or image_id not in self:
@@ -136,11 +143,15 @@ class ImageRoot:
         parts = image_id.split("/")
         if any(p in ("", ".", "..") for p in parts):
             return None
-        ext = os.path.splitext(image_id)[1].lower()
-        names = [image_id] if ext in self._exts else []
-        names += [image_id + e for e in self._exts] + [image_id + e.upper() for e in self._exts]
-        for name in names:
-            candidate = self.root / name
+        mapped = self._paths.get(image_id)
+        if mapped is not None:
+            candidates = [Path(mapped)]
+        else:
+            ext = os.path.splitext(image_id)[1].lower()
+            names = [image_id] if ext in self._exts else []
+            names += [image_id + e for e in self._exts] + [image_id + e.upper() for e in self._exts]
+            candidates = [self.root / name for name in names]
+        for candidate in candidates:
             try:
                 real = candidate.resolve(strict=True)
             except (OSError, RuntimeError):

@@ -5,7 +5,7 @@
 
 const PAGE = 40;
 const KS = [50, 100, 200, 500, 1000];
-const SETUP_LABEL = { easy: "Easy", medium: "Medium", hard: "Hard", classic: "Classic" };
+const SETUP_LABEL = { easy: "Easy", medium: "Medium", hard: "Hard", classic: "Classic", public: "Public", private: "Private", all: "All" };
 const state = { health: null, bench: null, compare: null, searches: new Map(), lastSearch: null };
 
 // ------------------------------------------------------------------ small helpers
@@ -313,15 +313,17 @@ async function viewBrowse(main, params) {
 // ------------------------------------------------------------------ benchmark view
 
 function metricsTable(metrics, kappas, setups, other) {
-  const head = h("tr", {}, h("th", {}, "setup"), h("th", {}, "mAP"), kappas.map((k) => h("th", {}, `mP@${k}`)));
+  // the benchmark's own metrics, primary first (revisitop: mAP, mP@k; GLDv2: mAP@100, mPrecision@100)
+  const names = Object.keys(metrics[setups[0]] || {});
+  const head = h("tr", {}, h("th", {}, "setup"), names.map((n) => h("th", {}, n)));
   const rows = setups.map((s) => {
     const m = metrics[s];
-    const cells = [m.mAP, ...kappas.map((k) => m[`mP@${k}`])];
+    const cells = names.map((n) => m[n]);
     return h("tr", {}, h("td", {}, SETUP_LABEL[s] || s), cells.map((v, i) => {
       const td = h("td", { class: i === 0 ? "big" : "" }, pct(v));
       if (other) {
-        const o = i === 0 ? other[s].mAP : other[s][`mP@${kappas[i - 1]}`];
-        if (v !== null && o !== null) {
+        const o = other[s][names[i]];
+        if (v != null && o != null) {
           const dlt = v - o;
           td.append(h("span", { class: `delta ${dlt > 0.005 ? "up" : dlt < -0.005 ? "down" : "same"}` }, ` (${dlt >= 0 ? "+" : ""}${dlt.toFixed(2)})`));
         }
@@ -374,7 +376,7 @@ async function viewBenchmark(main, params) {
       label, h("span", { class: "arrow" }, on ? (dir === "asc" ? "↑" : "↓") : ""));
   };
   const table = h("table", { class: "data", id: "query-table" },
-    h("thead", {}, h("tr", {}, header("query", "id"), bench.setups.map((s) => header(`AP ${SETUP_LABEL[s] || s}`, `ap_${s}`)),
+    h("thead", {}, h("tr", {}, header("query", "id"), bench.setups.map((s) => header(`${bench.metric || "AP"} ${SETUP_LABEL[s] || s}`, `ap_${s}`)),
       header(`positives (${SETUP_LABEL[setup] || setup})`, "pos"))),
     h("tbody", {}, rows.map((row) => h("tr", { class: "click", "data-query": row.id,
         onclick: () => go("benchmark", row.id, { setup }) },
