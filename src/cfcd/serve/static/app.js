@@ -439,7 +439,7 @@ async function viewBenchmarkQuery(main, query, params) {
       h("button", { class: "btn", type: "button", disabled: !next, onclick: () => go("benchmark", next, { setup }) }, "better →"))),
     h("div", { class: "qdetail" }, side, content));
   side.append(h("div", { class: "panel" },
-    h("h3", {}, "Query (cropped to its box)"),
+    h("h3", {}, detail.query.bbx ? "Query (cropped to its box)" : "Query"),
     h("div", { class: "qimg" }, h("img", { src: `/api/benchmark/${encodeURIComponent(query)}/thumb?size=512`, alt: `query ${query}` })),
     h("div", { class: "row", style: { marginTop: ".6rem" } },
       h("a", { class: "btn", href: `#/search?${new URLSearchParams({ id: query, box: (detail.query.bbx || []).map((v) => Math.round(v * 10) / 10).join(",") })}` }, "Search with this query"))));
@@ -482,7 +482,7 @@ async function viewCompare(main, params) {
   const rows = sortRows(cmp.queries, "diff", dir, (r) => r.diff[setup]);
   const better = rows.filter((r) => r.diff[setup] > 0.005).length, worse = rows.filter((r) => r.diff[setup] < -0.005).length;
   const table = h("table", { class: "data", id: "compare-table" },
-    h("thead", {}, h("tr", {}, h("th", {}, "query"), h("th", {}, "AP baseline"), h("th", {}, "AP model"),
+    h("thead", {}, h("tr", {}, h("th", {}, "query"), h("th", {}, `${cmp.metric || "AP"} baseline`), h("th", {}, `${cmp.metric || "AP"} model`),
       h("th", { class: "sortable", onclick: () => nav({ dir: dir === "asc" ? "desc" : "asc" }) }, "model − baseline",
         h("span", { class: "arrow" }, dir === "asc" ? "↑" : "↓")))),
     h("tbody", {}, rows.map((r) => {
@@ -497,7 +497,7 @@ async function viewCompare(main, params) {
         h("td", { class: `delta ${cls}` }, dlt === null ? "–" : `${dlt >= 0 ? "+" : ""}${dlt.toFixed(2)} ${word}`));
     })));
   main.append(h("div", { class: "panel" },
-    h("div", { class: "section-head" }, h("h3", {}, "Queries by AP change from the baseline to the model"),
+    h("div", { class: "section-head" }, h("h3", {}, `Queries by ${cmp.metric || "AP"} change from the baseline to the model`),
       h("span", { class: "muted", id: "compare-summary" }, `${better} queries better than the baseline, ${worse} worse, ${rows.length - better - worse} unchanged`),
       h("span", { class: "spacer" }), setupSwitch(cmp.setups, setup, (s) => nav({ setup: s }))),
     h("div", { style: { overflowX: "auto" } }, table)));
@@ -514,7 +514,7 @@ async function viewCompareQuery(main, query, params) {
   main.append(h("div", { class: "section-head" }, h("a", { href: `#/compare?setup=${setup}` }, "← all queries"),
     h("h2", {}, query), h("span", { class: "spacer" }), setupSwitch(cmp.setups, setup, (s) => go("compare", query, { setup: s, k })), LEGEND()));
   const side = h("div", { class: "side" },
-    h("div", { class: "panel" }, h("h3", {}, "Query (cropped to its box)"),
+    h("div", { class: "panel" }, h("h3", {}, model.query.bbx ? "Query (cropped to its box)" : "Query"),
       h("div", { class: "qimg" }, h("img", { src: `/api/benchmark/${encodeURIComponent(query)}/thumb?size=512`, alt: `query ${query}` }))),
     h("div", { class: "panel" }, h("h3", {}, `Precision-recall (${SETUP_LABEL[setup]})`),
       prPlot([{ points: model.pr }, { points: baseline.pr }]),
