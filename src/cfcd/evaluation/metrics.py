@@ -66,6 +66,13 @@ class _AtK:
     k: int
     short: ClassVar[str] = ""
 
+    def __init_subclass__(cls, short: str = "", description: str | None = None, **kwargs):
+        """``class X(_AtK, short="P")``: the name's stem and, for the report, what the metric is."""
+        super().__init_subclass__(**kwargs)
+        cls.short = short
+        if description is not None:
+            cls.description = description
+
     @property
     def name(self) -> str:
         return f"m{self.short}@{self.k}"
@@ -76,10 +83,8 @@ class _AtK:
 
 
 @dataclass(frozen=True)
-class PrecisionAt(_AtK):
+class PrecisionAt(_AtK, short="P"):
     """revisitop's P@k: the precision at ``min(k, rank of the last retrieved positive)``."""
-
-    short: ClassVar[str] = "P"
 
     def __call__(self, ranks: np.ndarray, num_positives: int) -> float:
         if ranks.size == 0:
@@ -89,12 +94,9 @@ class PrecisionAt(_AtK):
 
 
 @dataclass(frozen=True)
-class AveragePrecisionAt(_AtK):
+class AveragePrecisionAt(_AtK, short="AP", description="mAP@k: sum of P@i at the positives among the first k "
+                         "results / min(positives, k), averaged over the scored queries (DELF MeanAveragePrecision)"):
     """AP truncated at k, normalised by ``min(num_positives, k)`` (GLDv2 retrieval's mAP@100)."""
-
-    short: ClassVar[str] = "AP"
-    description: ClassVar[str] = ("mAP@k: sum of P@i at the positives among the first k results / "
-                                  "min(positives, k), averaged over the scored queries (DELF MeanAveragePrecision)")
 
     def __call__(self, ranks: np.ndarray, num_positives: int) -> float:
         top = np.asarray(ranks[ranks < self.k], dtype=np.float64)
@@ -105,12 +107,9 @@ class AveragePrecisionAt(_AtK):
 
 
 @dataclass(frozen=True)
-class PrecisionOfFirst(_AtK):
+class PrecisionOfFirst(_AtK, short="Precision", description="mPrecision@k: positives among the first k results / k, "
+                       "averaged over the scored queries (DELF MeanPrecisions at k)"):
     """DELF's precision at k: the positives among the first k results over k (``mPrecision@k``)."""
-
-    short: ClassVar[str] = "Precision"
-    description: ClassVar[str] = ("mPrecision@k: positives among the first k results / k, averaged over the "
-                                  "scored queries (DELF MeanPrecisions at k)")
 
     def __call__(self, ranks: np.ndarray, num_positives: int) -> float:
         return np.count_nonzero(np.asarray(ranks) < self.k) / self.k

@@ -192,26 +192,15 @@ def evaluate_scores(
                           num_database=n_db, num_distractors=scores.shape[0] - n_db)
 
 
-def evaluate_ranking(
-    ranks: np.ndarray,
-    gnd: Any,
-    *,
-    setups: Sequence[str] | None = None,
-    kappas: Sequence[int] = DEFAULT_KAPPAS,
-    metrics: Sequence[str | Metric] | None = None,
-    num_database: int | None = None,
-    num_distractors: int = 0,
-) -> EvaluationResult:
+def evaluate_ranking(ranks: np.ndarray, gnd: Any, *, num_database: int | None = None, **protocol) -> EvaluationResult:
     """Evaluate a ranking ``ranks`` (K x nq database indices, best first; revisitop's layout).
 
     Equal to :func:`reference_compute_map` for a full ranking. A truncated ranking (top-k) is
     accepted: positives it misses count as not retrieved (revisitop would raise if a query
-    retrieved none of its positives; here its AP and P@k are 0).
+    retrieved none of its positives; here its AP and P@k are 0). ``protocol``: ``setups``,
+    ``kappas``, ``metrics``, ``num_distractors``, as :func:`evaluate_positions` takes them.
     """
     lab = labelled_indices(gnd)
     pos = positions_from_ranking(ranks, lab)
     n_db = num_database if num_database is not None else _gnd_size(gnd, np.asarray(ranks).shape[0])
-    return evaluate_positions(
-        lab, pos, gnd, setups=setups, kappas=kappas, metrics=metrics, num_database=n_db,
-        num_distractors=num_distractors,
-    )
+    return evaluate_positions(lab, pos, gnd, num_database=n_db, **protocol)
