@@ -500,3 +500,28 @@ def test_too_many_waiting_searches_get_503(served, data):
     finally:
         limits.max_waiting = saved
     assert _upload(client, (data["jpg"] / "coffee_query.jpg").read_bytes()).status_code == 200
+
+
+def test_a_whitened_index_serves_its_benchmark_with_queries_whitened_the_same_way(data, tmp_path):
+    """The benchmark view of a whitened index whitens the queries it describes with --whiten and
+    gives the numbers of `cfcd evaluate` on the whitened stores."""
+    from cfcd.postprocess import learn_pca_whitening, load_whitening, whiten_store
+    from cfcd.store import load_descriptors
+
+    db = load_descriptors(data["db"], role="database")
+    saved = learn_pca_whitening(np.asarray(db.descriptors), whitenp=0.5, dim=8).save(tmp_path / "pca8")
+    whitening = load_whitening(saved)  # as `cfcd whiten --apply` reads it: the file's hash is in the meta
+    whiten_store(data["db"], tmp_path / "db8", whitening)
+    whiten_store(data["queries"], tmp_path / "q8", whitening)
+    assert cfcd_main(["index", "build", str(tmp_path / "db8"), "--out", str(tmp_path / "index8"), "--type", "flat"]) == 0
+    report = tmp_path / "report.json"
+    assert cfcd_main(["evaluate", "--gnd", str(data["gnd"]), "-q", str(tmp_path / "q8"), "-x", str(tmp_path / "db8"),
+                      "--json", str(report)]) == 0
+    expected = json.loads(report.read_text())
+    config = ServeConfig(index=tmp_path / "index8", gnd=data["gnd"], whiten=str(saved),
+                         cache_dir=tmp_path / "cache")
+    state = load_state(config)
+    with TestClient(create_app(config, state=state), base_url="http://127.0.0.1") as client:
+        body = client.get("/api/benchmark").json()
+    for setup in ("easy", "medium", "hard"):
+        assert body["metrics"][setup]["mAP"] == pytest.approx(expected[setup]["mAP"], abs=1e-6)

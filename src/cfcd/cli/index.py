@@ -76,11 +76,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build(args) -> int:
-    import json
     import time
     import warnings
 
     from cfcd.index import build_index
+    from cfcd.index.generations import read_info
 
     type_ = "faiss" if args.factory else args.type
     if type_ == "exact":
@@ -102,7 +102,7 @@ def _build(args) -> int:
         index = build_index(args.store, type_, out=args.out, progress=not args.no_progress, **params)
     for w in caught:
         print(f"warning: {w.message}")
-    info = json.loads((args.out / "index.json").read_text(encoding="utf-8"))
+    info = read_info(args.out)
     p = index.params
     if type_ == "exact":
         print(f"built exact index of {len(index)} x {index.dim} in {time.perf_counter() - t0:.1f} s -> {args.out}")
@@ -143,11 +143,11 @@ def _info(args) -> int:
     import json
 
     from cfcd.errors import InputError
+    from cfcd.index.generations import read_info
 
-    meta = args.index / "index.json"
-    if not meta.is_file():
+    info = read_info(args.index)
+    if info is None:
         raise InputError(f"{args.index}: not an index directory (no index.json)")
-    info = json.loads(meta.read_text(encoding="utf-8"))
     print(json.dumps({k: v for k, v in info.items() if k not in ("source", "tuning")}, indent=2))
     if info.get("tuning"):
         t = info["tuning"]

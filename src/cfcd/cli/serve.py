@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     s.add_argument("--cache-dir", type=Path, default=None,
-                   help="thumbnails, uploads and benchmark query stores (default ~/.cache/cfcd/serve/<index>)")
+                   help="thumbnails, uploads and benchmark query stores (default <cfcd cache>/serve/<index>: "
+                        "$CFCD_CACHE, else $XDG_CACHE_HOME/cfcd, else ~/.cache/cfcd)")
     s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
     s.add_argument("--max-upload-pixels", type=int, default=40_000_000,
                    help="largest decoded upload in pixels (default 40M); larger images are refused unread")

@@ -43,6 +43,10 @@ def score_predictions(predictions: Mapping[str, Sequence[str]], solution: Mappin
 
     if not solution:
         raise InputError("the solution has no scored query")
+    empty = [query for query, images in solution.items() if not images]
+    if empty:
+        raise InputError(f"query {empty[0]!r} has no index image in the solution (leave such queries out, as "
+                         "DELF's ReadSolution does with 'None')")
     total_ap = total_precision = 0.0
     for query, predicted in predictions.items():
         if query not in solution:

@@ -56,7 +56,7 @@ from cfcd.store import (
     finalize_store,
     open_store,
 )
-from cfcd.utils.io import atomic_write_json
+from cfcd.utils.io import atomic_write_json, exclusive_lock
 
 Precision = Literal["fp32", "bf16", "fp16"]
 SETTINGS_FILE = "extract-settings.json"  # inside the store's .partial/ while a job runs
@@ -612,79 +612,75 @@ def extract_to_store(
     settings = jsonable(settings)
     # ranks that finish early wait at the final barrier: allow a long job
     ctx = init_distributed(options.device, timeout=datetime.timedelta(hours=72))
-    lock = None
     try:
         finished = _reuse_complete_store(out, settings, overwrite, log)
         if finished is not None:
             return finished
-        lock = _lock_store(out, "lock" if ctx.world_size == 1 else f"lock.rank{ctx.rank:03d}")
-        _prepare_partial(out, settings, overwrite, ctx)
-
-        part = f"rank{ctx.rank:03d}" if ctx.world_size > 1 else "main"
-        if options.device.startswith("cuda") and ctx.world_size > 1 and ":" not in options.device:
-            options = replace(options, device=f"cuda:{ctx.local_rank}")
-        extractor = Extractor(model, options, log=log)
-        writer = StoreWriter(out, dim=extractor.dim, dtype=options.dtype, part=part, shard_size=options.shard_size,
-                             flush_seconds=options.flush_seconds)
-        done = writer.done_ids()
-        mine = [i for i in range(len(image_list)) if i % ctx.world_size == ctx.rank]
-        todo = [i for i in mine if image_list.ids[i] not in done]
-        skipped = len(mine) - len(todo)
-        for i in [i for i in todo if "\n" in image_list.ids[i] or "\r" in image_list.ids[i]]:
-            writer.add_failure(image_list.ids[i], "the file name holds a line break, which a store cannot hold "
-                                                  "(images.txt has one id a line): rename the file")
-        todo = [i for i in todo if "\n" not in image_list.ids[i] and "\r" not in image_list.ids[i]]
-        if skipped:
-            log(f"{out}: resuming, {skipped} image(s) of this rank already done, {len(todo)} to go")
-
-        start = time.perf_counter()
-        count, stopped = _write_batches(extractor, writer, image_list, todo, options,
-                                        warnings_path=out / PARTIAL_DIR / f"extract-warnings-{part}.jsonl",
-                                        show_progress=options.progress and ctx.rank == 0,
-                                        desc=f"extract {label or out.name}", log=log if ctx.rank == 0 else None)
-        seconds = time.perf_counter() - start
-        if stopped:
-            log(f"{out}: stopped after {count} image(s) (--stop-after); rerun without it to resume")
-            return ExtractSummary(count, [], [], seconds, None, stopped=True, skipped=skipped)
-
-        ctx.barrier()
-        store = None
-        summary_failures: list[dict] = []
-        warnings_all: list[dict] = []
-        if ctx.rank == 0:
-            warnings_all = _read_warnings(out / PARTIAL_DIR)
-            meta = _store_meta(fingerprint, settings, options, queries, extractor, ctx.world_size, image_list,
-                               warnings_all)
-            if extra_meta:
-                meta.update(jsonable(extra_meta))
-            store = finalize_store(out, order=list(image_list.ids), meta=meta)
-            summary_failures = list(store.meta.get("failures", []))
-        ctx.barrier()
-        return ExtractSummary(count, summary_failures, warnings_all, seconds, store, skipped=skipped)
+        with _store_lock(out, "lock" if ctx.world_size == 1 else f"lock.rank{ctx.rank:03d}"):
+            return _extract_locked(model, image_list, out, options, ctx, settings=settings, fingerprint=fingerprint,
+                                   queries=queries, extra_meta=extra_meta, overwrite=overwrite, log=log, label=label)
     finally:
-        if lock is not None:
-            lock.close()  # closing the file releases the flock
         ctx.close()
 
 
-def _lock_store(out: Path, name: str):
-    """Hold ``out/.partial/<name>`` (flock, non-blocking) while this job writes ``out``: a second job into
-    the same store is refused at once instead of doing all the work again."""
-    import fcntl
+def _extract_locked(model, image_list, out: Path, options, ctx, *, settings, fingerprint, queries, extra_meta,
+                    overwrite, log, label) -> ExtractSummary:
+    """The job once this process holds the store's lock: prepare, describe, write, finalise."""
+    _prepare_partial(out, settings, overwrite, ctx)
 
+    part = f"rank{ctx.rank:03d}" if ctx.world_size > 1 else "main"
+    if options.device.startswith("cuda") and ctx.world_size > 1 and ":" not in options.device:
+        options = replace(options, device=f"cuda:{ctx.local_rank}")
+    extractor = Extractor(model, options, log=log)
+    writer = StoreWriter(out, dim=extractor.dim, dtype=options.dtype, part=part, shard_size=options.shard_size,
+                         flush_seconds=options.flush_seconds)
+    done = writer.done_ids()
+    mine = [i for i in range(len(image_list)) if i % ctx.world_size == ctx.rank]
+    todo = [i for i in mine if image_list.ids[i] not in done]
+    skipped = len(mine) - len(todo)
+    for i in [i for i in todo if "\n" in image_list.ids[i] or "\r" in image_list.ids[i]]:
+        writer.add_failure(image_list.ids[i], "the file name holds a line break, which a store cannot hold "
+                                              "(images.txt has one id a line): rename the file")
+    todo = [i for i in todo if "\n" not in image_list.ids[i] and "\r" not in image_list.ids[i]]
+    if skipped:
+        log(f"{out}: resuming, {skipped} image(s) of this rank already done, {len(todo)} to go")
+
+    start = time.perf_counter()
+    count, stopped = _write_batches(extractor, writer, image_list, todo, options,
+                                    warnings_path=out / PARTIAL_DIR / f"extract-warnings-{part}.jsonl",
+                                    show_progress=options.progress and ctx.rank == 0,
+                                    desc=f"extract {label or out.name}", log=log if ctx.rank == 0 else None)
+    seconds = time.perf_counter() - start
+    if stopped:
+        log(f"{out}: stopped after {count} image(s) (--stop-after); rerun without it to resume")
+        return ExtractSummary(count, [], [], seconds, None, stopped=True, skipped=skipped)
+
+    ctx.barrier()
+    store = None
+    summary_failures: list[dict] = []
+    warnings_all: list[dict] = []
+    if ctx.rank == 0:
+        warnings_all = _read_warnings(out / PARTIAL_DIR)
+        meta = _store_meta(fingerprint, settings, options, queries, extractor, ctx.world_size, image_list,
+                           warnings_all)
+        if extra_meta:
+            meta.update(jsonable(extra_meta))
+        store = finalize_store(out, order=list(image_list.ids), meta=meta)
+        summary_failures = list(store.meta.get("failures", []))
+    ctx.barrier()
+    return ExtractSummary(count, summary_failures, warnings_all, seconds, store, skipped=skipped)
+
+
+def _store_lock(out: Path, name: str):
+    """Hold ``out/.partial/<name>`` while this job writes ``out``: a second job into the same store is
+    refused at once instead of doing all the work again."""
     partial = out / PARTIAL_DIR
     try:
         partial.mkdir(parents=True, exist_ok=True)
     except (NotADirectoryError, FileExistsError):
         raise InputError(f"{out}: cannot create the store directory (a file is in the way)") from None
-    handle = open(partial / name, "a")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise CfcdError(f"{out}: another extraction is writing this store right now (it holds {partial / name}); "
-                        "wait for it to finish, or write to another --out") from None
-    return handle
+    return exclusive_lock(partial / name, f"{out}: another extraction is writing this store right now (it holds "
+                                          f"{partial / name}); wait for it to finish, or write to another --out")
 
 
 def _reuse_complete_store(out: Path, settings: dict, overwrite: bool, log) -> ExtractSummary | None:
@@ -692,9 +688,9 @@ def _reuse_complete_store(out: Path, settings: dict, overwrite: bool, log) -> Ex
 
     if overwrite or not (out / META_FILE).exists():
         return None
-    meta = StoreMeta(json.loads((out / META_FILE).read_text(encoding="utf-8")))
+    store = open_store(out)  # a corrupt meta.json is an InputError naming the file, not a traceback
+    meta = StoreMeta.of(store)
     if meta.settings == settings:
-        store = open_store(out)
         log(f"{out}: complete store with the same settings already exists ({len(store.descriptors)} rows)")
         return ExtractSummary(0, meta.failures, [], 0.0, store, skipped=len(store.descriptors))
     raise CfcdError(

@@ -218,7 +218,14 @@ def _quiet_stdout():
 
 
 def _prune(directory: Path, keep: int) -> None:
-    graphs = sorted(directory.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+    """Keep the ``keep`` most recently used graphs. Hidden names are exports in progress (another
+    process's temporary files) and a graph may vanish under us: both are left alone."""
+    def used(path: Path) -> float:
+        with contextlib.suppress(FileNotFoundError):
+            return path.stat().st_mtime
+        return float("-inf")
+
+    graphs = sorted(directory.glob("[!.]*.onnx"), key=used, reverse=True)
     for old in graphs[keep:]:
         with contextlib.suppress(OSError):
             old.unlink()

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,11 @@ def query_store_for(service: SearchService, gnd, *, image_root: Path, dataset=No
     rule) with the service's model and settings into a store in the cache; reused while model,
     settings and ground truth stay the same."""
 
-    settings = StoreMeta.of(service.meta).settings
+    meta = StoreMeta.of(service.meta)
     rule = None if dataset is None else dataset.name
-    key = hashlib.sha1(
-        json.dumps([gnd.sha256, settings, str(Path(image_root).resolve()), rule], sort_keys=True,
-                   default=str).encode()
+    key = hashlib.sha1(  # whitening too: the whitened queries are kept beside the plain ones
+        json.dumps([gnd.sha256, meta.settings, meta.whitening, str(Path(image_root).resolve()), rule],
+                   sort_keys=True, default=str).encode()
     ).hexdigest()[:12]
     images = benchmark_images(gnd, image_root, dataset, queries=True)
     missing = [str(p) for p in images.paths if not Path(p).is_file()]
@@ -120,7 +121,7 @@ class Benchmark:
         result, protocol = evaluate_files(gnd=gnd, queries=queries, database=db, **scoring)
         q = load_descriptors(queries, expected_ids=gnd.qimlist, role="queries")
         x = load_descriptors(db, expected_ids=gnd.imlist, role="database", dtype=None)
-        if service.whitening is None and q.meta:
+        if q.meta:
             check_compatible((f"the index {service.index.path}", service.meta), q)
         if dataset is not None and root is not None:
             # the dataset's own paths (GLDv2: test/ and index/ a/b/c/<id>.jpg), still only under the image root
@@ -140,9 +141,22 @@ class Benchmark:
     def setups(self) -> list[str]:
         return list(self.result.setups)
 
+    @cached_property
+    def per_query(self) -> dict:
+        """Every query's metrics per setup, in percent (computed once: the evaluation does not change)."""
+        return self.result.per_query(percent=True)
+
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        return {q: i for i, q in enumerate(self.gnd.qimlist)}
+
     def summary(self) -> dict:
+        return self._summary
+
+    @cached_property
+    def _summary(self) -> dict:
         r = self.result
-        per_query = r.per_query(percent=True)
+        per_query = self.per_query
         queries = []
         for i, qid in enumerate(self.gnd.qimlist):
             row = per_query[qid]
@@ -171,8 +185,8 @@ class Benchmark:
 
     def query_index(self, query: str) -> int:
         try:
-            return self.gnd.qimlist.index(query)
-        except ValueError:
+            return self._positions[query]
+        except KeyError:
             raise RequestError(404, f"no query {query!r} in {self.gnd.dataset}") from None
 
     def scores(self, qi: int) -> np.ndarray:
@@ -221,7 +235,7 @@ class Benchmark:
         shifted = pos - np.searchsorted(jpos, pos, side="left")
         nres = len([j for key in ok_keys for j in entry.get(key, [])])
         pr = [{"recall": (i + 1) / nres, "precision": (i + 1) / (int(p) + 1)} for i, p in enumerate(shifted)] if nres else []
-        per_query = self.result.per_query(percent=True)[query]
+        per_query = self.per_query[query]
         return {
             "query": {"id": query, "index": qi, "bbx": self.gnd.bbx(qi)},
             "name": self.name,

@@ -30,13 +30,12 @@ import logging
 import math
 import os
 import re
-import tempfile
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -48,7 +47,8 @@ from cfcd.extract import Extractor
 from cfcd.extract.describer import describer_for
 from cfcd.index import ExactIndex, generation, open_index
 from cfcd.serve.thumbs import CacheBudget
-from cfcd.store import StoreMeta
+from cfcd.store import StoreMeta, check_compatible
+from cfcd.utils.io import cache_root, make_temp_file
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_UPLOAD_PIXELS = 40_000_000
@@ -322,7 +322,7 @@ class SearchService:
         weights: str | None = None,
         whiten: str | None = None,
         device: str = "cpu",
-        runtime: str = "torch",
+        runtime: str = "auto",
         cache_dir: str | os.PathLike | None = None,
         limits: Limits | None = None,
         extra_ids: Sequence[str] = (),
@@ -392,13 +392,17 @@ class SearchService:
 
         index = open_index(self.index_dir)
         key = getattr(index, "generation", None) or key or _generation(self.index_dir)
-        new, old = StoreMeta.of((index.source or {}).get("meta")), StoreMeta.of(self.meta)
-        changed = [k for k in ("model", "weights_sha256", "state_sha256") if getattr(new, k) != getattr(old, k)]
-        if index.ids is None or index.dim != self._gen.index.dim or changed:
+        why = "no image ids" if index.ids is None else f"dim {index.dim}" if index.dim != self._gen.index.dim else None
+        if why is None:
+            try:  # the one provenance check: model, weights, preprocessing, scales, size cap, whitening
+                check_compatible((f"the index {self.index_dir} as served", self.meta),
+                                 (f"its new generation {key}", (index.source or {}).get("meta") or {}))
+            except InputError as exc:
+                why = str(exc)
+        if why is not None:
             self._refused = key
             logger.warning("%s: the new index generation is not searchable with this model (%s); "
-                           "still serving the previous one: restart cfcd serve", self.index_dir,
-                           "no image ids" if index.ids is None else f"dim {index.dim}" if not changed else ", ".join(changed))
+                           "still serving the previous one: restart cfcd serve", self.index_dir, why)
             return self._gen
         gen = Generation.of(index, key)
         self.images.set_ids(gen.row_of)
@@ -462,9 +466,6 @@ class SearchService:
         max_size = self.extractor.options.max_size
         return int(max_size) if max_size is not None else int(self.limits.max_query_size)
 
-    def decode_file(self, path: Path, box=None, *, upload: bool = False) -> np.ndarray:
-        return self.decode_query(path, box, upload=upload)[0]
-
     def decode_query(self, path: Path, box=None, *, upload: bool = False) -> tuple[np.ndarray, dict | None]:
         """The query image as the model gets it, and ``{"from": [w, h], "to": [w, h]}`` when it
         was downscaled (``None`` otherwise). Never more than :meth:`query_size_cap` on the long side."""
@@ -526,16 +527,8 @@ class SearchService:
         try:
             if target.is_file():
                 return self.search(QueryImage(upload=key, box=box), k)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                result = self.search(QueryImage(upload=key, box=box), k, upload_file=Path(tmp))
-                os.replace(tmp, target)
-            except BaseException:
-                with _suppress():
-                    os.unlink(tmp)
-                raise
+            with _staged(target, data) as staged:
+                result = self.search(QueryImage(upload=key, box=box), k, upload_file=staged)
         finally:
             self._local.admitted = previous
         self.budget.added(target)
@@ -548,16 +541,8 @@ class SearchService:
         if target.is_file():
             self.budget.touch(target)
             return key
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            self.decode_query(Path(tmp), upload=True)
-            os.replace(tmp, target)
-        except BaseException:
-            with _suppress():
-                os.unlink(tmp)
-            raise
+        with _staged(target, data) as staged:
+            self.decode_query(staged, upload=True)
         self.budget.added(target)
         return key
 
@@ -706,19 +691,27 @@ def _decode_reduced(path: Path, box, side: int, kwargs: dict) -> tuple[np.ndarra
     return np.ascontiguousarray(array), {"from": [full_w, full_h], "to": to}
 
 
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return exc_type is not None and issubclass(exc_type, OSError)
+@contextlib.contextmanager
+def _staged(target: Path, data: bytes) -> Iterator[Path]:
+    """``data`` in a temporary file beside ``target``, renamed onto it only when the block succeeds:
+    an upload that is refused (not an image, too large) is never kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = make_temp_file(target.parent, prefix=".upload-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def default_cache_dir(index_dir: str | os.PathLike) -> Path:
-    """``$XDG_CACHE_HOME/cfcd/serve/<name>-<hash of the index path>`` (never inside the index)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    """``<cfcd cache>/serve/<name>-<hash of the index path>`` (``cfcd.utils.io.cache_root``; never inside the index)."""
     real = str(Path(index_dir).resolve())
-    return base / "cfcd" / "serve" / f"{Path(real).name}-{hashlib.sha1(real.encode()).hexdigest()[:10]}"
+    return cache_root() / "serve" / f"{Path(real).name}-{hashlib.sha1(real.encode()).hexdigest()[:10]}"
 
 
 def parse_box(text: str | None) -> tuple[float, float, float, float] | None:

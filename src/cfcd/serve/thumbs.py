@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Sequence
 
 from cfcd.data.images import crop_box
 from cfcd.errors import CfcdError
+from cfcd.utils.io import atomic_open
 
 
 class CacheBudget:
@@ -107,19 +107,9 @@ def thumbnail_path(
         if budget is not None:
             budget.touch(target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     image = _render(source, size, box, crop_rule)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".thumb-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="JPEG", quality=85, optimize=True)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(target, "wb") as handle:
+        image.save(handle, format="JPEG", quality=85, optimize=True)
     if budget is not None:
         budget.added(target)
     return target

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from cfcd.errors import CfcdError
+
 
 def current_umask() -> int:
     """The process umask, read without changing it where /proc allows (os.umask is not thread-safe)."""
@@ -99,3 +101,25 @@ def utc_timestamp() -> str:
     import datetime as dt
 
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold an advisory lock on ``path`` (created if missing) for the block; another process that
+    holds it makes this raise :class:`CfcdError` with the message ``busy`` at once, never wait.
+    The lock goes with the process (a ``kill -9`` releases it). No-op where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock, the user must not run two at once
+        yield
+        return
+    try:
+        handle = open(path, "a")
+    except OSError as exc:
+        raise CfcdError(f"{path}: cannot create the lock file ({exc.strerror or exc})") from None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CfcdError(busy) from None
+        yield

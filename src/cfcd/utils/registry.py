@@ -3,7 +3,8 @@ learning-rate schedules.
 
 A module that defines a thing registers it when imported (timm's pattern), so a new family, loss or
 format is one file plus one import; an unknown name is an :class:`~cfcd.errors.InputError` that lists
-the known ones, worded the same for every kind.
+the known ones (:meth:`Registry.get` for a name given in code or on the command line, :meth:`Registry.check`
+worded for a recipe key).
 """
 
 from __future__ import annotations

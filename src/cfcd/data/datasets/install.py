@@ -7,7 +7,6 @@ Downloads resume, are checked against a manifest and never leave ``jpg/`` half-f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
     from cfcd.data.datasets.base import BenchmarkDataset, RemoteFile
 from cfcd.data.download import ArchiveError, download_file, extract_archive
 from cfcd.errors import CfcdError, InputError
-from cfcd.utils.io import atomic_write_json, atomic_write_text, sha256_file
+from cfcd.utils.io import atomic_write_json, atomic_write_text, exclusive_lock, sha256_file
 
 STATE_FILE = ".cfcd-download.json"
 LOCK_FILE = ".cfcd-download.lock"
@@ -159,7 +158,9 @@ def download_dataset(
     ds_dir = dataset.dir(root)
     ds_dir.mkdir(parents=True, exist_ok=True)
     log = log or (lambda message: None)
-    with _download_lock(ds_dir):
+    # one `cfcd data download` per dataset directory at a time
+    with exclusive_lock(ds_dir / LOCK_FILE, f"{ds_dir / LOCK_FILE}: another 'cfcd data download' is working on "
+                                            f"{ds_dir}; wait for it to finish (the lock is released when it exits)"):
         return dataset.download(root, parts=parts, workers=workers, force=force, base_url=base_url,
                                 manifest=manifest, keep_archives=keep_archives, log=log,
                                 fetch=dict(retries=retries, backoff=backoff, timeout=timeout, progress=progress,
@@ -171,30 +172,6 @@ def download_archives(dataset: BenchmarkDataset, root, *, base_url, manifest, ke
     """The download of a dataset whose archives all go into ``jpg/`` (revisitop, R1M)."""
     return _download_locked(dataset, root, dataset.dir(root), base_url=base_url, manifest=manifest,
                             keep_archives=keep_archives, log=log, fetch=fetch)
-
-
-@contextlib.contextmanager
-def _download_lock(ds_dir: Path):
-    """One ``cfcd data download`` per dataset directory at a time (an advisory file lock)."""
-    path = ds_dir / LOCK_FILE
-    handle = open(path, "a+")
-    try:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory lock, the user must not run two at once
-            yield
-            return
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise CfcdError(f"{path}: another 'cfcd data download' is working on {ds_dir}; "
-                            "wait for it to finish (the lock is released when it exits)") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-    finally:
-        handle.close()
 
 
 def _download_locked(dataset: BenchmarkDataset, root, ds_dir: Path, *, base_url, manifest, keep_archives,
