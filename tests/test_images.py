@@ -232,3 +232,26 @@ def test_gnd_image_list(tmp_path):
     q = gnd_image_list(gnd, root=tmp_path, queries=True)
     assert db.ids == gnd.imlist and db.boxes is None and all(p.is_file() for p in db.paths)
     assert q.ids == gnd.qimlist and len(q.boxes) == 2 and all(p.is_file() for p in q.paths)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_draft_decodes_a_large_jpeg_reduced_close_to_the_full_decode(tmp_path, photos, orientation):
+    """draft=True: libjpeg's reduced decode, then the same crop and cap as a full decode."""
+    big = cv2.resize(photos["astronaut"], (2048, 1536), interpolation=cv2.INTER_CUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "big.jpg"
+    Image.fromarray(big).save(path, quality=92, exif=exif.tobytes())
+    box = [300.4, 200.6, 1500.2, 1200.8]  # original (displayed) pixels
+    for bbx in (None, box):
+        full_info, draft_info = ImageInfo(), ImageInfo()
+        full = load_image(path, max_size=256, bbx=bbx, info=full_info)
+        reduced = load_image(path, max_size=256, bbx=bbx, info=draft_info, draft=True)
+        assert draft_info.original_size == full_info.original_size  # the original size, oriented
+        assert abs(reduced.shape[0] - full.shape[0]) <= 1 and abs(reduced.shape[1] - full.shape[1]) <= 1
+        h, w = min(reduced.shape[0], full.shape[0]), min(reduced.shape[1], full.shape[1])
+        diff = np.abs(reduced[:h, :w].astype(int) - full[:h, :w].astype(int)).mean()
+        assert diff < 1.5, f"bbx={bbx}: mean abs difference {diff:.1f} to the full decode"
+    # a small image is read exactly as without draft
+    small = _save(tmp_path / "small.jpg", photos["coffee"], quality=90)
+    assert np.array_equal(load_image(small, max_size=1024, draft=True), load_image(small, max_size=1024))

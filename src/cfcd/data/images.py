@@ -131,6 +131,7 @@ def load_image(
     alpha: Literal["drop", "white"] = "drop",
     truncated: Literal["warn", "fail"] = "warn",
     info: ImageInfo | None = None,
+    draft: bool = False,
 ) -> np.ndarray:
     """Decode one image file into a contiguous ``H x W x 3`` ``uint8`` array.
 
@@ -147,6 +148,9 @@ def load_image(
         truncated: ``"warn"`` decodes truncated JPEGs (see the module docstring) and adds a
             warning to ``info``; ``"fail"`` raises.
         info: filled with the original size and any warnings.
+        draft: with ``max_size``, decode a larger JPEG at libjpeg's 1/2, 1/4 or 1/8 scale (``Image.draft``)
+            so that no full-size array ever exists, then reduce as above; the pixels differ slightly
+            from a full decode (``cfcd serve`` uses it for queries over the index's size).
 
     Raises:
         ImageLoadError: the file is missing, empty, not an image, over the pixel cap, or corrupt.
@@ -165,9 +169,19 @@ def load_image(
     if not raw:
         raise ImageLoadError(path, "empty file (0 bytes)")
 
+    def opened(data: bytes):
+        img = _open_checked(Image, UnidentifiedImageError, data, path, max_pixels)
+        if draft and max_size is not None and img.format == "JPEG" and max(img.size) > 2 * max_size:
+            # at least twice the target: a box's edges, rounded at the decoded scale, then move by at
+            # most half a pixel of the result, and the Lanczos reduction has pixels to average
+            s = 2 * max_size / max(img.size)
+            img.draft("RGB", (math.ceil(img.size[0] * s), math.ceil(img.size[1] * s)))
+        return img
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = _open_checked(Image, UnidentifiedImageError, raw, path, max_pixels)
+        img = opened(raw)
+        stored_size = Image.open(io.BytesIO(raw)).size if draft else None  # the header's, before draft
         try:
             img.load()
         except OSError as exc:
@@ -177,7 +191,7 @@ def load_image(
                 raise ImageLoadError(path, f"truncated JPEG ({exc})") from None
             # libjpeg's own recovery: an end-of-image marker where the data stops; the missing
             # blocks decode as grey. Identical to cv2.imread on the same bytes.
-            img = _open_checked(Image, UnidentifiedImageError, raw + _EOI, path, max_pixels)
+            img = opened(raw + _EOI)
             try:
                 img.load()
             except (OSError, ValueError) as exc2:
@@ -186,22 +200,28 @@ def load_image(
         except (ValueError, SyntaxError, MemoryError) as exc:  # Pillow plugins raise these on bad data
             raise ImageLoadError(path, f"corrupt {img.format or 'image'} ({type(exc).__name__}: {exc})") from None
 
+    decoded = img.size
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # a broken EXIF block must not lose the image
         info.warnings.append(f"EXIF orientation ignored ({type(exc).__name__}: {exc})")
-    info.original_size = img.size
+    full_w, full_h = img.size  # the original size, oriented (a draft decode is smaller)
+    if stored_size is not None and stored_size != decoded:
+        full_w, full_h = stored_size if img.size == decoded else stored_size[::-1]
+    info.original_size = (full_w, full_h)
     img = _to_rgb(img, alpha)
 
-    full_w, full_h = img.size
+    dec_w, dec_h = img.size
     if bbx is not None:
+        fx, fy = dec_w / full_w, dec_h / full_h  # 1 unless drafted: the box is in original pixels
+        box = bbx if (fx, fy) == (1, 1) else (bbx[0] * fx, bbx[1] * fy, bbx[2] * fx, bbx[3] * fy)
         try:
-            img = img.crop(crop_box(bbx, full_w, full_h, crop_rule))
+            img = img.crop(crop_box(box, dec_w, dec_h, crop_rule))
         except CfcdError as exc:
             raise ImageLoadError(path, str(exc)) from None
     if max_size is not None and max(full_w, full_h) > max_size:
         # The crop gets the factor the full image would get (cirtorch >= 1.2).
-        target = max_size * max(img.size) / max(full_w, full_h)
+        target = max_size * max(img.size) / max(dec_w, dec_h)
         img.thumbnail((target, target), Image.Resampling.LANCZOS)
 
     if channel_order == "BGR":

@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
-import math
 import os
 import re
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -40,7 +37,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from cfcd import __version__
-from cfcd.data.images import ImageInfo, ImageLoadError, _to_rgb, crop_box, load_image
+from cfcd.data.images import ImageInfo, ImageLoadError, load_image
 from cfcd.data.lists import IMAGE_EXTENSIONS, revisitop_image_dir
 from cfcd.errors import CfcdError, InputError
 from cfcd.extract import Extractor
@@ -476,11 +473,12 @@ class SearchService:
             kwargs["max_pixels"] = cap if kwargs.get("max_pixels") is None else min(cap, kwargs["max_pixels"])
             kwargs["truncated"] = "fail"  # a cut-off upload is a failed transfer, not a photo
         side = self.query_size_cap()
+        if kwargs.get("max_size") is None:
+            # the store has no size cap: describe at most `side`, decoding big JPEGs at reduced size
+            kwargs.update(max_size=side, draft=True)
         try:
-            if kwargs.get("max_size") is None and _long_side(path) > side:
-                return _decode_reduced(path, box, side, kwargs)
             info = ImageInfo()
-            array = load_image(path, bbx=box, info=info, **kwargs)  # exactly as `cfcd extract` reads it
+            array = load_image(path, bbx=box, info=info, **kwargs)  # within the store's cap: as `cfcd extract`
             w, h = info.original_size
             if max(w, h) <= side:
                 return array, None
@@ -618,77 +616,6 @@ class SearchService:
         offset = max(0, int(offset))
         limit = max(1, min(int(limit), 500))
         return {"total": len(ids), "offset": offset, "ids": list(ids[offset : offset + limit])}
-
-
-def _long_side(path: Path) -> int:
-    """The long side of an image from its header (0 when unreadable: the full decoder reports why)."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                return max(img.size)
-    except Exception:  # noqa: BLE001 - any failure is reported by load_image with its reason
-        return 0
-
-
-def _decode_reduced(path: Path, box, side: int, kwargs: dict) -> tuple[np.ndarray, dict]:
-    """Decode an image larger than ``side`` straight to at most ``side`` on the long side.
-
-    JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (``Image.draft``), so no full-size
-    array exists; other formats are decoded, then reduced (``Image.thumbnail``: integer
-    ``reduce`` then Lanczos). A box (original pixels) is scaled to the decoded size and cropped
-    first; the crop gets the factor the full image gets, as :func:`cfcd.data.images.load_image`.
-    """
-    from PIL import Image, ImageOps
-
-
-    raw = Path(path).read_bytes()
-    max_pixels = kwargs.get("max_pixels")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            img = Image.open(io.BytesIO(raw))
-        except Image.DecompressionBombError as exc:
-            raise ImageLoadError(path, f"decompression bomb refused before decoding ({exc})") from None
-        except Exception as exc:  # noqa: BLE001 - Pillow raises many types on bad headers
-            raise ImageLoadError(path, f"not an image or corrupt header ({exc})") from None
-        w, h = img.size
-        if max_pixels is not None and w * h > max_pixels:
-            raise ImageLoadError(path, f"{w}x{h} = {w * h} pixels, over the cap of {max_pixels} (refused before decoding)")
-        orientation = img.getexif().get(0x0112, 1)
-        full_w, full_h = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-        scale = side / max(w, h)
-        if img.format == "JPEG":
-            img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-        try:
-            img.load()
-        except OSError as exc:
-            what = "truncated JPEG" if "truncated" in str(exc) and img.format == "JPEG" else f"corrupt or truncated {img.format or 'image'}"
-            raise ImageLoadError(path, f"{what} ({exc})") from None
-        except (ValueError, SyntaxError, MemoryError) as exc:
-            raise ImageLoadError(path, f"corrupt {img.format or 'image'} ({type(exc).__name__}: {exc})") from None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image (as load_image)
-        pass
-    img = _to_rgb(img, kwargs.get("alpha", "drop"))
-    decoded_long = max(img.size)
-    if box is not None:
-        fx, fy = img.size[0] / full_w, img.size[1] / full_h
-        scaled = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-        try:
-            img = img.crop(crop_box(scaled, img.size[0], img.size[1], kwargs.get("crop_rule", "truncate")))
-        except CfcdError as exc:
-            raise ImageLoadError(path, str(exc)) from None
-    target = side * max(img.size) / decoded_long
-    img.thumbnail((target, target), Image.Resampling.LANCZOS)
-    to = [max(1, round(full_w * scale)), max(1, round(full_h * scale))]
-    array = np.asarray(img, dtype=np.uint8)
-    if kwargs.get("channel_order", "RGB") == "BGR":
-        array = array[..., ::-1]
-    return np.ascontiguousarray(array), {"from": [full_w, full_h], "to": to}
 
 
 @contextlib.contextmanager
